@@ -1,0 +1,230 @@
+"""The `imgcls` command: parse flags, build a config, call exactly one library function.
+
+Library modules are imported inside each command, so `imgcls --help` does not load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+EPILOG = """examples:
+  imgcls demo                                   train and evaluate on the bundled 8x8 digits, offline
+  imgcls train DATA --out runs/exp1             DATA: class folders, train/val/test folders, or a CSV (path,label)
+  imgcls evaluate runs/exp1 DATA/test --json
+  imgcls predict runs/exp1 photo.jpg 'more/*.png' --top-k 3
+  imgcls predict imagenet cat.jpg               pretrained ImageNet classifier (needs imgcls[pretrained])
+"""
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="dataset: folder of class folders, folder with train/ val/ test/ class folders, or a CSV manifest with columns path,label")
+    p.add_argument("--out", required=True, help="run folder; it becomes the model folder (model.safetensors + model.json)")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="small_cnn", help="architecture (see `imgcls models`); default small_cnn")
+    g.add_argument("--pretrained", action="store_true", help="start from the architecture's built-in pretrained weights")
+    g.add_argument("--img-size", type=int, help="input size in pixels (default: the model's, 32 for small_cnn)")
+    g.add_argument("--resize-mode", choices=["crop", "squash", "pad"], help="how non-square images are made square (default: the model's, crop)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="share of each class held out for validation when DATA has no val split; 0 trains on everything and keeps the last epoch (default 0.1)")
+    g.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and augmentation (default 0)")
+    g.add_argument("--cache-dir", help="keep the decoded uint8 images in a memory-mapped cache here (reused by later runs and --resume)")
+    g.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=30, help="maximum number of epochs (default 30)")
+    g.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3 for adamw, 0.05 for sgd)")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="adamw, or sgd with Nesterov momentum (default adamw)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="decoupled weight decay, not applied to biases and norms (default 0.05)")
+    g.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default="cosine", help="learning-rate schedule after warmup (default cosine)")
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup length in epochs (default 1)")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default 0.1)")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    g.add_argument("--patience", type=int, default=10, help="stop after this many epochs without validation improvement; 0 = never (default 10)")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32")
+    g.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory layout (channels_last is faster with oneDNN and cuDNN)")
+    g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms (same seed, same result)")
+    g.add_argument("--threads", type=int, help="torch intra-op threads (default: one per core)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its saved settings")
+    g = p.add_argument_group("augmentation (applied to whole batches)")
+    g.add_argument("--no-hflip", action="store_true", help="no random horizontal flips (use for text, digits, anything handed)")
+    g.add_argument("--crop", choices=["translate", "rrc", "none"], default="translate", help="translate: pad and random-crop (small images); rrc: random-resized-crop (photos); none")
+    g.add_argument("--translate", type=float, default=0.0625, help="translate range as a fraction of the image size (default 0.0625 = 2 px at 32)")
+    g.add_argument("--color-jitter", type=float, default=0.0, help="brightness/contrast/saturation jitter strength, 0 to 1 (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_config(a: argparse.Namespace) -> Any:
+    from imgcls.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from imgcls.transforms import AugmentSpec
+
+    return RunConfig(
+        data=DataConfig(path=a.data, img_size=a.img_size, resize_mode=a.resize_mode, val_fraction=a.val_fraction, seed=a.seed, cache_dir=a.cache_dir, workers=a.workers),
+        model=ModelConfig(name=a.model, pretrained=a.pretrained),
+        train=TrainConfig(
+            out=a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay,
+            schedule=a.schedule, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing, grad_clip=a.grad_clip,
+            precision=a.precision, channels_last=not a.no_channels_last, patience=a.patience, deterministic=a.deterministic,
+            threads=a.threads, device=a.device,
+            augment=AugmentSpec(hflip=not a.no_hflip, crop=a.crop, translate=a.translate, color_jitter=a.color_jitter),
+        ),
+    )
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from imgcls.train import fit
+
+    cfg = _run_config(a)
+    if a.resume:
+        from imgcls.train import CHECKPOINT_FILE
+        from pathlib import Path
+
+        if not (Path(a.out) / CHECKPOINT_FILE).exists():
+            print(f"imgcls: no checkpoint in {a.out} to resume from", file=sys.stderr)
+            return 2
+    fit(cfg, resume=a.resume, progress=not a.quiet)
+    return 0
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if isinstance(v, float) and math.isnan(v) else f"{v:.4f}"
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from imgcls.evaluate import evaluate
+    from imgcls.metrics import format_confusion_matrix
+
+    m = evaluate(a.model, a.data, split=a.split, out_dir=a.out, batch_size=a.batch_size, progress=not (a.quiet or a.json), log=lambda s: print(s, file=sys.stderr))
+    m.pop("predictions")
+    if a.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(f"{m['num_samples']} images ({m['split']} split of {m['data']})")
+    for k in ("accuracy", "top5_accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece"):
+        print(f"  {k:<18} {_fmt(m[k])}")
+    print(f"\n  {'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    for name, c in m["per_class"].items():
+        print(f"  {name[:20]:<20} {c['precision']:>9.3f} {c['recall']:>9.3f} {c['f1']:>9.3f} {c['support']:>8d}")
+    print("\n" + format_confusion_matrix(m["confusion_matrix"], list(m["per_class"])))
+    print(f"\nreport: {m['report']}")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from imgcls.predict import Classifier, expand_inputs
+
+    clf = Classifier.load(a.model, device=a.device)
+    paths = expand_inputs(a.paths)
+    if not paths:
+        print("imgcls: no input images", file=sys.stderr)
+        return 1
+    results = list(clf.iter_predict(paths, top_k=a.top_k, batch_size=a.batch_size))
+    for r in results:
+        r.pop("probabilities", None)
+    n_ok = sum("error" not in r for r in results)
+    if a.json:
+        print(json.dumps(results, indent=2))
+    elif a.csv:
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(["path", "label", "score", "top_k", "error"])
+        for r in results:
+            tk = ";".join(f"{t['label']}:{t['score']:.4f}" for t in r.get("top_k", []))
+            w.writerow([r["path"], r.get("label", ""), f"{r['score']:.6f}" if "score" in r else "", tk, r.get("error", "")])
+    else:
+        width = min(60, max(len(r["path"]) for r in results))
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']:<{width}}  ERROR: {r['error']}")
+            else:
+                rest = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top_k"][1:])
+                print(f"{r['path']:<{width}}  {r['label']:<16} {r['score']:.3f}" + (f"   ({rest})" if rest else ""))
+    if n_ok < len(results):
+        print(f"imgcls: {len(results) - n_ok} of {len(results)} inputs could not be read", file=sys.stderr)
+    return 0 if n_ok else 1
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from imgcls.models import get_entry, list_models
+
+    for name in list_models():
+        e = get_entry(name)
+        s = e.default_spec
+        print(f"{name:<20} {s.img_size:>4}px  {'pretrained' if e.weight_loader else '          '}  {e.description}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from imgcls.demo import run_demo
+
+    run_demo(a.out, epochs=a.epochs, progress=not a.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and run image classifiers from a folder of labeled images.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="train, evaluate and predict on scikit-learn's 8x8 handwritten digits (offline)")
+    d.add_argument("--out", default="imgcls-demo", help="folder for the images, the model and the report (default ./imgcls-demo)")
+    d.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train a model on a dataset; the run folder becomes the model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix and report for a model on labeled data")
+    e.add_argument("model", help="model folder written by `imgcls train`")
+    e.add_argument("data", help="labeled data in any layout `imgcls train` accepts")
+    e.add_argument("--split", choices=["train", "val", "test", "all"], help="which split of DATA (default: test, else val, else all)")
+    e.add_argument("--out", help="report folder (default MODEL/evaluation/<data name>)")
+    e.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("predict", help="label and probabilities for image files, folders or globs")
+    r.add_argument("model", help="model folder written by `imgcls train`, or 'imagenet' (or imagenet:ARCH) for the pretrained ImageNet classifier")
+    r.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    r.add_argument("--top-k", type=int, default=5, help="how many classes to list per image (default 5)")
+    out = r.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a JSON list: path, label, score, top_k (or path, error)")
+    out.add_argument("--csv", action="store_true", help="print CSV rows: path, label, score, top_k, error")
+    r.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    r.set_defaults(func=cmd_predict)
+
+    m = sub.add_parser("models", help="list the available architectures")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def _version() -> str:
+    from imgcls import __version__
+
+    return f"imgcls {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from imgcls.models import MissingWeightsError
+
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, MissingWeightsError) as e:  # bad input: say what, no traceback
+        print(f"imgcls: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imgcls: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

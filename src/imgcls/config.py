@@ -1,0 +1,122 @@
+"""Frozen, validated configuration, built once (from CLI flags or a dict) and never mutated.
+
+`RunConfig.to_dict()` is what gets written into the run folder and the artifact, and
+`RunConfig.from_dict()` reads it back for `--resume`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from imgcls.transforms import AugmentSpec
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "onecycle", "constant")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how they are split and decoded.
+
+    img_size/resize_mode/crop_pct: None means "use the model's default preprocessing".
+    val_fraction: share of each class held out for validation when DATA has no val split
+    (0 = train on everything; the last epoch is then kept).
+    cache_dir: where the decoded uint8 cache is memory-mapped; None keeps it in memory only.
+    """
+
+    path: str
+    img_size: int | None = None
+    resize_mode: str | None = None
+    crop_pct: float | None = None
+    val_fraction: float = 0.1
+    seed: int = 0
+    cache_dir: str | None = None
+    workers: int = 0  # decode processes; 0 = one per core
+    max_pixels: int = 100_000_000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.img_size is not None and not 4 <= self.img_size <= 4096:
+            raise ValueError(f"img_size must be in [4, 4096], got {self.img_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "small_cnn"
+    pretrained: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. lr=None picks the optimizer's default (AdamW 2e-3, SGD 0.05)."""
+
+    out: str = "runs/train"
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float | None = None
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float | None = None
+    precision: str = "auto"
+    channels_last: bool = True
+    patience: int = 10  # epochs without validation improvement before stopping; 0 = never stop early
+    deterministic: bool = False
+    threads: int | None = None
+    device: str = "auto"
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (batch norm needs two images), got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
+
+    @property
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 2e-3 if self.optimizer == "adamw" else 0.05
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        train = dict(d.get("train", {}))
+        aug = dict(train.pop("augment", {}) or {})
+        for k in ("rrc_scale", "rrc_ratio"):
+            if k in aug:
+                aug[k] = tuple(aug[k])
+        return cls(
+            data=DataConfig(**d["data"]),
+            model=ModelConfig(**d.get("model", {})),
+            train=TrainConfig(**train, augment=AugmentSpec(**aug)),
+        )

@@ -1,0 +1,87 @@
+"""Evaluation: a trained model folder on a labeled dataset -> metrics, plots and an HTML report."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from imgcls.artifact import load_artifact, resolve_artifact_dir, spec_of
+from imgcls.data import DatasetError, DatasetIndex, index_dataset, load_split
+from imgcls.metrics import classification_metrics
+from imgcls.report import read_history, write_report
+from imgcls.runtime import batched_logits, resolve_device, resolve_precision
+
+
+def choose_split(index: DatasetIndex, split: str | None) -> str:
+    """The split to evaluate: the one asked for, else test, else val, else everything."""
+    if split:
+        if split not in index.splits:
+            raise DatasetError(f"{index.root}: no {split!r} split (found: {', '.join(index.splits)})")
+        return split
+    for name in ("test", "val", "all"):
+        if name in index.splits:
+            return name
+    return next(iter(index.splits))
+
+
+def _check_classes(data_path: str | os.PathLike, class_names: list[str]) -> None:
+    """Every class folder / label in the data must be one the model knows."""
+    probe = index_dataset(data_path)
+    unknown = sorted(set(probe.class_names) - set(class_names))
+    if unknown:
+        raise DatasetError(f"{data_path}: classes not known to the model: {', '.join(unknown[:10])} (the model has {len(class_names)}: {', '.join(class_names[:10])}{'...' if len(class_names) > 10 else ''})")
+
+
+def evaluate(
+    model_path: str | os.PathLike,
+    data_path: str | os.PathLike,
+    split: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    precision: str = "auto",
+    workers: int = 0,
+    top_losses: int = 20,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Metrics of the model in `model_path` on `data_path` (any dataset layout).
+
+    Images go through the model's saved preprocessing. Writes metrics.json, confusion matrix
+    (text and PNG), training curves and report.html to `out_dir` (default MODEL/evaluation/<data>).
+    """
+    model_dir = resolve_artifact_dir(model_path)
+    dev = resolve_device(device)
+    model, meta = load_artifact(model_dir, device=dev)
+    class_names = meta["class_names"]
+    spec = spec_of(meta)
+    _check_classes(data_path, class_names)
+    index = index_dataset(data_path, class_names=class_names)
+    name = choose_split(index, split)
+    decoded, labels = load_split(index.splits[name], spec, None, workers, meta.get("config", {}).get("data", {}).get("max_pixels", 100_000_000), progress, f"decode {name}")
+    for path, why in decoded.failures:
+        log(f"skipped {path}: {why}")
+    if len(labels) == 0:
+        raise DatasetError(f"{data_path}: no image could be decoded in split {name!r}")
+    logits = batched_logits(model, decoded.images, spec, batch_size=batch_size, device=dev, amp_dtype=resolve_precision(precision, dev), progress=progress)
+    probs = torch.softmax(logits, 1).numpy()
+    metrics = classification_metrics(probs, labels, class_names)
+    metrics.update(split=name, data=str(data_path), model=str(model_dir), skipped_files=len(decoded.failures))
+
+    # Error analysis: the images the model got most wrong (highest loss).
+    true_p = probs[np.arange(len(labels)), labels]
+    worst = np.argsort(true_p)[:top_losses]
+    preds = probs.argmax(1)
+    losses = [
+        {"path": decoded.paths[i], "true": class_names[labels[i]], "predicted": class_names[preds[i]], "score": float(probs[i, preds[i]]), "true_score": float(true_p[i])}
+        for i in worst if preds[i] != labels[i]
+    ]
+    out = Path(out_dir) if out_dir else model_dir / "evaluation" / (Path(data_path).name or "data")
+    report = write_report(out, metrics, class_names, read_history(model_dir), title=f"{meta['arch']} on {Path(data_path).name} ({name})", top_losses=losses)
+    metrics["report"] = str(report)
+    metrics["predictions"] = {"paths": decoded.paths, "predicted": preds.tolist(), "labels": labels.tolist()}
+    return metrics

@@ -1,0 +1,165 @@
+"""Prediction: `Classifier.load(MODEL).predict(images)`, and path expansion for the CLI.
+
+Every input goes through the same two steps as the evaluation cache (`io.load_image`, then
+`transforms.resize_image`) and the same batched forward (`runtime.batched_logits`), so predict
+on a validation image gives what evaluation gave.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgcls.artifact import load_artifact, spec_of
+from imgcls.io import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, is_image_path, load_image
+from imgcls.models import create_model, get_entry
+from imgcls.runtime import batched_logits, resolve_device, resolve_precision
+from imgcls.transforms import PreprocessSpec, resize_image
+
+PRETRAINED_PREFIX = "imagenet"
+DEFAULT_IMAGENET_MODEL = "efficientnet_lite0"
+
+
+def _source_name(x: Any, i: int) -> str:
+    if isinstance(x, (str, os.PathLike)):
+        return os.fspath(x)
+    return getattr(x, "filename", "") or f"<input {i}>"
+
+
+class Classifier:
+    """A loaded model with its class names and preprocessing, ready to predict."""
+
+    def __init__(self, model: nn.Module, meta: dict[str, Any], device: str = "auto", precision: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.meta = meta
+        self.class_names: list[str] = list(meta["class_names"])
+        self.spec: PreprocessSpec = spec_of(meta)
+        self.amp_dtype = resolve_precision(precision, self.device)
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto", **kwargs: Any) -> "Classifier":
+        """A model folder from `imgcls train`, or "imagenet[:ARCH]" for a pretrained ImageNet model."""
+        s = os.fspath(path)
+        if s == PRETRAINED_PREFIX or s.startswith(PRETRAINED_PREFIX + ":") and not Path(s).exists():
+            return cls.imagenet(s.partition(":")[2] or DEFAULT_IMAGENET_MODEL, device=device, precision=precision, **kwargs)
+        model, meta = load_artifact(path)
+        meta = {**meta, "source": str(path)}
+        return cls(model, meta, device=device, precision=precision, **kwargs)
+
+    @classmethod
+    def imagenet(cls, arch: str = DEFAULT_IMAGENET_MODEL, **kwargs: Any) -> "Classifier":
+        """The registry's pretrained 1000-class ImageNet model, with the ImageNet class names."""
+        from imgcls.models.imagenet import imagenet_class_names
+
+        entry = get_entry(arch)
+        model = create_model(arch, num_classes=entry.pretrained_classes, pretrained=True)
+        meta = {"arch": arch, "class_names": imagenet_class_names(), "preprocess": entry.default_spec.to_dict(), "source": f"{PRETRAINED_PREFIX}:{arch}", "weights": entry.pretrained_source}
+        return cls(model, meta, **kwargs)
+
+    # ------------------------------------------------------------------ preprocessing
+
+    def prepare(self, source: ImageSource, name: str | None = None) -> np.ndarray:
+        """One input -> the uint8 (S, S, 3) array the model sees (before normalisation)."""
+        img = load_image(source, name=name, max_pixels=self.max_pixels, draft_size=self.spec.cache_size)
+        return resize_image(img, self.spec)
+
+    def _prepare_many(self, items: list[Any], names: list[str], workers: int) -> list[np.ndarray | ImageDecodeError]:
+        def one(pair: tuple[Any, str]) -> np.ndarray | ImageDecodeError:
+            try:
+                return self.prepare(pair[0], pair[1])
+            except ImageDecodeError as e:
+                return e
+
+        if workers > 1 and len(items) > 1:
+            with ThreadPoolExecutor(workers) as ex:  # Pillow releases the GIL while decoding
+                return list(ex.map(one, zip(items, names)))
+        return [one(p) for p in zip(items, names)]
+
+    # ------------------------------------------------------------------ inference
+
+    def predict_arrays(self, arrays: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """uint8 (N, S, S, 3) prepared images -> probabilities (N, num_classes)."""
+        logits = batched_logits(self.model, arrays, self.spec, batch_size=batch_size, device=self.device, amp_dtype=self.amp_dtype)
+        return torch.softmax(logits, dim=1).numpy()
+
+    def _result(self, name: str, probs: np.ndarray, top_k: int) -> dict[str, Any]:
+        order = np.argsort(-probs)[: max(1, min(top_k, len(probs)))]
+        return {
+            "path": name,
+            "label": self.class_names[order[0]],
+            "score": float(probs[order[0]]),
+            "top_k": [{"label": self.class_names[i], "score": float(probs[i])} for i in order],
+            "probabilities": {n: float(p) for n, p in zip(self.class_names, probs)},
+        }
+
+    def predict(self, images: ImageSource | list[ImageSource], top_k: int = 5, batch_size: int = 64, errors: str = "raise", workers: int = 0) -> dict[str, Any] | list[dict[str, Any]]:
+        """Label, score, top-k and every class probability for one input or a list of them.
+
+        An input is a path, bytes, a PIL image or a NumPy array. One input gives one dict, a list
+        gives a list. errors="raise" raises `ImageDecodeError` for an unreadable input;
+        errors="report" returns {"path", "error"} in its place instead.
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        results = list(self.iter_predict(items, top_k=top_k, batch_size=batch_size, errors=errors, workers=workers))
+        return results[0] if single else results
+
+    def iter_predict(self, items: Iterable[ImageSource], top_k: int = 5, batch_size: int = 64, errors: str = "report", workers: int = 0) -> Iterator[dict[str, Any]]:
+        """Stream results in input order, decoding a batch at a time (for large folders)."""
+        if errors not in ("raise", "report"):
+            raise ValueError("errors must be 'raise' or 'report'")
+        workers = workers or min(4, os.cpu_count() or 1)
+        chunk: list[Any] = []
+        offset = 0
+        for item in items:
+            chunk.append(item)
+            if len(chunk) == batch_size:
+                yield from self._predict_chunk(chunk, offset, top_k, batch_size, errors, workers)
+                offset += len(chunk)
+                chunk = []
+        if chunk:
+            yield from self._predict_chunk(chunk, offset, top_k, batch_size, errors, workers)
+
+    def _predict_chunk(self, chunk: list[Any], offset: int, top_k: int, batch_size: int, errors: str, workers: int) -> Iterator[dict[str, Any]]:
+        names = [_source_name(x, offset + i) for i, x in enumerate(chunk)]
+        prepared = self._prepare_many(chunk, names, workers)
+        ok = [i for i, a in enumerate(prepared) if not isinstance(a, ImageDecodeError)]
+        probs = self.predict_arrays(np.stack([prepared[i] for i in ok]), batch_size) if ok else np.zeros((0, len(self.class_names)))
+        row = dict(zip(ok, probs))
+        for i, name in enumerate(names):
+            if i in row:
+                yield self._result(name, row[i], top_k)
+            else:
+                err = prepared[i]
+                if errors == "raise":
+                    raise err
+                yield {"path": name, "error": err.reason or str(err)}
+
+
+def expand_inputs(args: list[str]) -> list[str]:
+    """Files, folders (recursively, image files only) and glob patterns -> a list of paths.
+
+    A name that matches nothing is kept, so the caller reports it as an error.
+    """
+    out: list[str] = []
+    for a in args:
+        p = Path(a).expanduser()
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_path(f) and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.exists():
+            out.append(str(p))
+        elif glob.has_magic(a):
+            matches = sorted(m for m in glob.glob(os.path.expanduser(a), recursive=True) if os.path.isfile(m) and is_image_path(m))
+            out += matches or [a]
+        else:
+            out.append(a)
+    return out

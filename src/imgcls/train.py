@@ -1,0 +1,362 @@
+"""Training: `fit(cfg)` turns a dataset into a model folder; `train_one_epoch` is the loop itself.
+
+The run folder RUN_DIR is also the artifact: model.safetensors + model.json (the best epoch),
+checkpoint.safetensors (the last epoch, with optimizer state, for --resume), metrics.csv (one row
+per epoch), split.json, bad_files.csv and report/ (plots and report.html on the validation split).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgcls.artifact import atomic_save_tensors, atomic_write_text, package_versions, save_artifact
+from imgcls.config import RunConfig
+from imgcls.data import DatasetIndex, dataset_fingerprint, index_dataset, load_split, stratified_split
+from imgcls.metrics import classification_metrics
+from imgcls.models import create_model, get_entry
+from imgcls.report import HISTORY_FIELDS, HISTORY_FILE, write_report
+from imgcls.runtime import autocast, batched_logits, resolve_device, resolve_precision, set_threads
+from imgcls.transforms import AugmentSpec, PreprocessSpec, train_transform
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier on the base learning rate at optimizer step `step` (0-based).
+
+    Linear warmup from 1/warmup to 1, then cosine to 0 ('cosine'), linear to 0 ('onecycle',
+    the triangular one-cycle shape of Smith 2018), or flat ('constant').
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    t = min(max(t, 0.0), 1.0)
+    if schedule == "onecycle":
+        return 1.0 - t
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    """AdamW or SGD-Nesterov; no weight decay on biases and norm parameters (1-D tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "initial_lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "initial_lr": lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    spec: PreprocessSpec,
+    aug: AugmentSpec,
+    batch_size: int,
+    generator: torch.Generator,
+    set_lr: Callable[[int], None],
+    first_step: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    grad_clip: float | None,
+    progress: bool = False,
+    desc: str = "train",
+) -> EpochStats:
+    """One pass over `images` (uint8, (N, S, S, 3)) in a seeded random order."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    n = len(images)
+    order = torch.randperm(n, generator=generator)
+    n_batches = n // batch_size if n % batch_size < 2 else n // batch_size + 1  # a last batch of 1 breaks BN
+    total_loss, total_correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=n_batches * batch_size if n_batches else 0, desc=desc, unit="img", disable=None if progress else True, leave=False)
+    for b in range(n_batches):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        x = images[idx].permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
+        x = train_transform(x, spec, aug, generator)  # (B, 3, H, W) float, normalised
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = labels[idx].to(device, non_blocking=True)
+        set_lr(first_step + b)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total_loss += loss.item() * len(idx)
+        total_correct += int((logits.argmax(1) == y).sum())
+        seen += len(idx)
+        bar.update(len(idx))
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.3f}", refresh=False)
+    bar.close()
+    return EpochStats(total_loss / max(seen, 1), total_correct / max(seen, 1), seen, time.perf_counter() - start)
+
+
+def resolve_spec(cfg: RunConfig) -> PreprocessSpec:
+    """The model entry's default preprocessing, with the user's size/resize/crop overrides."""
+    spec = get_entry(cfg.model.name).default_spec
+    changes = {k: v for k, v in (("img_size", cfg.data.img_size), ("resize_mode", cfg.data.resize_mode), ("crop_pct", cfg.data.crop_pct)) if v is not None}
+    return spec.replace(**changes) if changes else spec
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Model and optimizer tensors plus JSON state in one safetensors file, written atomically."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for pid, pstate in opt["state"].items():
+        for k, v in pstate.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v
+    groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
+    atomic_save_tensors(path, tensors, metadata={"imgcls_checkpoint": json.dumps({**state, "param_groups": groups})})
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads(f.metadata()["imgcls_checkpoint"])
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    return state
+
+
+def read_checkpoint_config(run_dir: str | os.PathLike) -> RunConfig:
+    """The resolved config stored in RUN_DIR's checkpoint (what `--resume` continues with)."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+    with safe_open(str(path), framework="pt") as f:
+        return RunConfig.from_dict(json.loads(f.metadata()["imgcls_checkpoint"])["config"])
+
+
+def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in HISTORY_FIELDS})
+    atomic_write_text(run_dir / HISTORY_FILE, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- data for a run
+
+
+@dataclass
+class SplitData:
+    images: torch.Tensor  # (N, S, S, 3) uint8
+    labels: torch.Tensor  # (N,) int64
+    paths: list[str]
+    hashes: list[str]
+
+
+def _prepare_splits(cfg: RunConfig, index: DatasetIndex, spec: PreprocessSpec, progress: bool, log: Callable[[str], None]) -> tuple[dict[str, SplitData], list[tuple[str, str]], dict[str, Any]]:
+    """Decode every split once, drop bad files, and split off validation if DATA has none."""
+    d = cfg.data
+    decoded: dict[str, SplitData] = {}
+    failures: list[tuple[str, str]] = []
+    for name, samples in index.splits.items():
+        dec, labels = load_split(samples, spec, d.cache_dir, d.workers, d.max_pixels, progress, f"decode {name}")
+        failures += dec.failures
+        decoded[name] = SplitData(torch.from_numpy(np.ascontiguousarray(dec.images)), torch.from_numpy(labels), dec.paths, dec.hashes)
+    source = "train" if "train" in decoded else "all"
+    if source not in decoded or len(decoded[source].paths) == 0:
+        raise ValueError(f"{index.root}: no usable training images")
+    split_info: dict[str, Any] = {"layout": index.layout, "seed": d.seed}
+    if "val" not in decoded and d.val_fraction > 0:
+        full = decoded.pop(source)
+        tr, va = stratified_split(full.labels.numpy(), d.val_fraction, d.seed, index.class_names)
+        for name, idx in (("train", tr), ("val", va)):
+            ti = torch.from_numpy(idx)
+            decoded[name] = SplitData(full.images[ti], full.labels[ti], [full.paths[i] for i in idx], [full.hashes[i] for i in idx])
+        split_info.update(method="stratified", val_fraction=d.val_fraction)
+    else:
+        if source == "all":
+            decoded["train"] = decoded.pop("all")
+        split_info.update(method="folders" if index.layout != "csv" else "manifest", val_fraction=0.0 if "val" not in decoded else None)
+    counts = {k: int(len(v.paths)) for k, v in decoded.items()}
+    split_info["counts"] = counts
+    for c, name in enumerate(index.class_names):
+        if int((decoded["train"].labels == c).sum()) == 0:
+            log(f"warning: class {name!r} has no training images")
+    return decoded, failures, split_info
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Train a model as `cfg` says; return the run folder, which is the model artifact.
+
+    resume=True continues the run in cfg.train.out from its last checkpoint, with the config
+    stored there (the flags that started it), and gives the same result as an uninterrupted run.
+    """
+    run_dir = Path(cfg.train.out)
+    if resume:
+        cfg = read_checkpoint_config(run_dir)
+        log(f"resuming {run_dir} with its saved configuration")
+    t_cfg = cfg.train
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_threads(t_cfg.threads)
+    torch.manual_seed(cfg.data.seed)
+    if t_cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = resolve_device(t_cfg.device)
+    amp_dtype = resolve_precision(t_cfg.precision, device)
+    spec = resolve_spec(cfg)
+    t_start = time.perf_counter()
+
+    index = index_dataset(cfg.data.path)
+    log(index.summary())
+    splits, failures, split_info = _prepare_splits(cfg, index, spec, progress, log)
+    if failures:
+        with open(run_dir / "bad_files.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "reason"])
+            w.writerows(failures)
+        log(f"{len(failures)} file(s) could not be decoded and were left out (list: {run_dir / 'bad_files.csv'}):")
+        for p, why in failures[:5]:
+            log(f"  {p}: {why}")
+    root = index.root.parent if index.root.is_file() else index.root
+    atomic_write_text(run_dir / "split.json", json.dumps({k: [os.path.relpath(p, root) for p in v.paths] for k, v in splits.items()}))
+    all_paths = [p for s in splits.values() for p in s.paths]
+    all_labels = [int(y) for s in splits.values() for y in s.labels]
+    fingerprint = dataset_fingerprint(all_paths, all_labels, [h for s in splits.values() for h in s.hashes], index.class_names, root)
+
+    train, val, test = splits["train"], splits.get("val"), splits.get("test")
+    class_names = index.class_names
+    model = create_model(cfg.model.name, num_classes=len(class_names), pretrained=cfg.model.pretrained).to(device)
+    if t_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    lr = t_cfg.resolved_lr
+    optimizer = build_optimizer(model, t_cfg.optimizer, lr, t_cfg.weight_decay, t_cfg.momentum)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=t_cfg.label_smoothing)
+    bs = min(t_cfg.batch_size, len(train.paths))
+    steps_per_epoch = max(1, len(train.paths) // bs if len(train.paths) % bs < 2 else len(train.paths) // bs + 1)
+    total_steps = steps_per_epoch * t_cfg.epochs
+    warmup_steps = int(round(t_cfg.warmup_epochs * steps_per_epoch))
+
+    def set_lr(step: int) -> None:
+        f = lr_factor(step, total_steps, warmup_steps, t_cfg.schedule)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * f
+
+    state: dict[str, Any] = {"epoch": -1, "best_epoch": -1, "best_acc": -1.0, "best_loss": float("inf"), "history": [], "bad_epochs": 0}
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    if resume:
+        state.update(load_checkpoint(ckpt_path, model, optimizer))
+        log(f"resumed after epoch {state['epoch'] + 1}/{t_cfg.epochs}")
+
+    meta_base = {
+        "arch": cfg.model.name,
+        "class_names": class_names,
+        "preprocess": spec.to_dict(),
+        "augment": t_cfg.augment.to_dict(),
+        "config": cfg.to_dict(),
+        "seed": cfg.data.seed,
+        "split": {**split_info, "file": "split.json"},
+        "dataset": {"root": str(index.root), "layout": index.layout, "fingerprint": fingerprint, "bad_files": len(failures), "ignored": dict(index.ignored)},
+        "versions": package_versions(),
+        "device": str(device),
+        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+    }
+
+    def val_metrics(m: nn.Module) -> tuple[float, float]:
+        logits = batched_logits(m, val.images.numpy(), spec, device=device, amp_dtype=amp_dtype, progress=progress, desc="validate")
+        loss = nn.functional.cross_entropy(logits, val.labels).item()
+        return loss, float((logits.argmax(1) == val.labels).float().mean())
+
+    stopped_early = False
+    for epoch in range(state["epoch"] + 1, t_cfg.epochs):
+        g = torch.Generator().manual_seed(cfg.data.seed * 100_003 + epoch)  # per-epoch stream: resume replays it
+        stats = train_one_epoch(
+            model, train.images, train.labels, optimizer, loss_fn, spec, t_cfg.augment, bs, g, set_lr,
+            epoch * steps_per_epoch, device, amp_dtype, t_cfg.channels_last, t_cfg.grad_clip,
+            progress, f"epoch {epoch + 1}/{t_cfg.epochs}",
+        )
+        val_loss, val_acc = val_metrics(model) if val is not None and len(val.paths) else (float("nan"), float("nan"))
+        row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy, "val_loss": val_loss, "val_acc": val_acc,
+               "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": stats.seconds, "images_per_s": stats.images / max(stats.seconds, 1e-9)}
+        state["history"].append(row)
+        _write_history(run_dir, state["history"])
+        improved = val is None or val_acc > state["best_acc"] or (val_acc == state["best_acc"] and val_loss < state["best_loss"])
+        if improved:
+            state.update(best_epoch=epoch, best_acc=val_acc if val is not None else stats.accuracy, best_loss=val_loss, bad_epochs=0)
+            save_artifact(run_dir, model, {**meta_base, "training": {"best_epoch": epoch + 1, "epochs_run": epoch + 1}})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        save_checkpoint(ckpt_path, model, optimizer, {k: v for k, v in state.items()} | {"config": cfg.to_dict()})
+        log(f"epoch {epoch + 1}/{t_cfg.epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}  val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  "
+            f"lr {row['lr']:.2e}  {stats.seconds:.1f}s  {row['images_per_s']:.0f} img/s" + ("  *" if improved else ""))
+        if val is not None and t_cfg.patience and state["bad_epochs"] >= t_cfg.patience:
+            log(f"early stop: no validation improvement for {t_cfg.patience} epochs; keeping epoch {state['best_epoch'] + 1}")
+            stopped_early = True
+            break
+
+    # Final metrics on the kept (best) weights.
+    from imgcls.artifact import load_artifact
+
+    best, _ = load_artifact(run_dir, device=device)
+    metrics: dict[str, Any] = {}
+    for name, split in (("val", val), ("test", test)):
+        if split is not None and len(split.paths):
+            probs = torch.softmax(batched_logits(best, split.images.numpy(), spec, device=device, amp_dtype=amp_dtype, progress=progress, desc=f"evaluate {name}"), 1).numpy()
+            metrics[name] = classification_metrics(probs, split.labels.numpy(), class_names)
+    training = {"best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"] + 1, "stopped_early": stopped_early,
+                "wall_time_s": round(time.perf_counter() - t_start, 2), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    save_artifact(run_dir, best, {**meta_base, "metrics": metrics, "training": training})
+    report_split = "val" if "val" in metrics else ("test" if "test" in metrics else None)
+    if report_split:
+        write_report(run_dir / "report", metrics[report_split], class_names, state["history"], title=f"{cfg.model.name} on {report_split} ({index.root.name})")
+        log(f"{report_split}: accuracy {metrics[report_split]['accuracy']:.4f}  macro-F1 {metrics[report_split]['macro_f1']:.4f}  report: {run_dir / 'report' / 'report.html'}")
+    log(f"model saved to {run_dir}")
+    return run_dir
