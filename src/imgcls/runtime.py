@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -81,8 +81,12 @@ def batched_logits(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     desc: str = "evaluate",
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """uint8 cached images (N, S, S, 3) -> float32 logits (N, num_classes), model in eval mode."""
+    """uint8 cached images (N, S, S, 3) -> float32 logits (N, num_classes), model in eval mode.
+
+    `forward` replaces `model(x)`, e.g. to return pooled features instead of logits.
+    """
     from tqdm.auto import tqdm
 
     device = device or next(model.parameters()).device
@@ -94,7 +98,7 @@ def batched_logits(
         x = eval_transform(to_batch(np.asarray(images[sl])), spec)  # (B, 3, H, W), channels_last strides
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
-            out.append(model(x).float().cpu())
+            out.append((forward or model)(x).float().cpu())
         bar.update(sl.stop - sl.start)
     bar.close()
     model.train(was_training)

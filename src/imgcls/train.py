@@ -25,6 +25,7 @@ from torch import nn
 from imgcls.artifact import atomic_save_tensors, atomic_write_text, package_versions, save_artifact
 from imgcls.config import RunConfig
 from imgcls.data import DatasetIndex, dataset_fingerprint, index_dataset, load_split, stratified_split
+from imgcls.finetune import classifier_of, discriminative_param_groups, extract_features, fit_linear_head, resolve_strategy
 from imgcls.metrics import classification_metrics
 from imgcls.models import create_model, get_entry
 from imgcls.report import HISTORY_FIELDS, HISTORY_FILE, write_report
@@ -133,6 +134,34 @@ def resolve_spec(cfg: RunConfig) -> PreprocessSpec:
     spec = get_entry(cfg.model.name).default_spec
     changes = {k: v for k, v in (("img_size", cfg.data.img_size), ("resize_mode", cfg.data.resize_mode), ("crop_pct", cfg.data.crop_pct)) if v is not None}
     return spec.replace(**changes) if changes else spec
+
+
+def build_model(cfg: RunConfig, num_classes: int) -> tuple[nn.Module, str]:
+    """The model with its starting weights: built-in pretrained, a user's file or URL, or random."""
+    m = cfg.model
+    model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained)
+    if not m.weights:
+        return model, f"loaded {get_entry(m.name).pretrained_source}" if m.pretrained else ""
+    from imgcls.models.weights import load_pretrained_weights
+
+    cache = Path(cfg.data.cache_dir) / "weights" if cfg.data.cache_dir else None
+    loaded = load_pretrained_weights(model, m.name, m.weights, sha256=m.weights_sha256, cache_dir=cache, num_classes=num_classes)
+    return model, loaded.message
+
+
+def linear_probe(model: nn.Module, train: "SplitData", val: "SplitData | None", spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None, progress: bool, log: Callable[[str], None]) -> dict[str, float]:
+    """Fit the classifier on frozen, cached features (see imgcls.finetune); one history row."""
+    t0 = time.perf_counter()
+    x_tr = extract_features(model, train.images.numpy(), spec, device, amp_dtype, progress=progress)
+    x_va = extract_features(model, val.images.numpy(), spec, device, amp_dtype, progress=progress) if val is not None and len(val.paths) else None
+    t_feat = time.perf_counter() - t0
+    n_img = len(x_tr) + (len(x_va) if x_va is not None else 0)
+    log(f"features: {n_img} images in {t_feat:.1f}s ({n_img / max(t_feat, 1e-9):.0f} img/s)")
+    fit = fit_linear_head(classifier_of(model), x_tr, train.labels, x_va, val.labels if x_va is not None else None, log=log)
+    seconds = time.perf_counter() - t0
+    log(f"linear probe: L2 {fit['reg']:g}, train acc {fit['train_acc']:.4f}, val acc {fit['val_acc']:.4f} ({seconds:.1f}s)")
+    return {"epoch": 1, "train_loss": fit["train_loss"], "train_acc": fit["train_acc"], "val_loss": fit["val_loss"], "val_acc": fit["val_acc"],
+            "lr": 0.0, "epoch_time_s": seconds, "images_per_s": n_img / max(t_feat, 1e-9)}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -273,15 +302,27 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
 
     train, val, test = splits["train"], splits.get("val"), splits.get("test")
     class_names = index.class_names
-    model = create_model(cfg.model.name, num_classes=len(class_names), pretrained=cfg.model.pretrained).to(device)
+    model, weights_note = build_model(cfg, len(class_names))
+    if weights_note:
+        log(weights_note)
+    model = model.to(device)
     if t_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    lr = t_cfg.resolved_lr
-    optimizer = build_optimizer(model, t_cfg.optimizer, lr, t_cfg.weight_decay, t_cfg.momentum)
+    strategy = resolve_strategy(cfg.model.strategy, cfg.model.starts_pretrained, len(train.paths))
+    aug = t_cfg.augment.resolve(spec.img_size)
+    lr = t_cfg.resolved_lr(cfg.model.starts_pretrained)
+    if strategy == "fine-tune":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(discriminative_param_groups(model, lr, t_cfg.weight_decay)) if t_cfg.optimizer == "adamw" \
+            else torch.optim.SGD(discriminative_param_groups(model, lr, t_cfg.weight_decay), lr=lr, momentum=t_cfg.momentum, nesterov=True)
+    else:
+        optimizer = build_optimizer(model, t_cfg.optimizer, lr, t_cfg.weight_decay, t_cfg.momentum)
+    log(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), strategy {strategy}, "
+        f"{spec.img_size} px, {'bf16 autocast' if amp_dtype == torch.bfloat16 else 'fp16 autocast' if amp_dtype else 'fp32'} on {device}, lr {lr:g}")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t_cfg.label_smoothing)
     bs = min(t_cfg.batch_size, len(train.paths))
     steps_per_epoch = max(1, len(train.paths) // bs if len(train.paths) % bs < 2 else len(train.paths) // bs + 1)
-    total_steps = steps_per_epoch * t_cfg.epochs
+    epochs = 0 if strategy == "linear-probe" else t_cfg.epochs
+    total_steps = steps_per_epoch * max(epochs, 1)
     warmup_steps = int(round(t_cfg.warmup_epochs * steps_per_epoch))
 
     def set_lr(step: int) -> None:
@@ -299,7 +340,8 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         "arch": cfg.model.name,
         "class_names": class_names,
         "preprocess": spec.to_dict(),
-        "augment": t_cfg.augment.to_dict(),
+        "augment": aug.to_dict(),
+        "strategy": strategy,
         "config": cfg.to_dict(),
         "seed": cfg.data.seed,
         "split": {**split_info, "file": "split.json"},
@@ -314,11 +356,19 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         loss = nn.functional.cross_entropy(logits, val.labels).item()
         return loss, float((logits.argmax(1) == val.labels).float().mean())
 
+    if strategy in ("linear-probe", "fine-tune") and not resume:
+        row = linear_probe(model, train, val, spec, device, amp_dtype, progress, log)
+        if strategy == "linear-probe":
+            state["history"].append(row)
+            _write_history(run_dir, state["history"])
+            state.update(best_epoch=0, epoch=0)
+        save_artifact(run_dir, model, {**meta_base, "training": {"strategy": strategy, "stage": "linear-probe"}})
+
     stopped_early = False
-    for epoch in range(state["epoch"] + 1, t_cfg.epochs):
+    for epoch in range(state["epoch"] + 1, epochs):
         g = torch.Generator().manual_seed(cfg.data.seed * 100_003 + epoch)  # per-epoch stream: resume replays it
         stats = train_one_epoch(
-            model, train.images, train.labels, optimizer, loss_fn, spec, t_cfg.augment, bs, g, set_lr,
+            model, train.images, train.labels, optimizer, loss_fn, spec, aug, bs, g, set_lr,
             epoch * steps_per_epoch, device, amp_dtype, t_cfg.channels_last, t_cfg.grad_clip,
             progress, f"epoch {epoch + 1}/{t_cfg.epochs}",
         )
@@ -351,7 +401,7 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         if split is not None and len(split.paths):
             probs = torch.softmax(batched_logits(best, split.images.numpy(), spec, device=device, amp_dtype=amp_dtype, progress=progress, desc=f"evaluate {name}"), 1).numpy()
             metrics[name] = classification_metrics(probs, split.labels.numpy(), class_names)
-    training = {"best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"] + 1, "stopped_early": stopped_early,
+    training = {"strategy": strategy, "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"] + 1, "stopped_early": stopped_early,
                 "wall_time_s": round(time.perf_counter() - t_start, 2), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     save_artifact(run_dir, best, {**meta_base, "metrics": metrics, "training": training})
     report_split = "val" if "val" in metrics else ("test" if "test" in metrics else None)

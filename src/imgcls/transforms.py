@@ -149,19 +149,19 @@ class AugmentSpec:
     crop: "translate" pads by `translate` x img_size pixels (reflect) and takes a random
     img_size crop: the right choice for small images (airbench uses 2 px at 32 px).
     "rrc" is random-resized-crop (scale, ratio as in Inception/torchvision) for photos.
-    "none" keeps the evaluation centre crop.
+    "none" keeps the evaluation centre crop. "auto": rrc from 96 px up, translate below.
     """
 
     hflip: bool = True
-    crop: str = "translate"
+    crop: str = "auto"
     translate: float = 0.0625
     rrc_scale: tuple[float, float] = (0.35, 1.0)
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     color_jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.crop not in ("translate", "rrc", "none"):
-            raise ValueError(f"crop must be translate, rrc or none, got {self.crop!r}")
+        if self.crop not in ("auto", "translate", "rrc", "none"):
+            raise ValueError(f"crop must be auto, translate, rrc or none, got {self.crop!r}")
         if not 0 <= self.translate <= 0.5:
             raise ValueError(f"translate must be in [0, 0.5], got {self.translate}")
         if not 0 <= self.color_jitter <= 1:
@@ -176,6 +176,12 @@ class AugmentSpec:
         d = dataclasses.asdict(self)
         d["rrc_scale"], d["rrc_ratio"] = list(self.rrc_scale), list(self.rrc_ratio)
         return d
+
+    def resolve(self, img_size: int) -> "AugmentSpec":
+        """Replace crop="auto" by the concrete choice for this input size."""
+        if self.crop != "auto":
+            return self
+        return dataclasses.replace(self, crop="rrc" if img_size >= 96 else "translate")
 
 
 def _random_translate(x: torch.Tensor, size: int, pad: int, g: torch.Generator) -> torch.Tensor:
@@ -234,6 +240,7 @@ def train_transform(x: torch.Tensor, spec: PreprocessSpec, aug: AugmentSpec, g: 
     The random draws come from `g` (a CPU generator), so a seeded epoch is reproducible.
     """
     size, b = spec.img_size, x.shape[0]
+    aug = aug.resolve(size)
     flip = (torch.rand(b, generator=g) < 0.5) if aug.hflip else torch.zeros(b, dtype=torch.bool)
     if aug.crop == "rrc":
         out = _random_resized_crop(x, size, aug, flip, g)  # float in [0, 255], flip applied

@@ -130,6 +130,8 @@ class MBConvBlock(nn.Module):
 class EfficientNetLite(nn.Module):
     """EfficientNet-Lite backbone + average pool + dropout + linear classifier."""
 
+    classifier_name = "_fc"  # the module `reset_classifier` replaces
+
     def __init__(
         self,
         width_mult: float,

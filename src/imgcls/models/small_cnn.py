@@ -35,6 +35,8 @@ class ConvBlock(nn.Sequential):
 
 
 class SmallCNN(nn.Module):
+    classifier_name = "fc"
+
     def __init__(self, num_classes: int, widths: tuple[int, int, int, int] = (32, 64, 256, 256), logit_scale: float = 1 / 9, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -49,10 +51,12 @@ class SmallCNN(nn.Module):
         return self.blocks(self.stem(x))  # (B, C, H/8, W/8)
 
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = torch.amax(feats, dim=(2, 3))  # (B, C): global max-pool, as airbench
+        # (B, C): global max-pool, as airbench. The logit scale is applied before the bias-free fc
+        # (same result) so that logits == fc(pre_logits), like every other model here.
+        x = torch.amax(feats, dim=(2, 3)) * self.logit_scale
         if pre_logits:
             return x
-        return self.fc(self.drop(x)) * self.logit_scale
+        return self.fc(self.drop(x))
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
