@@ -17,6 +17,7 @@ EPILOG = """examples:
   imgcls evaluate runs/exp1 DATA/test --json
   imgcls predict runs/exp1 photo.jpg 'more/*.png' --top-k 3
   imgcls predict imagenet cat.jpg               pretrained ImageNet classifier (needs imgcls[pretrained])
+  imgcls serve runs/exp1 --port 8000            HTTP API and web page at http://127.0.0.1:8000 (needs imgcls[serve])
 """
 
 
@@ -38,7 +39,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", help="keep the decoded uint8 images in a memory-mapped cache here (reused by later runs and --resume)")
     g.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=30, help="maximum number of epochs (default 30)")
+    g.add_argument("--epochs", type=int, help="number of epochs (default 30; with --time-budget, the most to run)")
+    g.add_argument("--time-budget", type=float, metavar="MINUTES", help="fit the whole run, decoding included, in this many minutes: the number of epochs is chosen from a timed trial of a few steps")
     g.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
     g.add_argument("--lr", type=float, help="peak learning rate (default: adamw 2e-3 from scratch, 5e-4 pretrained; sgd 0.05 / 0.01)")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="adamw, or sgd with Nesterov momentum (default adamw)")
@@ -70,7 +72,7 @@ def _run_config(a: argparse.Namespace) -> Any:
         data=DataConfig(path=a.data, img_size=a.img_size, resize_mode=a.resize_mode, val_fraction=a.val_fraction, seed=a.seed, cache_dir=a.cache_dir, workers=a.workers),
         model=ModelConfig(name=a.model, pretrained=a.pretrained, weights=a.weights, weights_sha256=a.weights_sha256, strategy=a.strategy),
         train=TrainConfig(
-            out=a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay,
+            out=a.out, epochs=a.epochs, time_budget=a.time_budget, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay,
             schedule=a.schedule, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing, grad_clip=a.grad_clip,
             precision=a.precision, channels_last=not a.no_channels_last, patience=a.patience, deterministic=a.deterministic,
             threads=a.threads, device=a.device,
@@ -170,6 +172,50 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import logging
+
+    try:
+        from imgcls.serve import ServeSettings, run_server
+    except ModuleNotFoundError as e:
+        print(f"imgcls: serve needs {e.name}: pip install 'imgcls[serve]'", file=sys.stderr)
+        return 2
+    from imgcls.predict import Classifier
+    from imgcls.runtime import set_threads
+
+    settings = ServeSettings(
+        max_upload_mb=a.max_upload_mb, max_images=a.max_images, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms,
+        queue_size=a.queue_size, batching=not a.no_batching, decode_workers=a.decode_workers,
+    )
+    if a.threads:
+        set_threads(a.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    clf = Classifier.load(a.model, device=a.device, precision=a.precision, backend=a.backend)
+    run_server(clf, settings, host=a.host, port=a.port)
+    return 0
+
+
+def _add_serve_command(sub: Any) -> None:
+    s = sub.add_parser("serve", help="HTTP API and web page for a model (needs imgcls[serve])", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="POST /v1/predict (multipart field 'file', repeatable, or a raw image body), GET /v1/health, /v1/model, /docs; the web page at /.")
+    s.add_argument("model", help="model folder written by `imgcls train`, or 'imagenet' (or imagenet:ARCH)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="inference runtime")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32")
+    s.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: one per core)")
+    g = s.add_argument_group("limits and batching")
+    g.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body; larger gets 413")
+    g.add_argument("--max-images", type=int, default=16, help="most images per request; more gets 400")
+    g.add_argument("--max-batch", type=int, default=32, help="most images per forward pass")
+    g.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to wait for more requests to fill a batch")
+    g.add_argument("--queue-size", type=int, default=64, help="requests waiting for the model; one more gets 503 at once")
+    g.add_argument("--no-batching", action="store_true", help="one forward pass per request (the benchmark's baseline)")
+    g.add_argument("--decode-workers", type=int, default=0, help="threads decoding uploads (0: min(4, cores))")
+    s.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and run image classifiers from a folder of labeled images.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=_version())
@@ -208,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the available architectures")
     m.set_defaults(func=cmd_models)
+    _add_serve_command(sub)
     return p
 
 

@@ -76,7 +76,8 @@ class TrainConfig:
     """Optimisation settings. lr=None picks the optimizer's default (AdamW 2e-3, SGD 0.05)."""
 
     out: str = "runs/train"
-    epochs: int = 30
+    epochs: int | None = None  # None: 30, or as many as fit in time_budget
+    time_budget: float | None = None  # minutes for the whole run, decoding included
     batch_size: int = 128
     lr: float | None = None
     optimizer: str = "adamw"
@@ -95,8 +96,10 @@ class TrainConfig:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget must be > 0 minutes, got {self.time_budget}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (batch norm needs two images), got {self.batch_size}")
         if self.optimizer not in OPTIMIZERS:

@@ -33,6 +33,7 @@ from imgcls.runtime import autocast, batched_logits, resolve_device, resolve_pre
 from imgcls.transforms import AugmentSpec, PreprocessSpec, train_transform
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+DEFAULT_EPOCHS = 30
 
 
 @dataclass
@@ -162,6 +163,55 @@ def linear_probe(model: nn.Module, train: "SplitData", val: "SplitData | None", 
     log(f"linear probe: L2 {fit['reg']:g}, train acc {fit['train_acc']:.4f}, val acc {fit['val_acc']:.4f} ({seconds:.1f}s)")
     return {"epoch": 1, "train_loss": fit["train_loss"], "train_acc": fit["train_acc"], "val_loss": fit["val_loss"], "val_acc": fit["val_acc"],
             "lr": 0.0, "epoch_time_s": seconds, "images_per_s": n_img / max(t_feat, 1e-9)}
+
+
+# ----------------------------------------------------------------------------- time budget
+
+
+def time_train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, train: "SplitData", spec: PreprocessSpec, aug: AugmentSpec,
+                     batch_size: int, n_steps: int, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> float:
+    """Seconds per training step, measured on real batches; model and optimizer are restored after."""
+    import copy
+
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    n = min(len(train.paths), batch_size * n_steps)
+    sub = train.images[:n], train.labels[:n]
+    g = torch.Generator().manual_seed(0)
+    no_lr = lambda step: [grp.__setitem__("lr", 0.0) for grp in optimizer.param_groups]  # noqa: E731  (timing only)
+    train_one_epoch(model, sub[0][: 2 * batch_size], sub[1][: 2 * batch_size], optimizer, loss_fn, spec, aug, batch_size, g, no_lr, 0, device, amp_dtype, channels_last, None)
+    stats = train_one_epoch(model, sub[0], sub[1], optimizer, loss_fn, spec, aug, batch_size, g, no_lr, 0, device, amp_dtype, channels_last, None)
+    model.load_state_dict(saved_model)
+    optimizer.load_state_dict(saved_opt)
+    return stats.seconds / max(1, stats.images // batch_size)
+
+
+def time_eval(model: nn.Module, splits: list["SplitData"], spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None) -> float:
+    """Seconds for one evaluation pass over `splits`, extrapolated from up to 512 images."""
+    total = sum(len(s.paths) for s in splits)
+    if total == 0:
+        return 0.0
+    sample = torch.cat([s.images[:512] for s in splits])[:512]
+    batched_logits(model, sample[:64].numpy(), spec, device=device, amp_dtype=amp_dtype)  # warm-up
+    t0 = time.perf_counter()
+    batched_logits(model, sample.numpy(), spec, device=device, amp_dtype=amp_dtype)
+    return (time.perf_counter() - t0) * total / len(sample)
+
+
+def plan_epochs(budget_s: float, max_epochs: int | None, steps_per_epoch: int, step_seconds: Callable[[int], float], eval_seconds: Callable[[], float], log: Callable[[str], None]) -> int:
+    """How many epochs fit in what is left of the time budget (decoding already spent).
+
+    One epoch costs its steps plus a validation pass; one more evaluation pass (final metrics on
+    val and test) and a 5% margin are kept back.
+    """
+    t_step = step_seconds(min(steps_per_epoch, 8))
+    t_eval = eval_seconds()
+    per_epoch = t_step * steps_per_epoch + t_eval
+    usable = budget_s * 0.95 - t_eval - 2.0
+    epochs = max(1, int(usable // per_epoch))
+    if max_epochs:
+        epochs = min(epochs, max_epochs)
+    log(f"time budget: {budget_s:.0f}s left, about {per_epoch:.1f}s per epoch ({t_step * 1000:.0f} ms/step, eval {t_eval:.1f}s) -> {epochs} epochs")
+    return epochs
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -321,7 +371,16 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t_cfg.label_smoothing)
     bs = min(t_cfg.batch_size, len(train.paths))
     steps_per_epoch = max(1, len(train.paths) // bs if len(train.paths) % bs < 2 else len(train.paths) // bs + 1)
-    epochs = 0 if strategy == "linear-probe" else t_cfg.epochs
+    if strategy == "linear-probe":
+        epochs = 0
+    elif t_cfg.time_budget is not None and not resume:
+        epochs = plan_epochs(
+            t_cfg.time_budget * 60 - (time.perf_counter() - t_start), t_cfg.epochs, steps_per_epoch,
+            lambda n: time_train_steps(model, optimizer, loss_fn, train, spec, aug, bs, n, device, amp_dtype, t_cfg.channels_last),
+            lambda: time_eval(model, [s for s in (val, test) if s is not None], spec, device, amp_dtype), log,
+        )
+    else:
+        epochs = t_cfg.epochs or DEFAULT_EPOCHS
     total_steps = steps_per_epoch * max(epochs, 1)
     warmup_steps = int(round(t_cfg.warmup_epochs * steps_per_epoch))
 
@@ -330,11 +389,13 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * f
 
-    state: dict[str, Any] = {"epoch": -1, "best_epoch": -1, "best_acc": -1.0, "best_loss": float("inf"), "history": [], "bad_epochs": 0}
+    state: dict[str, Any] = {"epoch": -1, "best_epoch": -1, "best_acc": -1.0, "best_loss": float("inf"), "history": [], "bad_epochs": 0, "planned_epochs": epochs}
     ckpt_path = run_dir / CHECKPOINT_FILE
     if resume:
         state.update(load_checkpoint(ckpt_path, model, optimizer))
-        log(f"resumed after epoch {state['epoch'] + 1}/{t_cfg.epochs}")
+        epochs = state.get("planned_epochs", epochs)
+        total_steps = steps_per_epoch * max(epochs, 1)
+        log(f"resumed after epoch {state['epoch'] + 1}/{epochs}")
 
     meta_base = {
         "arch": cfg.model.name,
@@ -365,12 +426,14 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         save_artifact(run_dir, model, {**meta_base, "training": {"strategy": strategy, "stage": "linear-probe"}})
 
     stopped_early = False
-    for epoch in range(state["epoch"] + 1, epochs):
+    first_epoch, t_loop = state["epoch"] + 1, time.perf_counter()
+    epoch = first_epoch
+    while epoch < epochs:
         g = torch.Generator().manual_seed(cfg.data.seed * 100_003 + epoch)  # per-epoch stream: resume replays it
         stats = train_one_epoch(
             model, train.images, train.labels, optimizer, loss_fn, spec, aug, bs, g, set_lr,
             epoch * steps_per_epoch, device, amp_dtype, t_cfg.channels_last, t_cfg.grad_clip,
-            progress, f"epoch {epoch + 1}/{t_cfg.epochs}",
+            progress, f"epoch {epoch + 1}/{epochs}",
         )
         val_loss, val_acc = val_metrics(model) if val is not None and len(val.paths) else (float("nan"), float("nan"))
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy, "val_loss": val_loss, "val_acc": val_acc,
@@ -384,13 +447,22 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
+        if t_cfg.time_budget is not None and epoch + 1 < epochs:
+            # Re-plan from the epochs measured so far (the first estimate comes from a few steps on
+            # a machine that may be shared); the schedule stretches or shrinks to the new length.
+            per_epoch = (time.perf_counter() - t_loop) / (epoch + 1 - first_epoch)
+            left = t_cfg.time_budget * 60 * 0.95 - (time.perf_counter() - t_start) - per_epoch * 0.25
+            epochs = max(epoch + 1, min(t_cfg.epochs or 10**6, epoch + 1 + int(left // per_epoch)))
+            total_steps = steps_per_epoch * epochs
+            state["planned_epochs"] = epochs
         save_checkpoint(ckpt_path, model, optimizer, {k: v for k, v in state.items()} | {"config": cfg.to_dict()})
-        log(f"epoch {epoch + 1}/{t_cfg.epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}  val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  "
+        log(f"epoch {epoch + 1}/{epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}  val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  "
             f"lr {row['lr']:.2e}  {stats.seconds:.1f}s  {row['images_per_s']:.0f} img/s" + ("  *" if improved else ""))
         if val is not None and t_cfg.patience and state["bad_epochs"] >= t_cfg.patience:
             log(f"early stop: no validation improvement for {t_cfg.patience} epochs; keeping epoch {state['best_epoch'] + 1}")
             stopped_early = True
             break
+        epoch += 1
 
     # Final metrics on the kept (best) weights.
     from imgcls.artifact import load_artifact

@@ -1,0 +1,378 @@
+"""Tests for imgcls.data: indexing the three layouts, stratified splits, decoding and its cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from badfiles import make_bad_files, make_good_image
+from imgcls import data as data_mod
+from imgcls.data import DatasetError, dataset_fingerprint, decode_images, index_dataset, load_split, stratified_split
+from imgcls.transforms import PreprocessSpec
+from synth import make_class_folders, make_csv_manifest, make_split_folders
+
+SPEC = PreprocessSpec(img_size=12, crop_pct=0.75)  # cache_size 16
+
+
+def rel(paths, root) -> list[str]:
+    return [pathlib.Path(p).relative_to(root).as_posix() for p in paths]
+
+
+# ----------------------------------------------------------------------------- class folders
+
+
+def test_class_folders_index(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=4, size=16)
+    index = index_dataset(root)
+    assert index.layout == "folders"
+    assert index.class_names == ["circle", "square", "triangle"]
+    assert list(index.splits) == ["all"]
+    samples = index.splits["all"]
+    assert len(samples) == 12
+    for path, label in samples:
+        assert pathlib.Path(path).parent.name == index.class_names[label]
+        assert pathlib.Path(path).is_file()
+    assert not index.ignored
+    assert "3 classes" in index.summary() and "all: 12" in index.summary()
+
+
+def test_class_order_is_sorted_and_deterministic(tmp_path):
+    names = ("zebra", "apple", "Mango", "kiwi")
+    root = make_class_folders(tmp_path / "d", classes=names, per_class=2, size=16)
+    a, b = index_dataset(root), index_dataset(root)
+    assert a.class_names == sorted(names) == ["Mango", "apple", "kiwi", "zebra"]
+    assert a.splits == b.splits
+    # Labels follow the sorted order, not creation order.
+    assert {pathlib.Path(p).parent.name for p, y in a.splits["all"] if y == 0} == {"Mango"}
+
+
+def test_pinned_class_names_set_the_label_order(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=2, size=16)
+    index = index_dataset(root, class_names=["triangle", "square", "circle"])
+    assert index.class_names == ["triangle", "square", "circle"]
+    assert {pathlib.Path(p).parent.name for p, y in index.splits["all"] if y == 0} == {"triangle"}
+
+
+def test_mixed_case_extensions_hidden_and_non_image_files(tmp_path):
+    root = tmp_path / "d"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+    make_good_image(root / "a" / "one.JPG")
+    make_good_image(root / "a" / "two.Png")
+    make_good_image(root / "a" / "three.jpeg")
+    make_good_image(root / "b" / "four.png")
+    make_good_image(root / "b" / ".hidden.png")  # hidden image: skipped and counted
+    (root / "b" / ".DS_Store").write_bytes(b"\0\0")
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "b" / "labels.json").write_text("{}")
+    (root / "README.md").write_text("files at the top level are not samples")
+    (root / ".git").mkdir()  # a hidden folder is not a class
+    make_good_image(root / ".git" / "x.png")
+
+    index = index_dataset(root)
+    assert index.class_names == ["a", "b"]
+    names = sorted(pathlib.Path(p).name for p, _ in index.splits["all"])
+    assert names == ["four.png", "one.JPG", "three.jpeg", "two.Png"]
+    assert index.ignored["hidden files"] == 2
+    assert index.ignored["non-image files"] == 2
+    assert index.ignored["files outside class folders"] == 1
+    assert "ignored" in index.summary()
+
+
+def test_nested_subfolders_inside_a_class(tmp_path):
+    root = tmp_path / "d"
+    (root / "cat" / "2019" / "summer").mkdir(parents=True)
+    (root / "dog").mkdir()
+    make_good_image(root / "cat" / "top.png")
+    make_good_image(root / "cat" / "2019" / "a.png")
+    make_good_image(root / "cat" / "2019" / "summer" / "b.png")
+    make_good_image(root / "dog" / "c.png")
+    (root / "cat" / ".cache").mkdir()
+    make_good_image(root / "cat" / ".cache" / "thumb.png")  # inside a hidden folder: not a sample
+
+    index = index_dataset(root)
+    assert index.class_names == ["cat", "dog"]  # "2019" is not a class
+    by_label = {y: sorted(rel([p for p, l in index.splits["all"] if l == y], root)) for y in (0, 1)}
+    assert by_label[0] == ["cat/2019/a.png", "cat/2019/summer/b.png", "cat/top.png"]
+    assert by_label[1] == ["dog/c.png"]
+
+
+# ----------------------------------------------------------------------------- split folders and CSV
+
+
+@pytest.mark.parametrize("val_name", ["val", "valid", "validation"])
+def test_split_folders(tmp_path, val_name):
+    root = make_split_folders(tmp_path / "d", per_split={"train": 3, val_name: 2, "test": 1}, size=16)
+    index = index_dataset(root)
+    assert index.layout == "splits"
+    assert set(index.splits) == {"train", "val", "test"}
+    assert [len(index.splits[s]) for s in ("train", "val", "test")] == [9, 6, 3]
+    assert index.class_names == ["circle", "square", "triangle"]
+    for p, y in index.splits["val"]:
+        assert pathlib.Path(p).parts[-3] == val_name
+        assert pathlib.Path(p).parent.name == index.class_names[y]
+
+
+def test_split_folders_class_names_are_the_union(tmp_path):
+    root = tmp_path / "d"
+    for sub in ("train/a", "train/b", "test/c"):
+        (root / sub).mkdir(parents=True)
+        make_good_image(root / sub / "1.png")
+    index = index_dataset(root)
+    assert index.class_names == ["a", "b", "c"]
+    assert index.splits["test"] == [(str(root / "test" / "c" / "1.png"), 2)]
+
+
+def test_csv_manifest_with_relative_paths_and_split_column(tmp_path):
+    csv_path = make_csv_manifest(tmp_path / "d", per_class=10, size=16, splits={"train": 0.7, "valid": 0.3})
+    index = index_dataset(csv_path)
+    assert index.layout == "csv"
+    assert index.root == csv_path
+    assert index.class_names == ["circle", "square", "triangle"]
+    assert set(index.splits) == {"train", "val"}  # "valid" is val
+    assert len(index.splits["train"]) == 21 and len(index.splits["val"]) == 9
+    for p, y in index.splits["train"] + index.splits["val"]:
+        assert pathlib.Path(p).is_absolute() and pathlib.Path(p).is_file()  # resolved next to the CSV
+        assert pathlib.Path(p).name.startswith(index.class_names[y] + "_")
+
+
+def test_csv_manifest_without_split_column_and_odd_rows(tmp_path):
+    root = tmp_path / "d"
+    (root / "img").mkdir(parents=True)
+    for name in ("x.png", "y.JPG", ".hidden.png"):
+        make_good_image(root / "img" / name)
+    (root / "img" / "notes.txt").write_text("hello")
+    csv_path = root / "labels.csv"
+    # Header case and surrounding spaces do not matter; a BOM is accepted.
+    csv_path.write_text("\ufeffPath , LABEL\nimg/x.png,dog\n img/y.JPG ,cat\nimg/.hidden.png,cat\nimg/notes.txt,dog\n", encoding="utf-8")
+    index = index_dataset(csv_path)
+    assert index.class_names == ["cat", "dog"]
+    assert list(index.splits) == ["all"]
+    assert index.splits["all"] == [(str(root / "img" / "x.png"), 1), (str(root / "img" / "y.JPG"), 0)]
+    assert index.ignored["hidden files"] == 1 and index.ignored["non-image files"] == 1
+
+
+def test_csv_manifest_needs_path_and_label_columns(tmp_path):
+    csv_path = tmp_path / "broken_manifest.csv"
+    csv_path.write_text("file,class\na.png,cat\n")
+    with pytest.raises(DatasetError) as e:
+        index_dataset(csv_path)
+    assert "broken_manifest.csv" in str(e.value)
+    assert "path" in str(e.value) and "label" in str(e.value)
+
+
+def test_csv_manifest_empty_label_names_the_line(tmp_path):
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path,label\na.png,cat\nb.png,\n")
+    with pytest.raises(DatasetError, match=r"m\.csv:3"):
+        index_dataset(csv_path)
+
+
+def test_csv_label_unknown_to_pinned_classes(tmp_path):
+    csv_path = make_csv_manifest(tmp_path / "d", per_class=1, size=16)
+    with pytest.raises(DatasetError, match="triangle"):
+        index_dataset(csv_path, class_names=["circle", "square"])
+
+
+# ----------------------------------------------------------------------------- index errors
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DatasetError, match="no such file"):
+        index_dataset(tmp_path / "nope")
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no class folders"):
+        index_dataset(tmp_path / "empty")
+
+
+def test_class_folders_without_images(tmp_path):
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "b").mkdir()
+    (tmp_path / "d" / "b" / "readme.txt").write_text("x")
+    with pytest.raises(DatasetError, match="no image files"):
+        index_dataset(tmp_path / "d")
+
+
+def test_a_file_that_is_not_a_csv(tmp_path):
+    p = make_good_image(tmp_path / "one.png")
+    with pytest.raises(DatasetError, match="csv"):
+        index_dataset(p)
+
+
+# ----------------------------------------------------------------------------- stratified split
+
+
+def labels_for(counts: list[int]) -> np.ndarray:
+    return np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+
+
+def test_stratified_split_keeps_every_class_in_both_parts():
+    labels = labels_for([10, 3, 2, 25])
+    names = ["a", "b", "c", "d"]
+    tr, va = stratified_split(labels, 0.2, seed=0, class_names=names)
+    assert len(np.intersect1d(tr, va)) == 0
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(len(labels)))
+    for c in range(4):
+        assert (labels[tr] == c).sum() >= 1 and (labels[va] == c).sum() >= 1
+    # round(n * fraction) per class, at least 1, at most n - 1.
+    assert [(labels[va] == c).sum() for c in range(4)] == [2, 1, 1, 5]
+    assert np.all(np.diff(tr) > 0) and np.all(np.diff(va) > 0)  # sorted
+
+
+def test_stratified_split_is_seeded():
+    labels = labels_for([30, 30, 30])
+    names = ["a", "b", "c"]
+    a = stratified_split(labels, 0.3, seed=7, class_names=names)
+    b = stratified_split(labels, 0.3, seed=7, class_names=names)
+    c = stratified_split(labels, 0.3, seed=8, class_names=names)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], c[1])
+    assert len(a[1]) == len(c[1]) == 27
+
+
+def test_stratified_split_zero_fraction_keeps_everything_for_training():
+    tr, va = stratified_split(labels_for([3, 3]), 0.0, seed=0, class_names=["a", "b"])
+    assert tr.tolist() == list(range(6)) and len(va) == 0
+
+
+def test_stratified_split_class_with_one_image_is_named():
+    with pytest.raises(DatasetError, match="'lonely'"):
+        stratified_split(labels_for([5, 1, 5]), 0.2, seed=0, class_names=["many", "lonely", "more"])
+
+
+def test_class_with_one_usable_image_after_decoding(tmp_path):
+    """A class whose other files are broken is left with 1 image: the split names it."""
+    root = make_class_folders(tmp_path / "d", classes=("good", "sparse"), per_class=4, size=16)
+    for p in sorted((root / "sparse").iterdir())[1:]:
+        p.write_bytes(b"not an image")
+    index = index_dataset(root)
+    decoded, labels = load_split(index.splits["all"], SPEC, None, 1, 10**8, False, "decode")
+    assert len(decoded.failures) == 3
+    with pytest.raises(DatasetError, match="sparse"):
+        stratified_split(labels, 0.25, seed=0, class_names=index.class_names)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    expect = make_bad_files(root)
+    paths = [str(root / name) for name in sorted(expect)]
+    return root, expect, paths
+
+
+def test_decode_reports_bad_files_and_keeps_good_ones_in_order(corpus):
+    root, expect, paths = corpus
+    paths = paths + [str(root / "missing.png")]
+    dec = decode_images(paths, SPEC, progress=False)
+    bad = {pathlib.Path(p).name: why for p, why in dec.failures}
+    assert set(bad) == {n for n, e in expect.items() if e == "error"} | {"missing.png"}
+    for path, why in dec.failures:
+        assert pathlib.Path(path).is_absolute() and isinstance(why, str) and why
+    assert "not found" in bad["missing.png"] or "cannot read" in bad["missing.png"]
+    assert "empty" in bad["empty.jpg"]
+    good = [p for p in paths if expect.get(pathlib.Path(p).name) == "ok"]
+    assert dec.paths == good
+    assert [paths[i] for i in dec.keep] == good
+    assert dec.images.shape == (len(good), SPEC.cache_size, SPEC.cache_size, 3)
+    assert dec.images.dtype == np.uint8
+    assert len(dec.hashes) == len(good) and all(len(h) == 40 for h in dec.hashes)
+
+
+def test_decoded_pixels_match_the_resized_image(tmp_path):
+    p = make_good_image(tmp_path / "red.png", size=(40, 20), color=(200, 30, 30))
+    q = make_good_image(tmp_path / "blue.png", size=(20, 20), color=(10, 20, 230))
+    dec = decode_images([str(p), str(q)], SPEC, progress=False)
+    assert dec.images.shape == (2, 16, 16, 3)
+    assert np.all(dec.images[0] == (200, 30, 30)) and np.all(dec.images[1] == (10, 20, 230))
+
+
+def test_decode_cache_is_reused_and_keyed_by_spec(tmp_path, corpus, monkeypatch):
+    _, expect, paths = corpus
+    cache = tmp_path / "cache"
+    first = decode_images(paths, SPEC, cache_dir=cache, progress=False)
+    first_images = np.array(first.images)
+    assert len(list(cache.glob("*.npy"))) == 1 and len(list(cache.glob("*.json"))) == 1
+
+    def boom(args):
+        raise AssertionError("decoded again instead of using the cache")
+
+    monkeypatch.setattr(data_mod, "_decode_one", boom)
+    second = decode_images(paths, SPEC, cache_dir=cache, progress=False)
+    assert np.array_equal(np.asarray(second.images), first_images)
+    assert second.paths == first.paths and second.hashes == first.hashes
+    assert np.array_equal(second.keep, first.keep)
+    assert sorted(second.failures) == sorted(first.failures)
+
+    monkeypatch.undo()
+    other = SPEC.replace(img_size=8, crop_pct=1.0)
+    third = decode_images(paths, other, cache_dir=cache, progress=False)
+    assert third.images.shape == (len(first.paths), 8, 8, 3)
+    assert len(list(cache.glob("*.npy"))) == 2
+    assert not list(cache.glob("*.tmp*"))  # temp files renamed away
+
+
+def test_decode_cache_notices_a_changed_file(tmp_path):
+    p = make_good_image(tmp_path / "x.png", size=(16, 16), color=(255, 0, 0))
+    cache = tmp_path / "cache"
+    a = decode_images([str(p)], SPEC, cache_dir=cache, progress=False)
+    assert tuple(a.images[0, 0, 0]) == (255, 0, 0)
+    Image.new("RGB", (17, 16), (0, 255, 0)).save(p)  # new size: new stat, new key
+    b = decode_images([str(p)], SPEC, cache_dir=cache, progress=False)
+    assert tuple(b.images[0, 0, 0]) == (0, 255, 0)
+
+
+def test_decode_with_worker_processes_matches_one_process(tmp_path):
+    root = make_class_folders(tmp_path / "d", classes=2, per_class=65, size=16, ext="mixed")
+    (root / "class0" / "broken.png").write_bytes(b"\x89PNG garbage")
+    paths = [p for p, _ in index_dataset(root).splits["all"]]
+    assert len(paths) == 131  # >= 128 files: two processes
+    one = decode_images(paths, SPEC, workers=1, progress=False)
+    two = decode_images(paths, SPEC, workers=2, progress=False)
+    assert np.array_equal(one.images, two.images)
+    assert one.paths == two.paths and one.hashes == two.hashes
+    assert [pathlib.Path(p).name for p, _ in two.failures] == ["broken.png"]
+
+
+def test_load_split_labels_follow_the_kept_files(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=3, size=16)
+    shutil.copy(__file__, root / "square" / "fake.png")  # a .png that is Python source
+    index = index_dataset(root)
+    dec, labels = load_split(index.splits["all"], SPEC, None, 1, 10**8, False, "decode")
+    assert len(labels) == len(dec.paths) == 9
+    assert labels.dtype == np.int64
+    for p, y in zip(dec.paths, labels):
+        assert pathlib.Path(p).parent.name == index.class_names[y]
+
+
+def test_dataset_fingerprint_tracks_content(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=3, size=16)
+
+    def fingerprint() -> str:
+        index = index_dataset(root)
+        dec, labels = load_split(index.splits["all"], SPEC, None, 1, 10**8, False, "decode")
+        return dataset_fingerprint(dec.paths, labels.tolist(), dec.hashes, index.class_names, root)
+
+    a, b = fingerprint(), fingerprint()
+    assert a == b and len(a) == 64
+    target = root / "circle" / "001.png"
+    Image.new("RGB", (24, 24), (1, 2, 3)).save(target)
+    c = fingerprint()
+    assert c != a
+    # Same files under another root path: the fingerprint uses relative paths.
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    index = index_dataset(moved)
+    dec, labels = load_split(index.splits["all"], SPEC, None, 1, 10**8, False, "decode")
+    assert dataset_fingerprint(dec.paths, labels.tolist(), dec.hashes, index.class_names, moved) == c
