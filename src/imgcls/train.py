@@ -8,7 +8,6 @@ per epoch), split.json, bad_files.csv and report/ (plots and report.html on the 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -22,17 +21,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgcls.artifact import atomic_save_tensors, atomic_write_text, package_versions, save_artifact
+from imgcls.artifact import atomic_write_text, package_versions, save_artifact
+from imgcls.checkpoint import CHECKPOINT_FILE, load_checkpoint, read_checkpoint_config, save_checkpoint, write_history
 from imgcls.config import RunConfig
 from imgcls.data import DatasetIndex, dataset_fingerprint, index_dataset, load_split, stratified_split
 from imgcls.finetune import classifier_of, discriminative_param_groups, extract_features, fit_linear_head, resolve_strategy
 from imgcls.metrics import classification_metrics
 from imgcls.models import create_model, get_entry
-from imgcls.report import HISTORY_FIELDS, HISTORY_FILE, write_report
+from imgcls.report import write_report
 from imgcls.runtime import autocast, batched_logits, resolve_device, resolve_precision, set_threads
 from imgcls.transforms import AugmentSpec, PreprocessSpec, train_transform
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
 DEFAULT_EPOCHS = 30
 
 
@@ -214,58 +213,6 @@ def plan_epochs(budget_s: float, max_epochs: int | None, steps_per_epoch: int, s
     return epochs
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Model and optimizer tensors plus JSON state in one safetensors file, written atomically."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    for pid, pstate in opt["state"].items():
-        for k, v in pstate.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optim.{pid}.{k}"] = v
-    groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
-    atomic_save_tensors(path, tensors, metadata={"imgcls_checkpoint": json.dumps({**state, "param_groups": groups})})
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        state = json.loads(f.metadata()["imgcls_checkpoint"])
-    tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, pid, name = k.split(".", 2)
-            opt_state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
-    return state
-
-
-def read_checkpoint_config(run_dir: str | os.PathLike) -> RunConfig:
-    """The resolved config stored in RUN_DIR's checkpoint (what `--resume` continues with)."""
-    from safetensors import safe_open
-
-    path = Path(run_dir) / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    with safe_open(str(path), framework="pt") as f:
-        return RunConfig.from_dict(json.loads(f.metadata()["imgcls_checkpoint"])["config"])
-
-
-def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
-    w.writeheader()
-    for row in history:
-        w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in HISTORY_FIELDS})
-    atomic_write_text(run_dir / HISTORY_FILE, buf.getvalue())
-
-
 # ----------------------------------------------------------------------------- data for a run
 
 
@@ -421,7 +368,7 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         row = linear_probe(model, train, val, spec, device, amp_dtype, progress, log)
         if strategy == "linear-probe":
             state["history"].append(row)
-            _write_history(run_dir, state["history"])
+            write_history(run_dir, state["history"])
             state.update(best_epoch=0, epoch=0)
         save_artifact(run_dir, model, {**meta_base, "training": {"strategy": strategy, "stage": "linear-probe"}})
 
@@ -439,7 +386,7 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy, "val_loss": val_loss, "val_acc": val_acc,
                "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": stats.seconds, "images_per_s": stats.images / max(stats.seconds, 1e-9)}
         state["history"].append(row)
-        _write_history(run_dir, state["history"])
+        write_history(run_dir, state["history"])
         improved = val is None or val_acc > state["best_acc"] or (val_acc == state["best_acc"] and val_loss < state["best_loss"])
         if improved:
             state.update(best_epoch=epoch, best_acc=val_acc if val is not None else stats.accuracy, best_loss=val_loss, bad_epochs=0)
