@@ -26,6 +26,8 @@ from imgcls.transforms import PreprocessSpec, resize_image
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 CACHE_VERSION = 1
+PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path")  # first match wins
+LABEL_COLUMNS = ("label", "class", "category", "target")
 
 
 class DatasetError(ValueError):
@@ -85,10 +87,13 @@ def _index_csv(csv_path: Path, class_names: list[str] | None, ignored: Counter) 
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "path" not in cols or "label" not in cols:
+        path_col = next((c for c in PATH_COLUMNS if c in cols), None)
+        label_col = next((c for c in LABEL_COLUMNS if c in cols), None)
+        if path_col is None or label_col is None:
             raise DatasetError(f"{csv_path}: a manifest needs a header with columns 'path' and 'label', found {reader.fieldnames}")
         for lineno, row in enumerate(reader, start=2):
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            row["path"], row["label"] = row.get(path_col, ""), row.get(label_col, "")
             if not row.get("path") or not row.get("label"):
                 raise DatasetError(f"{csv_path}:{lineno}: empty path or label")
             split = SPLIT_ALIASES.get(row.get("split", "").lower(), "all") if row.get("split") else "all"

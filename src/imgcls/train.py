@@ -92,6 +92,7 @@ def train_one_epoch(
     grad_clip: float | None,
     progress: bool = False,
     desc: str = "train",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> EpochStats:
     """One pass over `images` (uint8, (N, S, S, 3)) in a seeded random order."""
     from tqdm.auto import tqdm
@@ -115,10 +116,18 @@ def train_one_epoch(
         with autocast(device, amp_dtype):
             logits = model(x)
         loss = loss_fn(logits.float(), y)
-        loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        if scaler is not None:  # fp16 on GPUs without bf16: scale the loss so gradients don't underflow
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         total_loss += loss.item() * len(idx)
         total_correct += int((logits.argmax(1) == y).sum())
@@ -316,6 +325,7 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
     log(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), strategy {strategy}, "
         f"{spec.img_size} px, {'bf16 autocast' if amp_dtype == torch.bfloat16 else 'fp16 autocast' if amp_dtype else 'fp32'} on {device}, lr {lr:g}")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t_cfg.label_smoothing)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     bs = min(t_cfg.batch_size, len(train.paths))
     steps_per_epoch = max(1, len(train.paths) // bs if len(train.paths) % bs < 2 else len(train.paths) // bs + 1)
     if strategy == "linear-probe":
@@ -380,7 +390,7 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         stats = train_one_epoch(
             model, train.images, train.labels, optimizer, loss_fn, spec, aug, bs, g, set_lr,
             epoch * steps_per_epoch, device, amp_dtype, t_cfg.channels_last, t_cfg.grad_clip,
-            progress, f"epoch {epoch + 1}/{epochs}",
+            progress, f"epoch {epoch + 1}/{epochs}", scaler,
         )
         val_loss, val_acc = val_metrics(model) if val is not None and len(val.paths) else (float("nan"), float("nan"))
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy, "val_loss": val_loss, "val_acc": val_acc,
