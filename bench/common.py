@@ -8,6 +8,7 @@ start and end: a figure measured under load is then visible as such in the resul
 from __future__ import annotations
 
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -46,8 +47,29 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
-def wait_for_quiet(threshold: float = 1.5, poll_s: float = 15.0, max_wait_s: float = 600.0, log=print) -> tuple[float, float, bool]:
-    """Wait until the 1-minute load average is below `threshold`.
+def cpu_busy(seconds: float = 2.0) -> float:
+    """Share of all cores busy over the next `seconds` (from /proc/stat; 0 where unavailable).
+
+    The load average trails by about a minute; this sees a neighbour that has just started.
+    """
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        return sum(v), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError):
+        return 0.0
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_quiet(threshold: float = 1.5, poll_s: float = 15.0, max_wait_s: float = 600.0, log=print, max_busy: float | None = None) -> tuple[float, float, bool]:
+    """Wait until the 1-minute load average is below `threshold` (and, with `max_busy`, until at
+    most that share of the cores is busy right now: the load average trails by a minute).
 
     Returns (load when the wait ended, seconds waited, whether the wait timed out). On a time-out
     the caller goes on anyway and should mark the figure as measured under load.
@@ -55,13 +77,14 @@ def wait_for_quiet(threshold: float = 1.5, poll_s: float = 15.0, max_wait_s: flo
     t0 = time.monotonic()
     while True:
         la = load1()
+        busy = cpu_busy() if max_busy is not None else 0.0
         waited = time.monotonic() - t0
-        if la < threshold:
+        if la < threshold and (max_busy is None or busy <= max_busy):
             return la, waited, False
         if waited >= max_wait_s:
-            log(f"  load {la:.2f} still >= {threshold} after {waited:.0f}s: going on anyway (noisy)")
+            log(f"  load {la:.2f}" + (f", {busy:.0%} busy" if max_busy is not None else "") + f" after {waited:.0f}s: going on anyway (noisy)")
             return la, waited, True
-        log(f"  load {la:.2f} >= {threshold}, waiting ({waited:.0f}s so far)")
+        log(f"  load {la:.2f} (wait for < {threshold})" + (f", cores {busy:.0%} busy (wait for <= {max_busy:.0%})" if max_busy is not None else "") + f": waiting ({waited:.0f}s so far)")
         time.sleep(poll_s)
 
 
@@ -72,6 +95,7 @@ class Timed:
     seconds: float
     stdout: str
     stderr: str
+    cpu_s: float = 0.0  # user + system CPU seconds of the command (and its decode workers)
 
 
 def imgcls_cmd() -> list[str]:
@@ -85,10 +109,13 @@ def run_timed(args: list[str], echo: bool = True) -> Timed:
     cmd = imgcls_cmd() + args
     if echo:
         print("  $ " + shell_line(args), flush=True)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    return Timed(cmd, p.returncode, seconds, p.stdout, p.stderr)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return Timed(cmd, p.returncode, seconds, p.stdout, p.stderr, cpu)
 
 
 def shell_line(args: list[str]) -> str:

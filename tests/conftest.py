@@ -11,7 +11,7 @@ TESTS_DIR = pathlib.Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # `from synth import ...` also under --import-mode=importlib
     sys.path.insert(0, str(TESTS_DIR))
 
-from synth import make_split_folders  # noqa: E402
+from synth import make_split_folders  # noqa: E402  (after the sys.path line)
 
 
 def quiet(_: str) -> None:
@@ -33,7 +33,7 @@ def trained_run(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     data = make_split_folders(base / "data", per_split={"train": 16, "valid": 6, "test": 6}, size=24, seed=1, ext="mixed")
     cfg = RunConfig(
         data=DataConfig(path=str(data), img_size=16, seed=0),
-        train=TrainConfig(out=str(base / "run"), epochs=3, batch_size=16, lr=5e-3, augment=AugmentSpec(crop="translate")),
+        train=TrainConfig(out=str(base / "run"), epochs=3, batch_size=8, augment=AugmentSpec(crop="translate")),
     )
     run = fit(cfg, progress=False, log=quiet)
     return run, data

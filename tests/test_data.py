@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import pathlib
 import shutil
 
@@ -160,11 +158,19 @@ def test_csv_manifest_without_split_column_and_odd_rows(tmp_path):
 
 def test_csv_manifest_needs_path_and_label_columns(tmp_path):
     csv_path = tmp_path / "broken_manifest.csv"
-    csv_path.write_text("file,class\na.png,cat\n")
+    csv_path.write_text("picture,kind\na.png,cat\n")
     with pytest.raises(DatasetError) as e:
         index_dataset(csv_path)
     assert "broken_manifest.csv" in str(e.value)
     assert "path" in str(e.value) and "label" in str(e.value)
+
+
+def test_csv_manifest_accepts_common_column_names(tmp_path):
+    make_good_image(tmp_path / "a.png")
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("id,Filepath,Class\n1,a.png,cat\n")
+    index = index_dataset(csv_path)
+    assert index.class_names == ["cat"] and index.splits["all"] == [(str(tmp_path / "a.png"), 0)]
 
 
 def test_csv_manifest_empty_label_names_the_line(tmp_path):
@@ -299,7 +305,7 @@ def test_decoded_pixels_match_the_resized_image(tmp_path):
 
 
 def test_decode_cache_is_reused_and_keyed_by_spec(tmp_path, corpus, monkeypatch):
-    _, expect, paths = corpus
+    _, _, paths = corpus
     cache = tmp_path / "cache"
     first = decode_images(paths, SPEC, cache_dir=cache, progress=False)
     first_images = np.array(first.images)

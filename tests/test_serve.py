@@ -17,20 +17,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
+import httpx  # imgcls[test] installs httpx and imgcls[serve]
 import numpy as np
 import pytest
+import uvicorn
+from badfiles import png_header_only
 from PIL import Image
 
-pytest.importorskip("fastapi", reason="the server needs imgcls[serve]")  # listed in imgcls[test]
-import httpx  # noqa: E402
-import uvicorn  # noqa: E402
-
-from badfiles import png_header_only  # noqa: E402
-from imgcls.artifact import WEIGHTS_FILE, save_artifact  # noqa: E402
-from imgcls.models import create_model  # noqa: E402
-from imgcls.predict import Classifier  # noqa: E402
-from imgcls.serve import ServeSettings, create_app  # noqa: E402
-from imgcls.transforms import PreprocessSpec  # noqa: E402
+from imgcls.artifact import WEIGHTS_FILE, save_artifact
+from imgcls.models import create_model
+from imgcls.predict import Classifier
+from imgcls.serve import ServeSettings, create_app
+from imgcls.transforms import PreprocessSpec
 
 CLASS_NAMES = ["cat", "dog", "bird"]
 TIMEOUT = 10.0
@@ -326,7 +324,7 @@ def test_dynamic_batching_batches_waiting_requests(clf, batching):
             futures = [pool.submit(post_files, u, [blobs[0]])]
             assert infer.entered.wait(TIMEOUT)
             futures += [pool.submit(post_files, u, [b]) for b in blobs[1:]]
-            wait_for(lambda: httpx.get(f"{u}/v1/health").json()["queue"]["waiting"] == 5, "5 queued requests")
+            wait_for(lambda: httpx.get(f"{u}/v1/health").json()["queue"]["ready"] == 5, "5 decoded, queued requests")
         finally:
             infer.gate.set()
         answers = [f.result(TIMEOUT) for f in futures]

@@ -13,7 +13,8 @@ from typing import Any
 from imgcls.transforms import AugmentSpec
 
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "onecycle", "constant")
+SCHEDULES = ("cosine", "onecycle", "constant", "triangle")
+RECIPES = ("auto", "fast", "generic")
 
 
 @dataclass(frozen=True)
@@ -73,22 +74,32 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings. lr=None picks the optimizer's default (AdamW 2e-3, SGD 0.05)."""
+    """Optimisation settings.
+
+    recipe: "fast" (airbench-style, for small_cnn from scratch), "generic" (AdamW + cosine), or
+    "auto" (fast for small_cnn from scratch, else generic); see imgcls.recipes. The fields left
+    None (batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup_epochs,
+    label_smoothing) take the recipe's value; a value given here always wins.
+    compile: torch.compile the training step (inductor); off by default because on 2 CPU cores
+    its compile time is not repaid within a few minutes of training (bench/RESULTS.md).
+    """
 
     out: str = "runs/train"
     epochs: int | None = None  # None: 30, or as many as fit in time_budget
     time_budget: float | None = None  # minutes for the whole run, decoding included
-    batch_size: int = 128
+    recipe: str = "auto"
+    batch_size: int | None = None
     lr: float | None = None
-    optimizer: str = "adamw"
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
+    optimizer: str | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    schedule: str | None = None
+    warmup_epochs: float | None = None
+    label_smoothing: float | None = None
     grad_clip: float | None = None
     precision: str = "auto"
     channels_last: bool = True
+    compile: bool = False
     patience: int = 10  # epochs without validation improvement before stopping; 0 = never stop early
     deterministic: bool = False
     threads: int | None = None
@@ -100,28 +111,28 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"time_budget must be > 0 minutes, got {self.time_budget}")
-        if self.batch_size < 2:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.batch_size is not None and self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (batch norm needs two images), got {self.batch_size}")
-        if self.optimizer not in OPTIMIZERS:
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
+        if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.label_smoothing < 1:
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
-
-    def resolved_lr(self, pretrained: bool) -> float:
-        """The peak learning rate: the user's, else a default for the optimizer and the start."""
-        if self.lr is not None:
-            return self.lr
-        if pretrained:  # fine-tuning: an order of magnitude gentler than training from scratch
-            return 5e-4 if self.optimizer == "adamw" else 0.01
-        return 2e-3 if self.optimizer == "adamw" else 0.05
 
 
 @dataclass(frozen=True)

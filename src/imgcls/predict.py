@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -20,11 +21,12 @@ from torch import nn
 from imgcls.artifact import load_artifact, spec_of
 from imgcls.io import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, is_image_path, load_image
 from imgcls.models import create_model, get_entry
-from imgcls.runtime import batched_logits, resolve_device, resolve_precision
+from imgcls.runtime import batched_logits, prepare_inference_model, resolve_device, resolve_precision, resolve_tta, tta_logits
 from imgcls.transforms import PreprocessSpec, resize_image
 
 PRETRAINED_PREFIX = "imagenet"
 DEFAULT_IMAGENET_MODEL = "efficientnet_lite0"
+BACKENDS = ("torch", "onnx")
 
 
 def _source_name(x: Any, i: int) -> str:
@@ -33,23 +35,60 @@ def _source_name(x: Any, i: int) -> str:
     return getattr(x, "filename", "") or f"<input {i}>"
 
 
-class Classifier:
-    """A loaded model with its class names and preprocessing, ready to predict."""
+class TorchRunner:
+    """uint8 prepared images (N, S, S, 3) -> float32 logits (N, num_classes) through the torch model."""
 
-    def __init__(self, model: nn.Module, meta: dict[str, Any], device: str = "auto", precision: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+    def __init__(self, model: nn.Module, spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+        self.model, self.spec, self.device, self.amp_dtype = model, spec, device, amp_dtype
+
+    def __call__(self, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+        return batched_logits(self.model, images, self.spec, batch_size=batch_size, device=self.device, amp_dtype=self.amp_dtype)
+
+
+class Classifier:
+    """A loaded model with its class names and preprocessing, ready to predict.
+
+    The backend only changes the forward pass (`runner`: TorchRunner, or export.OnnxRunner for
+    backend="onnx", where `model` is None); decoding, resizing and batching are shared.
+    """
+
+    def __init__(
+        self, model: nn.Module | None, meta: dict[str, Any], device: str = "auto", precision: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS,
+        runner: Callable[[np.ndarray, int], torch.Tensor] | None = None, tta: str = "auto",
+    ) -> None:
+        self.device = resolve_device(device) if runner is None else torch.device("cpu")
+        self.model = model.to(self.device).eval() if model is not None else None
         self.meta = meta
         self.class_names: list[str] = list(meta["class_names"])
         self.spec: PreprocessSpec = spec_of(meta)
-        self.amp_dtype = resolve_precision(precision, self.device)
+        self.amp_dtype = resolve_precision(precision, self.device) if runner is None else None
         self.max_pixels = max_pixels
+        self.tta = resolve_tta(tta, meta)  # "auto": model.json's recommendation, as `imgcls evaluate` uses
+        if runner is None and self.model is None:
+            raise ValueError("Classifier needs a model or a runner")
+        if runner is None:  # bf16 weights once on AMX CPUs (autocast then off), as evaluate does; amp_dtype still names the precision
+            self.model, run_dtype = prepare_inference_model(self.model, self.device, self.amp_dtype)
+        self.runner = runner or TorchRunner(self.model, self.spec, self.device, run_dtype)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto", **kwargs: Any) -> "Classifier":
-        """A model folder from `imgcls train`, or "imagenet[:ARCH]" for a pretrained ImageNet model."""
+    def load(cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto", backend: str = "torch", **kwargs: Any) -> "Classifier":
+        """A model folder from `imgcls train`, or "imagenet[:ARCH]" for a pretrained ImageNet model.
+
+        backend="onnx" runs onnxruntime on the CPU instead of torch: `path` is then a model folder
+        (its model.onnx, exported on first use or when older than the weights) or a .onnx file.
+        """
         s = os.fspath(path)
-        if s == PRETRAINED_PREFIX or s.startswith(PRETRAINED_PREFIX + ":") and not Path(s).exists():
+        pretrained = s == PRETRAINED_PREFIX or s.startswith(PRETRAINED_PREFIX + ":") and not Path(s).exists()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "onnx":
+            from imgcls.export import onnx_runner_for
+
+            if pretrained:
+                raise ValueError("backend 'onnx' takes a model folder or a .onnx file, not the built-in ImageNet model")
+            runner = onnx_runner_for(path, log=lambda msg: print(msg, file=sys.stderr))  # stdout may carry --json output
+            return cls(None, {**runner.meta, "source": s, "backend": "onnx", "onnx_path": str(runner.path)}, runner=runner, **kwargs)
+        if pretrained:
             return cls.imagenet(s.partition(":")[2] or DEFAULT_IMAGENET_MODEL, device=device, precision=precision, **kwargs)
         model, meta = load_artifact(path)
         meta = {**meta, "source": str(path)}
@@ -88,7 +127,7 @@ class Classifier:
 
     def predict_arrays(self, arrays: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """uint8 (N, S, S, 3) prepared images -> probabilities (N, num_classes)."""
-        logits = batched_logits(self.model, arrays, self.spec, batch_size=batch_size, device=self.device, amp_dtype=self.amp_dtype)
+        logits = tta_logits(lambda a: self.runner(a, batch_size), arrays, self.tta)
         return torch.softmax(logits, dim=1).numpy()
 
     def _result(self, name: str, probs: np.ndarray, top_k: int) -> dict[str, Any]:

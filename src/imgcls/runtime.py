@@ -18,6 +18,7 @@ from torch import nn
 from imgcls.transforms import PreprocessSpec, eval_transform, to_batch
 
 PRECISIONS = ("auto", "bf16", "fp32")
+TTA_MODES = ("none", "flip", "translate", "flip-translate")
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -61,9 +62,77 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def prepare_inference_model(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> tuple[nn.Module, torch.dtype | None]:
+    """(model, amp_dtype) for repeated inference: eval mode on `device`, channels_last.
+
+    On a CPU where bf16 pays (amp_dtype bf16), the weights are converted to bf16 once, in place,
+    and autocast is dropped (None is returned): under autocast every call re-casts every fp32
+    weight to bf16 before oneDNN runs, which at batch 1 costs as much as the convolutions
+    (bench/RESULTS.md). `batched_logits` feeds a bf16 model bf16 inputs. CUDA keeps autocast.
+    """
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    if device.type == "cpu" and amp_dtype == torch.bfloat16:
+        return model.to(torch.bfloat16), None
+    return model, amp_dtype
+
+
 def set_threads(threads: int | None) -> None:
     """Use every core for intra-op work unless told otherwise (2 on the machines here)."""
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+
+
+def resolve_tta(tta: str | None, meta: dict) -> str:
+    """'auto'/None -> what the model folder recommends (model.json "tta", set by the training
+    recipe), else the mode asked for. evaluate, predict and serve all resolve it here."""
+    mode = meta.get("tta", "none") if tta in (None, "auto") else tta
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta must be auto or one of {TTA_MODES}, got {mode!r}")
+    return mode
+
+
+def _reflect_index(n: int, pad: int) -> torch.Tensor:
+    # [pad, ..., 1, 0, 1, ..., n-1, n-2, ..., n-1-pad]: reflect padding as a gather, for any dtype
+    i = torch.arange(-pad, n + pad).abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def tta_views(x: torch.Tensor, mode: str) -> tuple[list[torch.Tensor], list[float]]:
+    """A batch (B, C, H, W), any dtype -> the views `mode` averages over and their weights (sum 1).
+
+    airbench94's test-time augmentation: the mirror image ("flip"), and the image shifted by one
+    pixel up-left and down-right with reflect padding ("translate"). flip-translate weighs the
+    original and its mirror 1/4 each and the four shifted (and mirrored) views 1/8 each; translate
+    alone weighs the original 1/2 and each shift 1/4. Logits, not probabilities, are averaged.
+    """
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {mode!r}")
+    if mode == "none":
+        return [x], [1.0]
+    flip = mode in ("flip", "flip-translate")
+    base = [x, x.flip(-1)] if flip else [x]
+    if mode == "flip":
+        return base, [0.5, 0.5]
+    h, w = x.shape[-2:]
+    xp = x[..., _reflect_index(h, 1), :][..., _reflect_index(w, 1)]  # (B, C, H + 2, W + 2)
+    shifted = [xp[..., :h, :w], xp[..., 2:, 2:]]
+    if flip:
+        shifted += [v.flip(-1) for v in shifted]
+    n_base, n_shift = len(base), len(shifted)
+    return base + shifted, [0.5 / n_base] * n_base + [0.5 / n_shift] * n_shift
+
+
+def tta_logits(run: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, mode: str) -> torch.Tensor:
+    """Weighted mean of run(view) over the TTA views of uint8 images (N, S, S, 3), for callers
+    that only have an array -> logits function (predict's torch and onnxruntime runners)."""
+    if mode == "none":
+        return run(images)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, S, S) view
+    views, weights = tta_views(x, mode)
+    out = None
+    for v, wt in zip(views, weights):
+        logits = run(np.ascontiguousarray(v.permute(0, 2, 3, 1).numpy())) * wt
+        out = logits if out is None else out + logits
+    return out
 
 
 def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
@@ -82,23 +151,32 @@ def batched_logits(
     progress: bool = False,
     desc: str = "evaluate",
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    tta: str = "none",
 ) -> torch.Tensor:
     """uint8 cached images (N, S, S, 3) -> float32 logits (N, num_classes), model in eval mode.
 
-    `forward` replaces `model(x)`, e.g. to return pooled features instead of logits.
+    `forward` replaces `model(x)`, e.g. to return pooled features instead of logits. `tta`
+    averages the logits over test-time augmented views (see `tta_views`).
     """
     from tqdm.auto import tqdm
 
-    device = device or next(model.parameters()).device
+    param = next(model.parameters())
+    device = device or param.device
+    in_dtype = param.dtype if param.dtype in (torch.bfloat16, torch.float16) else None  # see prepare_inference_model
     was_training = model.training
     model.eval()
     out = []
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=None if progress else True, leave=False)
     for sl in batch_slices(len(images), batch_size):
-        x = eval_transform(to_batch(np.asarray(images[sl])), spec)  # (B, 3, H, W), channels_last strides
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            out.append((forward or model)(x).float().cpu())
+        views, weights = tta_views(to_batch(np.asarray(images[sl])), tta)  # each (B, 3, S, S) uint8
+        logits = None
+        for view, wt in zip(views, weights):
+            x = eval_transform(view, spec)  # (B, 3, H, W) float
+            x = x.to(device, dtype=in_dtype, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                y = (forward or model)(x).float().cpu()
+            logits = y if tta == "none" else (y * wt if logits is None else logits + y * wt)
+        out.append(logits)
         bar.update(sl.stop - sl.start)
     bar.close()
     model.train(was_training)

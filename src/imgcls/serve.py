@@ -6,8 +6,9 @@ An upload goes: `predict` (read the body within the size limit, split multipart)
 
 Requests are batched dynamically: the inference thread takes the first waiting request, waits up
 to `batch_wait_ms` for more while other requests are still decoding, and runs one forward on up
-to `max_batch` images. The queue in front of it is bounded; when it is full the server answers
-503 at once rather than letting latency grow without limit. A request never names a file on the
+to `max_batch` images. The requests in front of it are bounded (`queue_size`, counted from
+before the body is read); when the queue is full the server answers 503 at once rather than
+letting latency and memory grow without limit. A request never names a file on the
 server: only uploaded bytes are decoded.
 """
 
@@ -55,7 +56,8 @@ class ServeSettings:
     max_batch: most images in one forward pass.
     batch_wait_ms: how long the inference thread waits for more requests to fill a batch
         (only while other requests are still being decoded).
-    queue_size: requests waiting for the inference thread; one more -> 503 at once.
+    queue_size: requests admitted and not yet in a forward pass (being read, decoded or queued);
+        one more -> 503 at once, before its body is read.
     batching: False runs one forward per request (the baseline the benchmark compares with).
     decode_workers: threads decoding uploads; 0 = min(4, cores).
     default_top_k: classes listed per image when the request gives no top_k.
@@ -63,7 +65,7 @@ class ServeSettings:
 
     max_upload_mb: float = 20.0
     max_images: int = 16
-    max_batch: int = 32
+    max_batch: int = 16
     batch_wait_ms: float = 5.0
     queue_size: int = 64
     batching: bool = True
@@ -120,10 +122,12 @@ def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> 
 
 
 class Batcher:
-    """One inference thread fed by a bounded queue of requests; batches them up to `max_batch` images.
+    """One inference thread fed by a queue of requests; batches them up to `max_batch` images.
 
-    `infer` maps uint8 (N, S, S, 3) to probabilities (N, C). With `batching=False` every request
-    is its own forward pass, in arrival order.
+    A request is admitted (`admit`) before its body is read and counts against `capacity` until
+    the inference thread takes it into a forward pass, so decoding work is bounded too. `infer`
+    maps uint8 (N, S, S, 3) to probabilities (N, C). With `batching=False` every request is its
+    own forward pass, in arrival order.
     """
 
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, wait_ms: float, queue_size: int, batching: bool = True) -> None:
@@ -132,14 +136,17 @@ class Batcher:
         self.wait_s = wait_ms / 1000.0
         self.batching = batching
         self.capacity = queue_size
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # bounded by admission
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.arriving = 0  # requests decoding now, each about to submit; the wait is worth it only then
+        self.waiting = 0  # admitted, not yet in a forward pass (being read, decoded, or queued)
+        self.arriving = 0  # of those, not yet queued: the batch wait is worth it only while > 0
         self.forward_calls = 0
         self.images_done = 0
 
     @property
-    def waiting(self) -> int:
+    def ready(self) -> int:
+        """Requests decoded and queued for the model."""
         return self._queue.qsize()
 
     def start(self) -> None:
@@ -149,19 +156,37 @@ class Batcher:
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is None:
             return
-        try:  # waits at most about one forward pass: the thread is draining the queue
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            pass
+        self._queue.put(_STOP)  # after the requests already queued
         self._thread.join(timeout)
         self._thread = None
 
+    def admit(self) -> bool:
+        """Reserve a place for one request; False when `capacity` requests are already waiting."""
+        with self._lock:
+            if self.waiting >= self.capacity:
+                return False
+            self.waiting += 1
+            self.arriving += 1
+            return True
+
+    def withdraw(self) -> None:
+        """Give back an admitted request's place without submitting it (it failed)."""
+        with self._lock:
+            self.waiting -= 1
+            self.arriving -= 1
+
     def submit(self, images: np.ndarray) -> asyncio.Future:
-        """Queue one request's images; its future gets their probabilities. Raises queue.Full."""
+        """Queue an admitted request's images; its future gets their probabilities."""
         loop = asyncio.get_running_loop()
         job = _Job(images, loop, loop.create_future())
-        self._queue.put_nowait(job)
+        with self._lock:
+            self.arriving -= 1
+        self._queue.put(job)
         return job.future
+
+    def _taken(self, n: int) -> None:
+        with self._lock:
+            self.waiting -= n
 
     def _collect(self, first: _Job) -> tuple[list[_Job], Any]:
         """The jobs for one forward pass, and a job taken from the queue that did not fit (or None)."""
@@ -194,6 +219,7 @@ class Batcher:
             if job is _STOP:
                 return
             jobs, carry = self._collect(job)
+            self._taken(len(jobs))
             try:
                 probs = self.infer(np.concatenate([j.images for j in jobs]) if len(jobs) > 1 else jobs[0].images)
                 error = None
@@ -275,7 +301,7 @@ async def _read_body(receive_stream: AsyncIterator[bytes], content_length: str |
     return b"".join(chunks)
 
 
-async def _split_multipart(headers: Any, body: bytes, max_images: int, limit: int) -> tuple[list[tuple[str | None, bytes]], Any]:
+async def _split_multipart(headers: Any, body: bytes, max_images: int, limit: int) -> tuple[list[tuple[str | None, bytes]], str | None]:
     """multipart/form-data -> ([(filename, bytes) for each `file` part], the top_k field or None)."""
     async def once() -> AsyncIterator[bytes]:
         yield body
@@ -411,9 +437,8 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, in
                 raise RequestError(status, f"{name}: {a.reason or a}")
         return np.stack(out)
 
-    @app.post("/v1/predict", response_model=PredictResponse, responses=errors, openapi_extra={"requestBody": predict_body}, tags=["predict"])
-    async def predict(request: Request, top_k: int | None = Query(None, ge=1, description="classes per image (default %d)" % s.default_top_k)) -> dict[str, Any]:
-        """Label, score and top-k classes for each image: multipart field `file` (repeatable) or a raw image body."""
+    async def _read_uploads(request: Request, top_k: int | None) -> tuple[list[tuple[str | None, bytes]], int]:
+        """The request's images as [(filename or None, bytes)] and the top_k to answer with."""
         body = await _read_body(request.stream(), request.headers.get("content-length"), s.max_upload_bytes)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
@@ -427,18 +452,22 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, in
             raise RequestError(400, f"no image in the request: send multipart field {UPLOAD_FIELD!r} or a raw image body")
         if len(uploads) > s.max_images:
             raise RequestError(400, f"too many images: {len(uploads)}, at most {s.max_images} per request")
-        request.state.n_images = len(uploads)
-        batcher.arriving += 1
+        return uploads, top_k or s.default_top_k
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=errors, openapi_extra={"requestBody": predict_body}, tags=["predict"])
+    async def predict(request: Request, top_k: int | None = Query(None, ge=1, description=f"classes per image (default {s.default_top_k})")) -> dict[str, Any]:
+        """Label, score and top-k classes for each image: multipart field `file` (repeatable) or a raw image body."""
+        if not batcher.admit():  # before reading the body: an overloaded server sheds load cheaply
+            raise RequestError(503, f"server busy: {batcher.capacity} requests already waiting; retry shortly", {"Retry-After": "1"})
+        future = None
         try:
-            images = await _decode_all(uploads)  # (n, S, S, 3) uint8
-            try:
-                future = batcher.submit(images)
-            except queue.Full:
-                raise RequestError(503, f"server busy: {batcher.capacity} requests already waiting; retry shortly", {"Retry-After": "1"}) from None
+            uploads, k = await _read_uploads(request, top_k)
+            request.state.n_images = len(uploads)
+            future = batcher.submit(await _decode_all(uploads))  # uint8 (n, S, S, 3)
         finally:
-            batcher.arriving -= 1
+            if future is None:
+                batcher.withdraw()
         probs = await future  # (n, num_classes)
-        k = top_k or s.default_top_k
         return {"model": model_ref, "predictions": [_prediction(p, class_names, k, fn) for p, (fn, _) in zip(probs, uploads)]}
 
     @app.get("/v1/health", tags=["service"])
@@ -447,7 +476,7 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, in
         return {
             "status": "ok",
             "model": model_ref,
-            "queue": {"waiting": batcher.waiting, "capacity": batcher.capacity},
+            "queue": {"waiting": batcher.waiting, "ready": batcher.ready, "capacity": batcher.capacity},
             "batching": s.batching,
             "forward_calls": batcher.forward_calls,
             "images": batcher.images_done,
@@ -464,6 +493,7 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, in
             "metrics": meta.get("metrics", {}),
             "training": meta.get("training", {}),
             "versions": meta.get("versions", {}),
+            "runtime": {"backend": meta.get("backend", "torch"), "device": str(classifier.device), "precision": str(classifier.amp_dtype or "float32").replace("torch.", "")},
             "limits": asdict(s),
         }
 

@@ -29,7 +29,8 @@ from imgcls.finetune import classifier_of, discriminative_param_groups, extract_
 from imgcls.metrics import classification_metrics
 from imgcls.models import create_model, get_entry
 from imgcls.report import write_report
-from imgcls.runtime import autocast, batched_logits, resolve_device, resolve_precision, set_threads
+from imgcls.recipes import Lookahead, build_recipe_optimizer, init_whitening, resolve_recipe, whiten_bias_trains
+from imgcls.runtime import autocast, batched_logits, prepare_inference_model, resolve_device, resolve_precision, set_threads
 from imgcls.transforms import AugmentSpec, PreprocessSpec, train_transform
 
 DEFAULT_EPOCHS = 30
@@ -41,14 +42,21 @@ class EpochStats:
     accuracy: float
     images: int
     seconds: float
+    steps: int = 0
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Multiplier on the base learning rate at optimizer step `step` (0-based).
 
     Linear warmup from 1/warmup to 1, then cosine to 0 ('cosine'), linear to 0 ('onecycle',
-    the triangular one-cycle shape of Smith 2018), or flat ('constant').
+    the triangular one-cycle shape of Smith 2018), or flat ('constant'). 'triangle' is airbench's
+    shape: linear from 0.2 to 1 during the warmup, then linear down to 0.07 at the last step.
     """
+    if schedule == "triangle":
+        if warmup_steps > 0 and step < warmup_steps:
+            return 0.2 + 0.8 * step / warmup_steps
+        t = min(max((step - warmup_steps) / max(1, total_steps - warmup_steps), 0.0), 1.0)
+        return 1.0 - 0.93 * t
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -93,18 +101,31 @@ def train_one_epoch(
     progress: bool = False,
     desc: str = "train",
     scaler: torch.amp.GradScaler | None = None,
+    average_weights: Callable[[int, bool], None] | None = None,
+    max_batches: int | None = None,
+    deadline: float | None = None,
 ) -> EpochStats:
-    """One pass over `images` (uint8, (N, S, S, 3)) in a seeded random order."""
+    """One pass over `images` (uint8, (N, S, S, 3)) in a seeded random order.
+
+    max_batches stops the pass early: the last epoch of a time-budgeted run may be partial.
+    deadline (a time.perf_counter() value) stops it once passed: the time budget is a limit.
+    average_weights(step, epoch_end), when given, runs after each optimizer step (the recipe's
+    lookahead EMA of the weights, imgcls.recipes.Lookahead).
+    """
     from tqdm.auto import tqdm
 
     model.train()
     n = len(images)
     order = torch.randperm(n, generator=generator)
     n_batches = n // batch_size if n % batch_size < 2 else n // batch_size + 1  # a last batch of 1 breaks BN
-    total_loss, total_correct, seen = 0.0, 0, 0
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    total_loss, total_correct, seen, steps = 0.0, 0, 0, 0
     start = time.perf_counter()
     bar = tqdm(total=n_batches * batch_size if n_batches else 0, desc=desc, unit="img", disable=None if progress else True, leave=False)
     for b in range(n_batches):
+        if deadline is not None and b > 0 and time.perf_counter() > deadline:
+            break
         idx = order[b * batch_size : (b + 1) * batch_size]
         x = images[idx].permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
         x = train_transform(x, spec, aug, generator)  # (B, 3, H, W) float, normalised
@@ -129,13 +150,16 @@ def train_one_epoch(
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if average_weights is not None:
+            average_weights(first_step + b, b == n_batches - 1)
+        steps += 1
         total_loss += loss.item() * len(idx)
         total_correct += int((logits.argmax(1) == y).sum())
         seen += len(idx)
         bar.update(len(idx))
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.3f}", refresh=False)
     bar.close()
-    return EpochStats(total_loss / max(seen, 1), total_correct / max(seen, 1), seen, time.perf_counter() - start)
+    return EpochStats(total_loss / max(seen, 1), total_correct / max(seen, 1), seen, time.perf_counter() - start, steps)
 
 
 def resolve_spec(cfg: RunConfig) -> PreprocessSpec:
@@ -187,38 +211,50 @@ def time_train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn
     g = torch.Generator().manual_seed(0)
     no_lr = lambda step: [grp.__setitem__("lr", 0.0) for grp in optimizer.param_groups]  # noqa: E731  (timing only)
     train_one_epoch(model, sub[0][: 2 * batch_size], sub[1][: 2 * batch_size], optimizer, loss_fn, spec, aug, batch_size, g, no_lr, 0, device, amp_dtype, channels_last, None)
-    stats = train_one_epoch(model, sub[0], sub[1], optimizer, loss_fn, spec, aug, batch_size, g, no_lr, 0, device, amp_dtype, channels_last, None)
+    # Two timed passes, the faster one kept: on a shared machine one pass can catch a burst of
+    # someone else's work, and the per-epoch re-planning in fit corrects the rest.
+    seconds = []
+    for _ in range(2):
+        stats = train_one_epoch(model, sub[0], sub[1], optimizer, loss_fn, spec, aug, batch_size, g, no_lr, 0, device, amp_dtype, channels_last, None)
+        seconds.append(stats.seconds / max(1, stats.images // batch_size))
     model.load_state_dict(saved_model)
     optimizer.load_state_dict(saved_opt)
-    return stats.seconds / max(1, stats.images // batch_size)
+    return min(seconds)
 
 
-def time_eval(model: nn.Module, splits: list["SplitData"], spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None) -> float:
-    """Seconds for one evaluation pass over `splits`, extrapolated from up to 512 images."""
+def time_eval(model: nn.Module, splits: list["SplitData"], spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None, tta: str = "none") -> float:
+    """Seconds for one evaluation pass over `splits` (with `tta`), extrapolated from up to 512 images."""
     total = sum(len(s.paths) for s in splits)
     if total == 0:
         return 0.0
     sample = torch.cat([s.images[:512] for s in splits])[:512]
     batched_logits(model, sample[:64].numpy(), spec, device=device, amp_dtype=amp_dtype)  # warm-up
-    t0 = time.perf_counter()
-    batched_logits(model, sample.numpy(), spec, device=device, amp_dtype=amp_dtype)
-    return (time.perf_counter() - t0) * total / len(sample)
+    seconds = []
+    halves = [h for h in (sample[: len(sample) // 2], sample[len(sample) // 2 :]) if len(h)]
+    for half in halves:  # the faster half: a shared machine has bursts
+        t0 = time.perf_counter()
+        batched_logits(model, half.numpy(), spec, device=device, amp_dtype=amp_dtype, tta=tta)
+        seconds.append((time.perf_counter() - t0) / max(1, len(half)))
+    return min(seconds) * total
 
 
-def plan_epochs(budget_s: float, max_epochs: int | None, steps_per_epoch: int, step_seconds: Callable[[int], float], eval_seconds: Callable[[], float], log: Callable[[str], None]) -> int:
-    """How many epochs fit in what is left of the time budget (decoding already spent).
+def plan_epochs(budget_s: float, max_epochs: int | None, steps_per_epoch: int, step_seconds: Callable[[int], float], eval_seconds: Callable[[], tuple[float, float]],
+                log: Callable[[str], None]) -> float:
+    """How many epochs fit in what is left of the time budget (decoding already spent); the last
+    one may be partial, so no budget is left unused.
 
-    One epoch costs its steps plus a validation pass; one more evaluation pass (final metrics on
-    val and test) and a 5% margin are kept back.
+    eval_seconds() -> (validation pass run after each epoch, final evaluation of val and test with
+    the recipe's TTA). One epoch costs its steps plus a validation pass; the final evaluation and
+    a 5% margin are kept back.
     """
     t_step = step_seconds(min(steps_per_epoch, 8))
-    t_eval = eval_seconds()
-    per_epoch = t_step * steps_per_epoch + t_eval
-    usable = budget_s * 0.95 - t_eval - 2.0
-    epochs = max(1, int(usable // per_epoch))
+    t_val, t_final = eval_seconds()
+    per_epoch = t_step * steps_per_epoch + t_val
+    usable = budget_s * 0.95 - t_final - 2.0
+    epochs = max(1.0, usable / per_epoch)
     if max_epochs:
-        epochs = min(epochs, max_epochs)
-    log(f"time budget: {budget_s:.0f}s left, about {per_epoch:.1f}s per epoch ({t_step * 1000:.0f} ms/step, eval {t_eval:.1f}s) -> {epochs} epochs")
+        epochs = min(epochs, float(max_epochs))
+    log(f"time budget: {budget_s:.0f}s left, about {per_epoch:.1f}s per epoch ({t_step * 1000:.0f} ms/step, validation {t_val:.1f}s, final evaluation {t_final:.1f}s) -> {epochs:.2f} epochs")
     return epochs
 
 
@@ -316,42 +352,54 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         model = model.to(memory_format=torch.channels_last)
     strategy = resolve_strategy(cfg.model.strategy, cfg.model.starts_pretrained, len(train.paths))
     aug = t_cfg.augment.resolve(spec.img_size)
-    lr = t_cfg.resolved_lr(cfg.model.starts_pretrained)
+    recipe = resolve_recipe(t_cfg, cfg.model, aug, len(train.paths))
+    lr = recipe.lr
+    if not cfg.model.starts_pretrained and init_whitening(model, train.images, spec):
+        log("patch-whitening layer set from the training images")
     if strategy == "fine-tune":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(discriminative_param_groups(model, lr, t_cfg.weight_decay)) if t_cfg.optimizer == "adamw" \
-            else torch.optim.SGD(discriminative_param_groups(model, lr, t_cfg.weight_decay), lr=lr, momentum=t_cfg.momentum, nesterov=True)
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(discriminative_param_groups(model, lr, recipe.weight_decay)) if recipe.optimizer == "adamw" \
+            else torch.optim.SGD(discriminative_param_groups(model, lr, recipe.weight_decay), lr=lr, momentum=recipe.momentum, nesterov=True)
+    elif recipe.name == "fast":
+        optimizer = build_recipe_optimizer(model, recipe)
     else:
-        optimizer = build_optimizer(model, t_cfg.optimizer, lr, t_cfg.weight_decay, t_cfg.momentum)
-    log(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), strategy {strategy}, "
-        f"{spec.img_size} px, {'bf16 autocast' if amp_dtype == torch.bfloat16 else 'fp16 autocast' if amp_dtype else 'fp32'} on {device}, lr {lr:g}")
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=t_cfg.label_smoothing)
+        optimizer = build_optimizer(model, recipe.optimizer, lr, recipe.weight_decay, recipe.momentum)
+    log(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), strategy {strategy}, recipe {recipe.name}, "
+        f"{spec.img_size} px, {'bf16 autocast' if amp_dtype == torch.bfloat16 else 'fp16 autocast' if amp_dtype else 'fp32'} on {device}, "
+        f"{recipe.optimizer} lr {lr:g}, batch {recipe.batch_size}" + (f", TTA {recipe.tta} at evaluation" if recipe.tta != "none" else ""))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    bs = min(t_cfg.batch_size, len(train.paths))
+    bs = min(recipe.batch_size, len(train.paths))
     steps_per_epoch = max(1, len(train.paths) // bs if len(train.paths) % bs < 2 else len(train.paths) // bs + 1)
+    total_steps: int | None = None
+    t_final_eval: float | None = None  # seconds of the final evaluation (val and test, with TTA), kept back from a time budget
     if strategy == "linear-probe":
         epochs = 0
     elif t_cfg.time_budget is not None and not resume:
-        epochs = plan_epochs(
+        t_final_eval = time_eval(model, [s for s in (val, test) if s is not None], spec, device, amp_dtype, recipe.tta)
+        planned = plan_epochs(
             t_cfg.time_budget * 60 - (time.perf_counter() - t_start), t_cfg.epochs, steps_per_epoch,
             lambda n: time_train_steps(model, optimizer, loss_fn, train, spec, aug, bs, n, device, amp_dtype, t_cfg.channels_last),
-            lambda: time_eval(model, [s for s in (val, test) if s is not None], spec, device, amp_dtype), log,
+            lambda: (time_eval(model, [s for s in (val,) if s is not None], spec, device, amp_dtype), t_final_eval), log,
         )
+        total_steps = max(1, int(planned * steps_per_epoch))
+        epochs = math.ceil(total_steps / steps_per_epoch)
     else:
         epochs = t_cfg.epochs or DEFAULT_EPOCHS
-    total_steps = steps_per_epoch * max(epochs, 1)
-    warmup_steps = int(round(t_cfg.warmup_epochs * steps_per_epoch))
+    if total_steps is None:
+        total_steps = steps_per_epoch * max(epochs, 1)
 
     def set_lr(step: int) -> None:
-        f = lr_factor(step, total_steps, warmup_steps, t_cfg.schedule)
+        f = lr_factor(step, total_steps, recipe.warmup_steps(steps_per_epoch, total_steps), recipe.schedule)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * f
 
-    state: dict[str, Any] = {"epoch": -1, "best_epoch": -1, "best_acc": -1.0, "best_loss": float("inf"), "history": [], "bad_epochs": 0, "planned_epochs": epochs}
+    state: dict[str, Any] = {"epoch": -1, "best_epoch": -1, "best_acc": -1.0, "best_loss": float("inf"), "history": [], "bad_epochs": 0, "planned_epochs": epochs,
+                             "total_steps": total_steps}
     ckpt_path = run_dir / CHECKPOINT_FILE
     if resume:
         state.update(load_checkpoint(ckpt_path, model, optimizer))
         epochs = state.get("planned_epochs", epochs)
-        total_steps = steps_per_epoch * max(epochs, 1)
+        total_steps = state.get("total_steps") or steps_per_epoch * max(epochs, 1)
         log(f"resumed after epoch {state['epoch'] + 1}/{epochs}")
 
     meta_base = {
@@ -367,6 +415,8 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         "versions": package_versions(),
         "device": str(device),
         "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+        "recipe": recipe.to_dict(),
+        "tta": recipe.tta,  # what `imgcls evaluate` and `predict` use unless told otherwise (--tta)
     }
 
     def val_metrics(m: nn.Module) -> tuple[float, float]:
@@ -385,13 +435,32 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
     stopped_early = False
     first_epoch, t_loop = state["epoch"] + 1, time.perf_counter()
     epoch = first_epoch
+    # The lookahead EMA equals the weights at every epoch end, so a resumed run starts it from them.
+    lookahead = Lookahead(model, last_step=first_epoch * steps_per_epoch - 1) if recipe.lookahead and epochs > first_epoch else None
+    whiten_bias = getattr(getattr(model, "whiten", None), "bias", None)
+    # --compile: inductor on the training forward (same parameters). Off by default: on 2 CPU cores it
+    # took 30 s to compile and then ran small_cnn slower than eager (bench/RESULTS.md).
+    train_model = torch.compile(model) if t_cfg.compile else model
     while epoch < epochs:
         g = torch.Generator().manual_seed(cfg.data.seed * 100_003 + epoch)  # per-epoch stream: resume replays it
+        if whiten_bias is not None:
+            whiten_bias.requires_grad_(whiten_bias_trains(recipe, epoch, epochs))
         stats = train_one_epoch(
-            model, train.images, train.labels, optimizer, loss_fn, spec, aug, bs, g, set_lr,
+            train_model, train.images, train.labels, optimizer, loss_fn, spec, aug, bs, g, set_lr,
             epoch * steps_per_epoch, device, amp_dtype, t_cfg.channels_last, t_cfg.grad_clip,
             progress, f"epoch {epoch + 1}/{epochs}", scaler,
+            average_weights=(lambda step, epoch_end: lookahead.update(model, step, total_steps, epoch_end)) if lookahead is not None else None,
+            max_batches=total_steps - epoch * steps_per_epoch,
+            deadline=None if t_cfg.time_budget is None else t_start + t_cfg.time_budget * 60 - (t_final_eval or 0.0) - 5.0,
         )
+        out_of_time = stats.steps < min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        if out_of_time:  # the budget ran out mid-epoch (a slower machine than planned): end the run here
+            total_steps = epoch * steps_per_epoch + stats.steps
+            epochs = epoch + 1
+            state.update(planned_epochs=epochs, total_steps=total_steps)
+            if lookahead is not None:
+                lookahead.update(model, total_steps - 1, total_steps, True)  # last step: the EMA is copied in
+            log(f"time budget used up after {stats.steps} steps of epoch {epoch + 1}")
         val_loss, val_acc = val_metrics(model) if val is not None and len(val.paths) else (float("nan"), float("nan"))
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy, "val_loss": val_loss, "val_acc": val_acc,
                "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": stats.seconds, "images_per_s": stats.images / max(stats.seconds, 1e-9)}
@@ -404,14 +473,19 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        if t_cfg.time_budget is not None and epoch + 1 < epochs:
-            # Re-plan from the epochs measured so far (the first estimate comes from a few steps on
-            # a machine that may be shared); the schedule stretches or shrinks to the new length.
-            per_epoch = (time.perf_counter() - t_loop) / (epoch + 1 - first_epoch)
-            left = t_cfg.time_budget * 60 * 0.95 - (time.perf_counter() - t_start) - per_epoch * 0.25
-            epochs = max(epoch + 1, min(t_cfg.epochs or 10**6, epoch + 1 + int(left // per_epoch)))
-            total_steps = steps_per_epoch * epochs
-            state["planned_epochs"] = epochs
+        done = min(total_steps, (epoch + 1) * steps_per_epoch)  # global steps trained so far
+        if t_cfg.time_budget is not None and done == (epoch + 1) * steps_per_epoch and not out_of_time:
+            # Re-plan from the steps measured so far (the first estimate comes from a few steps on
+            # a machine that may be shared); the schedule stretches or shrinks to the new length,
+            # and the last epoch may be partial so that the budget is used to the end.
+            per_step = (time.perf_counter() - t_loop) / max(1, done - first_epoch * steps_per_epoch)  # validation and checkpoints included
+            if t_final_eval is None:  # the final evaluation (val and test, with TTA) is kept back too
+                t_final_eval = time_eval(model, [s for s in (val, test) if s is not None], spec, device, amp_dtype, recipe.tta)
+            left = t_cfg.time_budget * 60 * 0.95 - (time.perf_counter() - t_start) - t_final_eval - 0.1 * steps_per_epoch * per_step
+            cap = (t_cfg.epochs or 10**6) * steps_per_epoch
+            total_steps = max(done, min(cap, done + int(max(0.0, left) / per_step)))
+            epochs = math.ceil(total_steps / steps_per_epoch)
+            state.update(planned_epochs=epochs, total_steps=total_steps)
         save_checkpoint(ckpt_path, model, optimizer, {k: v for k, v in state.items()} | {"config": cfg.to_dict()})
         log(f"epoch {epoch + 1}/{epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}  val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  "
             f"lr {row['lr']:.2e}  {stats.seconds:.1f}s  {row['images_per_s']:.0f} img/s" + ("  *" if improved else ""))
@@ -425,10 +499,11 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
     from imgcls.artifact import load_artifact
 
     best, _ = load_artifact(run_dir, device=device)
+    best_eval, eval_dtype = prepare_inference_model(load_artifact(run_dir, device=device)[0], device, amp_dtype)  # what evaluate and predict run
     metrics: dict[str, Any] = {}
     for name, split in (("val", val), ("test", test)):
         if split is not None and len(split.paths):
-            probs = torch.softmax(batched_logits(best, split.images.numpy(), spec, device=device, amp_dtype=amp_dtype, progress=progress, desc=f"evaluate {name}"), 1).numpy()
+            probs = torch.softmax(batched_logits(best_eval, split.images.numpy(), spec, device=device, amp_dtype=eval_dtype, progress=progress, desc=f"evaluate {name}", tta=recipe.tta), 1).numpy()
             metrics[name] = classification_metrics(probs, split.labels.numpy(), class_names)
     training = {"strategy": strategy, "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"] + 1, "stopped_early": stopped_early,
                 "wall_time_s": round(time.perf_counter() - t_start, 2), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}

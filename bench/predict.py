@@ -1,0 +1,165 @@
+"""Prediction speed: `Classifier.iter_predict` on image paths against a naive one-image loop,
+and batch-1 latency of the forward pass.
+
+    python bench/predict.py
+    python bench/predict.py --naive-images 200 --latency-calls 100
+
+Throughput: efficientnet_lite0 (pretrained ImageNet classifier, `Classifier.imagenet()`) on all
+10,000 CIFAR-10 test JPEGs and the 1,360 Oxford-17 flower photos, through `iter_predict` (threads
+decoding with JPEG draft mode, batches of 64, bf16 weights converted once on AMX CPUs). The
+naive loop is what a first script does: open, convert, resize, centre-crop, normalise and run
+one image at a time in fp32; it runs on the first --naive-images files of each set (it is slow)
+and its images/s is compared with iter_predict's on all of them.
+
+Latency: one prepared image (decoded and resized) through `Classifier.predict_arrays`, p50/p99
+over --latency-calls calls, for efficientnet_lite0 at 224 px and small_cnn at 32 px: the
+Classifier as shipped (bf16 weights + channels_last converted once), the previous way (fp32
+weights under bf16 autocast: every call re-casts the weights), plain fp32, and torch.compile
+with freezing (compile time reported, not included in the latency).
+Waits for a quiet machine (1-minute load < 1.5) and records the load at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+MAX_WAIT = [600.0]  # seconds to wait for a quiet machine before measuring anyway (marked noisy)
+from common import DATASETS_DIR, load1, markdown_table, unpack, wait_for_quiet  # noqa: E402
+
+
+def naive_loop(model, spec, paths: list[str]) -> float:
+    """Seconds to predict `paths` one by one: PIL open/convert/resize/crop, NumPy normalise, fp32 forward."""
+    import torch
+    from PIL import Image
+
+    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+    s, c = spec.cache_size, spec.img_size
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for p in paths:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                scale = s / min(w, h)
+                im = im.resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.Resampling.BILINEAR)
+                left, top = (im.width - c) // 2, (im.height - c) // 2
+                a = np.asarray(im.crop((left, top, left + c, top + c)), dtype=np.float32) / 255.0
+            x = torch.from_numpy(((a - mean) / std).transpose(2, 0, 1).copy())[None]
+            model(x).softmax(1)
+    return time.perf_counter() - t0
+
+
+def latency(fn, x, calls: int) -> tuple[float, float]:
+    for _ in range(3):
+        fn(x)
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2] * 1e3, ts[min(len(ts) - 1, int(round(0.99 * len(ts))) - 1)] * 1e3
+
+
+def latency_rows(arch: str, calls: int, sample_path: str) -> list[list[object]]:
+    import copy
+
+    import torch
+
+    from imgcls.models import create_model, get_entry
+    from imgcls.predict import Classifier, TorchRunner
+    from imgcls.runtime import prepare_inference_model
+
+    entry = get_entry(arch)
+    pretrained = arch != "small_cnn"
+    model = create_model(arch, num_classes=entry.pretrained_classes if pretrained else 10, pretrained=pretrained).eval()
+    meta = {"arch": arch, "class_names": [str(i) for i in range(entry.pretrained_classes if pretrained else 10)], "preprocess": entry.default_spec.to_dict()}
+    clf = Classifier(copy.deepcopy(model), meta)
+    x = clf.prepare(sample_path)[None]  # (1, S, S, 3) uint8
+    cpu = torch.device("cpu")
+    variants = [("Classifier (bf16 weights converted once)", lambda a: clf.predict_arrays(a, 1))]
+    fp32_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    variants.append(("fp32 weights + bf16 autocast per call (before)", TorchRunner(fp32_cl, clf.spec, cpu, torch.bfloat16)))
+    variants.append(("fp32", TorchRunner(copy.deepcopy(model), clf.spec, cpu, None)))
+    rows = []
+    la0, _, noisy = wait_for_quiet(max_wait_s=MAX_WAIT[0])
+    for name, fn in variants:
+        with torch.inference_mode():
+            p50, p99 = latency(fn, x, calls)
+        rows.append([arch, name, f"{p50:.2f}", f"{p99:.2f}", ""])
+    # torch.compile with freezing (inductor folds BN and prepacks the bf16 weights)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    bf16_model, _ = prepare_inference_model(copy.deepcopy(model), cpu, torch.bfloat16)
+    compiled = torch.compile(bf16_model, dynamic=False)
+    t0 = time.perf_counter()
+    runner = TorchRunner(compiled, clf.spec, cpu, None)
+    with torch.inference_mode():
+        runner(x, 1)
+        compile_s = time.perf_counter() - t0
+        p50, p99 = latency(runner, x, calls)
+    rows.append([arch, "torch.compile(freezing) on bf16 weights", f"{p50:.2f}", f"{p99:.2f}", f"compile {compile_s:.0f} s"])
+    la1 = load1()
+    for r in rows:
+        r.append(f"{la0:.2f} / {la1:.2f}" + (" (noisy)" if noisy else ""))
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--naive-images", type=int, default=300, help="files per set for the naive loop (default 300)")
+    p.add_argument("--latency-calls", type=int, default=200)
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for load < 1.5 before each measurement (default 600)")
+    a = p.parse_args()
+    MAX_WAIT[0] = a.max_wait
+    import torch
+
+    from imgcls.data import index_dataset
+    from imgcls.predict import Classifier
+
+    torch.set_num_threads(2)
+    cifar = unpack(DATASETS_DIR / "cifar10-jpg.tar.gz")
+    flowers = unpack(DATASETS_DIR / "oxford17-flowers.tar.gz")
+    sets = [("CIFAR-10 test (32x32 JPEG)", [p for p, _ in index_dataset(cifar / "test").splits["all"]]),
+            ("Oxford-17 flowers (~500x666 JPEG)", [p for p, _ in index_dataset(flowers).splits["all"]])]
+    if not a.skip_throughput:
+        clf = Classifier.imagenet()
+        from imgcls.models import create_model
+
+        fp32_model = create_model("efficientnet_lite0", num_classes=1000, pretrained=True).eval()  # the naive loop's model: fp32, NCHW
+        rows = []
+        for name, paths in sets:
+            for f in paths:
+                Path(f).read_bytes()  # warm page cache for both sides
+            la0, _, noisy = wait_for_quiet(max_wait_s=MAX_WAIT[0])
+            list(clf.iter_predict(paths[:64]))  # warm-up
+            t0 = time.perf_counter()
+            n_ok = sum("error" not in r for r in clf.iter_predict(paths))
+            t_fast = time.perf_counter() - t0
+            naive = paths[: a.naive_images]
+            t_naive = naive_loop(fp32_model, clf.spec, naive)
+            la1 = load1()
+            fast, slow = n_ok / t_fast, len(naive) / t_naive
+            rows.append([name, len(paths), f"{fast:.1f}", f"{t_fast:.1f}", len(naive), f"{slow:.1f}", f"{fast / slow:.1f}x",
+                         f"{la0:.2f} / {la1:.2f}" + (" (noisy)" if noisy else "")])
+            print(f"{name}: iter_predict {fast:.1f} img/s, naive {slow:.1f} img/s", flush=True)
+        print()
+        print(markdown_table(["images (efficientnet_lite0, 224 px)", "n", "iter_predict img/s", "s", "naive n", "naive img/s", "speed-up", "load start/end"], rows))
+    if not a.skip_latency:
+        rows = latency_rows("efficientnet_lite0", a.latency_calls, sets[1][1][0]) + latency_rows("small_cnn", a.latency_calls, sets[0][1][0])
+        print()
+        print(markdown_table(["model", "batch-1 forward (prepared image)", "p50 ms", "p99 ms", "note", "load start/end"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

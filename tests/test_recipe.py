@@ -1,0 +1,273 @@
+"""Tests for the fast from-scratch recipe (imgcls.recipes), the airbench-style small_cnn, TTA and
+the inference-model preparation in imgcls.runtime."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from imgcls.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from imgcls.models import create_model
+from imgcls.recipes import Lookahead, airbench_lr, build_recipe_optimizer, fast_batch_size, init_whitening, resolve_recipe, whiten_bias_trains
+from imgcls.runtime import batched_logits, prepare_inference_model, resolve_tta, tta_logits, tta_views
+from imgcls.train import lr_factor
+from imgcls.transforms import AugmentSpec, PreprocessSpec
+from synth import make_split_folders
+
+
+def quiet(_: str) -> None:
+    """fit()'s log callback, silenced."""
+
+
+# ----------------------------------------------------------------------------- the network
+
+
+@pytest.mark.parametrize("size", [8, 12, 16, 28, 32, 64, 96])
+@pytest.mark.parametrize("num_classes", [2, 10, 100])
+def test_small_cnn_any_size_and_class_count(size, num_classes):
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes)
+    x = torch.randn(2, 3, size, size)
+    out = model(x)
+    assert out.shape == (2, num_classes) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert model.fc.weight.grad is not None and torch.isfinite(model.fc.weight.grad).all()
+
+
+def test_frozen_parameters_and_bn_settings():
+    model = create_model("small_cnn", 10)
+    assert model.whiten.weight.shape == (24, 3, 2, 2)
+    assert not model.whiten.weight.requires_grad and model.whiten.bias.requires_grad
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 6
+    for bn in bns:
+        assert not bn.weight.requires_grad and bn.bias.requires_grad
+        assert torch.all(bn.weight == 1) and bn.momentum == pytest.approx(0.4)
+
+
+def test_whitening_decorrelates_patches():
+    torch.manual_seed(0)
+    # correlated colour channels, like real images
+    base = torch.randn(64, 1, 16, 16)
+    x = torch.cat([base + 0.3 * torch.randn(64, 1, 16, 16) for _ in range(3)], dim=1)
+    model = create_model("small_cnn", 3)
+    model.init_whitening(x, eps=1e-6)
+    with torch.no_grad():
+        y = nn.functional.conv2d(x, model.whiten.weight[:12])  # (N, 12, 15, 15), no bias
+    flat = y.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = flat.T @ flat / len(flat)
+    assert torch.allclose(cov, torch.eye(12, dtype=torch.float64), atol=1e-3)
+    assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
+
+
+def test_whitening_on_grey_images_is_finite():
+    grey = torch.rand(20, 1, 10, 10).repeat(1, 3, 1, 1)  # decoded greyscale: three equal channels
+    model = create_model("small_cnn", 2)
+    model.init_whitening(grey)
+    assert torch.isfinite(model.whiten.weight).all()
+    assert torch.isfinite(model(grey)).all()
+
+
+def test_init_whitening_from_uint8_cache():
+    images = torch.randint(0, 256, (40, 20, 20, 3), dtype=torch.uint8)  # (N, S, S, 3) with S > img_size
+    model = create_model("small_cnn", 4)
+    before = model.whiten.weight.clone()
+    assert init_whitening(model, images, PreprocessSpec(img_size=16, crop_pct=0.8))
+    assert not torch.equal(before, model.whiten.weight)
+    assert not init_whitening(nn.Linear(2, 2), images, PreprocessSpec(img_size=16))  # no whitening layer: nothing done
+
+
+# ----------------------------------------------------------------------------- recipe resolution
+
+
+def test_auto_recipe_is_fast_for_small_cnn_from_scratch():
+    r = resolve_recipe(TrainConfig(), ModelConfig(name="small_cnn"), AugmentSpec(), num_train=50_000)
+    assert r.name == "fast" and r.optimizer == "sgd" and r.momentum == 0.85 and r.label_smoothing == 0.2
+    assert r.schedule == "triangle" and r.lookahead and r.bias_lr_scale == 64 and r.tta == "flip-translate"
+    assert r.batch_size == 256 and r.lr == pytest.approx(airbench_lr(256, 0.85)) == pytest.approx(11.5 / 1024 / (1 + 1 / 0.15) * 256)
+    assert resolve_recipe(TrainConfig(), ModelConfig(name="resnet18"), AugmentSpec(), 50_000).name == "generic"
+    assert resolve_recipe(TrainConfig(), ModelConfig(name="small_cnn", weights="w.pth"), AugmentSpec(), 50_000).name == "generic"
+    assert resolve_recipe(TrainConfig(recipe="generic"), ModelConfig(), AugmentSpec(), 50_000).optimizer == "adamw"
+
+
+def test_user_settings_override_the_recipe():
+    t = TrainConfig(lr=0.1, batch_size=64, momentum=0.9, label_smoothing=0.0, schedule="cosine", optimizer="adamw", weight_decay=0.01, warmup_epochs=2)
+    r = resolve_recipe(t, ModelConfig(), AugmentSpec(), 50_000)
+    assert r.name == "fast"
+    assert (r.lr, r.batch_size, r.momentum, r.label_smoothing, r.schedule, r.optimizer, r.weight_decay) == (0.1, 64, 0.9, 0.0, "cosine", "adamw", 0.01)
+    assert r.warmup_steps(steps_per_epoch=10, total_steps=100) == 20
+
+
+def test_no_flip_training_recommends_translate_tta():
+    assert resolve_recipe(TrainConfig(), ModelConfig(), AugmentSpec(hflip=False), 1000).tta == "translate"
+
+
+def test_fast_batch_size_keeps_16_steps_per_epoch():
+    assert fast_batch_size(50_000) == 256
+    assert fast_batch_size(1_437) == 64
+    assert fast_batch_size(30) == 32
+    assert airbench_lr(16, 0.85) == airbench_lr(256, 0.85)  # small batches keep the 256-image rate
+    assert airbench_lr(1024, 0.85) == pytest.approx(4 * airbench_lr(256, 0.85))
+
+
+def test_triangle_schedule():
+    assert lr_factor(0, 100, 23, "triangle") == pytest.approx(0.2)
+    assert lr_factor(23, 100, 23, "triangle") == pytest.approx(1.0)
+    assert lr_factor(100, 100, 23, "triangle") == pytest.approx(0.07)
+    f = [lr_factor(s, 100, 23, "triangle") for s in range(101)]
+    assert max(f) == pytest.approx(1.0) and all(a <= b for a, b in zip(f[:23], f[1:24])) and all(a >= b for a, b in zip(f[23:], f[24:]))
+
+
+def test_optimizer_groups_scale_bias_lr_and_keep_decay_per_step():
+    model = create_model("small_cnn", 10)
+    r = resolve_recipe(TrainConfig(), ModelConfig(), AugmentSpec(), 50_000)
+    opt = build_recipe_optimizer(model, r)
+    base, norm = opt.param_groups
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
+    assert norm["lr"] == pytest.approx(64 * base["lr"]) and base["lr"] == pytest.approx(r.lr)
+    assert norm["lr"] * norm["weight_decay"] == pytest.approx(base["lr"] * base["weight_decay"])
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
+    assert id(model.whiten.weight) not in trainable
+
+
+def test_whiten_bias_trains_for_the_first_30_percent():
+    r = resolve_recipe(TrainConfig(), ModelConfig(), AugmentSpec(), 50_000)
+    assert [whiten_bias_trains(r, e, 10) for e in range(10)] == [True] * 3 + [False] * 7
+    assert whiten_bias_trains(r, 0, 1)
+
+
+# ----------------------------------------------------------------------------- lookahead
+
+
+def test_lookahead_averages_and_resets_the_weights():
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    la = Lookahead(model, every=5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    la.update(model, step=0, total_steps=10, epoch_end=False)  # not an update step
+    assert torch.all(model.weight == 1.0)
+    la.update(model, step=4, total_steps=10, epoch_end=False)  # decay 0.95^5 * 0.5^3
+    decay = 0.95**5 * 0.5**3
+    assert torch.allclose(model.weight, torch.full((1, 2), 1 - decay))
+    assert torch.allclose(la.ema["weight"], model.weight)
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    la.update(model, step=9, total_steps=10, epoch_end=True)  # last step: the EMA is copied in
+    assert torch.allclose(model.weight, torch.full((1, 2), 1 - decay))
+
+
+# ----------------------------------------------------------------------------- TTA
+
+
+def test_tta_views_and_weights():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    for mode, n in (("none", 1), ("flip", 2), ("translate", 3), ("flip-translate", 6)):
+        views, weights = tta_views(x, mode)
+        assert len(views) == len(weights) == n and sum(weights) == pytest.approx(1.0)
+        assert all(v.shape == x.shape for v in views)
+    views, _ = tta_views(x.to(torch.uint8), "flip-translate")
+    assert all(v.dtype == torch.uint8 for v in views)
+    assert torch.equal(views[2], nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")[..., :5, :5].to(torch.uint8))
+    with pytest.raises(ValueError):
+        tta_views(x, "rotate")
+
+
+def test_tta_logits_match_batched_logits_and_keep_shapes():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 5).eval()
+    spec = PreprocessSpec(img_size=16)
+    images = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
+    for mode in ("none", "flip", "translate", "flip-translate"):
+        a = batched_logits(model, images, spec, batch_size=4, tta=mode)
+        b = tta_logits(lambda arr: batched_logits(model, arr, spec, batch_size=4), images, mode)
+        assert a.shape == (7, 5) and torch.allclose(a, b, atol=1e-5)
+    flat = np.full((3, 16, 16, 3), 128, dtype=np.uint8)  # a flat image looks the same in every view
+    assert torch.allclose(batched_logits(model, flat, spec, tta="flip-translate"), batched_logits(model, flat, spec), atol=1e-5)
+
+
+def test_resolve_tta():
+    assert resolve_tta("auto", {"tta": "translate"}) == "translate"
+    assert resolve_tta(None, {}) == "none"
+    assert resolve_tta("flip", {"tta": "translate"}) == "flip"
+    with pytest.raises(ValueError):
+        resolve_tta("sideways", {})
+
+
+# ----------------------------------------------------------------------------- inference model
+
+
+def test_prepare_inference_model_converts_once_to_bf16():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 3).eval()
+    spec = PreprocessSpec(img_size=16)
+    images = np.random.default_rng(1).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    ref = batched_logits(model, images, spec)
+    fast, amp = prepare_inference_model(model, torch.device("cpu"), torch.bfloat16)
+    assert amp is None and all(p.dtype == torch.bfloat16 for p in fast.parameters())
+    out = batched_logits(fast, images, spec, amp_dtype=amp)
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=0.05, rtol=0.05)
+    same, amp32 = prepare_inference_model(create_model("small_cnn", 3), torch.device("cpu"), None)
+    assert amp32 is None and all(p.dtype == torch.float32 for p in same.parameters())
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+    from imgcls.train import fit
+
+    base = tmp_path_factory.mktemp("fast")
+    data = make_split_folders(base / "data", per_split={"train": 16, "valid": 6, "test": 6}, size=24, seed=2)
+    cfg = RunConfig(data=DataConfig(path=str(data), img_size=16, seed=0), train=TrainConfig(out=str(base / "run"), epochs=3, augment=AugmentSpec(crop="translate")))
+    return fit(cfg, progress=False, log=quiet), data
+
+
+def test_fit_records_the_recipe_and_tta(fast_run):
+    run, _ = fast_run
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["recipe"]["name"] == "fast" and meta["tta"] == "flip-translate"
+    assert meta["config"]["train"]["recipe"] == "auto" and meta["config"]["train"]["lr"] is None  # the request, not the resolution
+    assert meta["metrics"]["test"]["accuracy"] >= 0.6  # chance is 1/3
+
+
+def test_evaluate_and_predict_use_the_same_tta(fast_run):
+    from imgcls.evaluate import evaluate
+    from imgcls.predict import Classifier
+
+    run, data = fast_run
+    m = evaluate(run, data, split="test", progress=False, log=quiet, out_dir=run / "eval-test")
+    assert m["tta"] == "flip-translate"
+    clf = Classifier.load(run)
+    assert clf.tta == "flip-translate"
+    preds = [r["label"] for r in clf.predict(m["predictions"]["paths"])]
+    names = json.loads((run / "model.json").read_text())["class_names"]
+    assert preds == [names[i] for i in m["predictions"]["predicted"]]
+    m_none = evaluate(run, data, split="test", tta="none", progress=False, log=quiet, out_dir=run / "eval-none")
+    assert m_none["tta"] == "none" and Classifier.load(run, tta="none").tta == "none"
+
+
+def test_train_one_epoch_stops_at_the_deadline_and_at_max_batches():
+    import time
+
+    from imgcls.train import train_one_epoch
+
+    model = create_model("small_cnn", 3).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    images = torch.randint(0, 256, (64, 16, 16, 3), dtype=torch.uint8)
+    labels = torch.randint(0, 3, (64,))
+    args = (model, images, labels, opt, nn.CrossEntropyLoss(), PreprocessSpec(img_size=16), AugmentSpec(crop="translate"), 8)
+    rest = (lambda step: None, 0, torch.device("cpu"), None, True, None)
+    stats = train_one_epoch(*args, torch.Generator().manual_seed(0), *rest, deadline=time.perf_counter() - 1)
+    assert stats.steps == 1 and stats.images == 8  # one step always runs
+    steps_seen = []
+    stats = train_one_epoch(*args, torch.Generator().manual_seed(0), *rest, max_batches=3, average_weights=lambda s, end: steps_seen.append((s, end)))
+    assert stats.steps == 3 and steps_seen == [(0, False), (1, False), (2, True)]
