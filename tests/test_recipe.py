@@ -255,9 +255,7 @@ def test_evaluate_and_predict_use_the_same_tta(fast_run):
     assert m_none["tta"] == "none" and Classifier.load(run, tta="none").tta == "none"
 
 
-def test_train_one_epoch_stops_at_the_deadline_and_at_max_batches():
-    import time
-
+def test_train_one_epoch_stops_when_told_and_at_max_batches():
     from imgcls.train import train_one_epoch
 
     model = create_model("small_cnn", 3).to(memory_format=torch.channels_last)
@@ -266,8 +264,41 @@ def test_train_one_epoch_stops_at_the_deadline_and_at_max_batches():
     labels = torch.randint(0, 3, (64,))
     args = (model, images, labels, opt, nn.CrossEntropyLoss(), PreprocessSpec(img_size=16), AugmentSpec(crop="translate"), 8)
     rest = (lambda step: None, 0, torch.device("cpu"), None, True, None)
-    stats = train_one_epoch(*args, torch.Generator().manual_seed(0), *rest, deadline=time.perf_counter() - 1)
-    assert stats.steps == 1 and stats.images == 8  # one step always runs
+    asked = []
+    stats = train_one_epoch(*args, torch.Generator().manual_seed(0), *rest, keep_going=lambda s: asked.append(s) or s < 2)
+    assert stats.steps == 2 and stats.images == 16 and asked == [1, 2]  # one step always runs
     steps_seen = []
     stats = train_one_epoch(*args, torch.Generator().manual_seed(0), *rest, max_batches=3, average_weights=lambda s, end: steps_seen.append((s, end)))
     assert stats.steps == 3 and steps_seen == [(0, False), (1, False), (2, True)]
+
+
+def test_time_budget_behind_plan_shortens_the_decay_instead_of_stopping_at_peak_lr(tmp_path, monkeypatch):
+    """The plan is measured on a few steps; when the run then goes slower (a busy machine), the
+    schedule is shortened as it goes so that the learning rate still ends near zero, within the budget."""
+    import time
+
+    import imgcls.train as train_mod
+    from imgcls.train import fit
+
+    data = make_split_folders(tmp_path / "data", per_split={"train": 40, "valid": 4}, size=16, seed=0)
+    monkeypatch.setattr(train_mod, "time_train_steps", lambda *a, **k: 1e-4)  # the plan believes steps are nearly free
+    real_step = train_mod.train_transform
+
+    def slow_transform(*a, **k):  # ...and each step then takes 40 ms
+        time.sleep(0.04)
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train_transform", slow_transform)
+    cfg = RunConfig(data=DataConfig(path=str(data), img_size=16, seed=0),
+                    train=TrainConfig(out=str(tmp_path / "run"), time_budget=0.25, batch_size=16, epochs=1000, patience=0))
+    t0 = time.perf_counter()
+    run = fit(cfg, progress=False, log=quiet)
+    wall = time.perf_counter() - t0
+    assert wall < 0.25 * 60 + 3
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    lrs = [float(r.split(",")[header.index("lr")]) for r in rows[1:]]
+    assert len(lrs) >= 3
+    assert lrs[-1] < 0.1 * max(lrs), lrs  # the decay ran to its end
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["training"]["epochs_run"] == len(lrs)

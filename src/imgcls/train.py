@@ -103,12 +103,13 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     average_weights: Callable[[int, bool], None] | None = None,
     max_batches: int | None = None,
-    deadline: float | None = None,
+    keep_going: Callable[[int], bool] | None = None,
 ) -> EpochStats:
     """One pass over `images` (uint8, (N, S, S, 3)) in a seeded random order.
 
     max_batches stops the pass early: the last epoch of a time-budgeted run may be partial.
-    deadline (a time.perf_counter() value) stops it once passed: the time budget is a limit.
+    keep_going(step), when given, is asked before each step (global index) and ends the pass when
+    it says no: a time budget shortens the schedule as it goes (see fit).
     average_weights(step, epoch_end), when given, runs after each optimizer step (the recipe's
     lookahead EMA of the weights, imgcls.recipes.Lookahead).
     """
@@ -124,7 +125,7 @@ def train_one_epoch(
     start = time.perf_counter()
     bar = tqdm(total=n_batches * batch_size if n_batches else 0, desc=desc, unit="img", disable=None if progress else True, leave=False)
     for b in range(n_batches):
-        if deadline is not None and b > 0 and time.perf_counter() > deadline:
+        if keep_going is not None and b > 0 and not keep_going(first_step + b):
             break
         idx = order[b * batch_size : (b + 1) * batch_size]
         x = images[idx].permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
@@ -201,7 +202,7 @@ def linear_probe(model: nn.Module, train: "SplitData", val: "SplitData | None", 
 
 
 def time_train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, train: "SplitData", spec: PreprocessSpec, aug: AugmentSpec,
-                     batch_size: int, n_steps: int, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> float:
+                     batch_size: int, n_steps: int, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool, passes: int = 2) -> float:
     """Seconds per training step, measured on real batches; model and optimizer are restored after."""
     import copy
 
@@ -214,12 +215,35 @@ def time_train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn
     # Two timed passes, the faster one kept: on a shared machine one pass can catch a burst of
     # someone else's work, and the per-epoch re-planning in fit corrects the rest.
     seconds = []
-    for _ in range(2):
+    for _ in range(passes):
         stats = train_one_epoch(model, sub[0], sub[1], optimizer, loss_fn, spec, aug, batch_size, g, no_lr, 0, device, amp_dtype, channels_last, None)
         seconds.append(stats.seconds / max(1, stats.images // batch_size))
     model.load_state_dict(saved_model)
     optimizer.load_state_dict(saved_opt)
     return min(seconds)
+
+
+DTYPES: dict[str, torch.dtype | None] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """The autocast dtype as model.json and checkpoints record it (None: plain float32)."""
+    return str(dtype).replace("torch.", "") if dtype else "float32"
+
+
+def faster_train_dtype(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, train: "SplitData", spec: PreprocessSpec, aug: AugmentSpec,
+                       batch_size: int, device: torch.device, channels_last: bool, log: Callable[[str], None]) -> torch.dtype | None:
+    """bf16 autocast or fp32 for the training steps on a CPU with AMX, whichever runs faster here.
+
+    Measured rather than assumed: on 2 AMX cores bf16 trains small_cnn ~3x faster than fp32, but
+    EfficientNet-Lite's depthwise convolutions train ~1.5x slower in bf16 at 64-96 px
+    (bench/RESULTS.md). A few real steps of each decide; model and optimizer are restored.
+    """
+    n = 2
+    t = {dt: time_train_steps(model, optimizer, loss_fn, train, spec, aug, batch_size, n, device, dt, channels_last, passes=1) for dt in (torch.bfloat16, None)}
+    pick = torch.bfloat16 if t[torch.bfloat16] <= t[None] else None
+    log(f"training precision: {'bf16 autocast' if pick else 'fp32'} (measured {batch_size / t[torch.bfloat16]:.0f} img/s bf16, {batch_size / t[None]:.0f} img/s fp32)")
+    return pick
 
 
 def time_eval(model: nn.Module, splits: list["SplitData"], spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None, tta: str = "none") -> float:
@@ -363,22 +387,27 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         optimizer = build_recipe_optimizer(model, recipe)
     else:
         optimizer = build_optimizer(model, recipe.optimizer, lr, recipe.weight_decay, recipe.momentum)
-    log(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), strategy {strategy}, recipe {recipe.name}, "
-        f"{spec.img_size} px, {'bf16 autocast' if amp_dtype == torch.bfloat16 else 'fp16 autocast' if amp_dtype else 'fp32'} on {device}, "
-        f"{recipe.optimizer} lr {lr:g}, batch {recipe.batch_size}" + (f", TTA {recipe.tta} at evaluation" if recipe.tta != "none" else ""))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     bs = min(recipe.batch_size, len(train.paths))
     steps_per_epoch = max(1, len(train.paths) // bs if len(train.paths) % bs < 2 else len(train.paths) // bs + 1)
+    train_dtype = amp_dtype  # training steps; validation, the probe and evaluation keep amp_dtype (what evaluate and predict run)
+    if t_cfg.precision == "auto" and amp_dtype == torch.bfloat16 and device.type == "cpu" and strategy != "linear-probe" and not resume:
+        train_dtype = faster_train_dtype(model, optimizer, loss_fn, train, spec, aug, bs, device, t_cfg.channels_last, log)
+    scaler = torch.amp.GradScaler(device.type) if train_dtype == torch.float16 else None
+    log(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), strategy {strategy}, recipe {recipe.name}, "
+        f"{spec.img_size} px, {'bf16 autocast' if train_dtype == torch.bfloat16 else 'fp16 autocast' if train_dtype else 'fp32'} on {device}, "
+        f"{recipe.optimizer} lr {lr:g}, batch {recipe.batch_size}" + (f", TTA {recipe.tta} at evaluation" if recipe.tta != "none" else ""))
     total_steps: int | None = None
     t_final_eval: float | None = None  # seconds of the final evaluation (val and test, with TTA), kept back from a time budget
     if strategy == "linear-probe":
         epochs = 0
     elif t_cfg.time_budget is not None and not resume:
         t_final_eval = time_eval(model, [s for s in (val, test) if s is not None], spec, device, amp_dtype, recipe.tta)
+        # fine-tune starts with the linear probe: one feature pass over train and val, kept back too
+        t_probe = time_eval(model, [s for s in (train, val) if s is not None], spec, device, amp_dtype) if strategy == "fine-tune" else 0.0
         planned = plan_epochs(
-            t_cfg.time_budget * 60 - (time.perf_counter() - t_start), t_cfg.epochs, steps_per_epoch,
-            lambda n: time_train_steps(model, optimizer, loss_fn, train, spec, aug, bs, n, device, amp_dtype, t_cfg.channels_last),
+            t_cfg.time_budget * 60 - (time.perf_counter() - t_start) - t_probe, t_cfg.epochs, steps_per_epoch,
+            lambda n: time_train_steps(model, optimizer, loss_fn, train, spec, aug, bs, n, device, train_dtype, t_cfg.channels_last),
             lambda: (time_eval(model, [s for s in (val,) if s is not None], spec, device, amp_dtype), t_final_eval), log,
         )
         total_steps = max(1, int(planned * steps_per_epoch))
@@ -394,12 +423,13 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
             g["lr"] = g["initial_lr"] * f
 
     state: dict[str, Any] = {"epoch": -1, "best_epoch": -1, "best_acc": -1.0, "best_loss": float("inf"), "history": [], "bad_epochs": 0, "planned_epochs": epochs,
-                             "total_steps": total_steps}
+                             "total_steps": total_steps, "train_precision": dtype_name(train_dtype)}
     ckpt_path = run_dir / CHECKPOINT_FILE
     if resume:
         state.update(load_checkpoint(ckpt_path, model, optimizer))
         epochs = state.get("planned_epochs", epochs)
         total_steps = state.get("total_steps") or steps_per_epoch * max(epochs, 1)
+        train_dtype = DTYPES.get(state.get("train_precision", ""), train_dtype)  # the precision the run measured and chose
         log(f"resumed after epoch {state['epoch'] + 1}/{epochs}")
 
     meta_base = {
@@ -414,7 +444,7 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         "dataset": {"root": str(index.root), "layout": index.layout, "fingerprint": fingerprint, "bad_files": len(failures), "ignored": dict(index.ignored)},
         "versions": package_versions(),
         "device": str(device),
-        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+        "precision": dtype_name(train_dtype),  # of the training steps
         "recipe": recipe.to_dict(),
         "tta": recipe.tta,  # what `imgcls evaluate` and `predict` use unless told otherwise (--tta)
     }
@@ -435,6 +465,22 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
     stopped_early = False
     first_epoch, t_loop = state["epoch"] + 1, time.perf_counter()
     epoch = first_epoch
+    deadline = None if t_cfg.time_budget is None or resume else t_start + t_cfg.time_budget * 60 - (t_final_eval or 0.0) - 5.0
+
+    def keep_going(step: int) -> bool:
+        """Before global step `step`: when the run is behind its time budget (a slower or busier
+        machine than the plan measured), shorten the schedule so that the learning rate still
+        decays to zero by the deadline; cutting the run off at a high learning rate would leave
+        weights that are far from a minimum."""
+        nonlocal total_steps
+        done_here = step - first_epoch * steps_per_epoch
+        if deadline is not None and done_here > 0 and step % 8 == 0:
+            now = time.perf_counter()
+            fits = step + int(max(0.0, deadline - now) / ((now - t_loop) / done_here))
+            if fits < total_steps:
+                total_steps = max(step, fits)
+        return step < total_steps
+
     # The lookahead EMA equals the weights at every epoch end, so a resumed run starts it from them.
     lookahead = Lookahead(model, last_step=first_epoch * steps_per_epoch - 1) if recipe.lookahead and epochs > first_epoch else None
     whiten_bias = getattr(getattr(model, "whiten", None), "bias", None)
@@ -445,22 +491,22 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
         g = torch.Generator().manual_seed(cfg.data.seed * 100_003 + epoch)  # per-epoch stream: resume replays it
         if whiten_bias is not None:
             whiten_bias.requires_grad_(whiten_bias_trains(recipe, epoch, epochs))
+        planned_total = total_steps
         stats = train_one_epoch(
             train_model, train.images, train.labels, optimizer, loss_fn, spec, aug, bs, g, set_lr,
-            epoch * steps_per_epoch, device, amp_dtype, t_cfg.channels_last, t_cfg.grad_clip,
+            epoch * steps_per_epoch, device, train_dtype, t_cfg.channels_last, t_cfg.grad_clip,
             progress, f"epoch {epoch + 1}/{epochs}", scaler,
             average_weights=(lambda step, epoch_end: lookahead.update(model, step, total_steps, epoch_end)) if lookahead is not None else None,
             max_batches=total_steps - epoch * steps_per_epoch,
-            deadline=None if t_cfg.time_budget is None else t_start + t_cfg.time_budget * 60 - (t_final_eval or 0.0) - 5.0,
+            keep_going=keep_going,
         )
-        out_of_time = stats.steps < min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-        if out_of_time:  # the budget ran out mid-epoch (a slower machine than planned): end the run here
-            total_steps = epoch * steps_per_epoch + stats.steps
-            epochs = epoch + 1
+        out_of_time = total_steps < planned_total
+        if out_of_time:  # behind the time budget: the schedule was shortened during this epoch
+            epochs = math.ceil(total_steps / steps_per_epoch)
             state.update(planned_epochs=epochs, total_steps=total_steps)
-            if lookahead is not None:
-                lookahead.update(model, total_steps - 1, total_steps, True)  # last step: the EMA is copied in
-            log(f"time budget used up after {stats.steps} steps of epoch {epoch + 1}")
+            if lookahead is not None and epoch * steps_per_epoch + stats.steps >= total_steps:
+                lookahead.update(model, total_steps - 1, total_steps, True)  # the run's last step: the EMA is copied in
+            log(f"time budget: schedule shortened to {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
         val_loss, val_acc = val_metrics(model) if val is not None and len(val.paths) else (float("nan"), float("nan"))
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy, "val_loss": val_loss, "val_acc": val_acc,
                "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": stats.seconds, "images_per_s": stats.images / max(stats.seconds, 1e-9)}
