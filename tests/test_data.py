@@ -180,6 +180,16 @@ def test_csv_manifest_empty_label_names_the_line(tmp_path):
         index_dataset(csv_path)
 
 
+def test_csv_manifest_split_values_are_checked(tmp_path):
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path,label,split\na.png,cat,train\nb.png,dog,holdout\n")
+    with pytest.raises(DatasetError, match=r"m\.csv:3: split 'holdout'"):
+        index_dataset(csv_path)
+    csv_path.write_text("path,label,split\na.png,cat,train\nb.png,dog,\nc.png,dog,test\n")
+    with pytest.raises(DatasetError, match=r"m\.csv:3: this row has no split"):  # would otherwise be dropped silently
+        index_dataset(csv_path)
+
+
 def test_csv_label_unknown_to_pinned_classes(tmp_path):
     csv_path = make_csv_manifest(tmp_path / "d", per_class=1, size=16)
     with pytest.raises(DatasetError, match="triangle"):

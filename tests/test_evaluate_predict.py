@@ -288,3 +288,13 @@ def test_load_artifact_fails_clearly(tmp_path, trained_run):
     (broken / "model.json").write_text(json.dumps(wrong))
     with pytest.raises(ValueError, match="fc.weight"):
         load_artifact(broken)
+
+
+def test_model_json_records_the_architecture_layout_and_refuses_another(tmp_path, trained_run):
+    meta = json.loads((trained_run[0] / "model.json").read_text())
+    assert meta["arch_version"] == 2  # small_cnn's airbench layout
+    old = tmp_path / "old_layout"
+    shutil.copytree(trained_run[0], old, ignore=shutil.ignore_patterns("report", "evaluation"))
+    (old / "model.json").write_text(json.dumps({**meta, "arch_version": 1}))
+    with pytest.raises(ArtifactError, match="layout version 1.*layout version 2"):
+        load_artifact(old)

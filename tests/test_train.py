@@ -327,3 +327,10 @@ def test_lr_onecycle_is_linear_and_constant_is_flat():
     assert np.allclose(np.diff(f), -1 / 50)
     assert f[0] == pytest.approx(1.0) and f[-1] == pytest.approx(1 / 50)
     assert [lr_factor(s, total, warm, "constant") for s in (0, 9, 10, 59)] == pytest.approx([0.1, 1.0, 1.0, 1.0])
+
+
+def test_fit_puts_torch_process_settings_back(tmp_path):
+    data = make_split_folders(tmp_path / "data", per_split={"train": 8}, size=16, seed=0)
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    fit(make_cfg(data, tmp_path / "run", epochs=1, threads=1, deterministic=True), progress=False, log=lambda _: None)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgcls.models import create_model
+from imgcls.models import create_model, get_entry
 from imgcls.transforms import PreprocessSpec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -92,7 +92,8 @@ def save_artifact(out_dir: str | os.PathLike, model: nn.Module, meta: dict[str, 
             raise ArtifactError(f"artifact metadata needs {key!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "imgcls-model", "format_version": FORMAT_VERSION, "num_classes": len(meta["class_names"]), **meta}
+    meta = {"format": "imgcls-model", "format_version": FORMAT_VERSION, "num_classes": len(meta["class_names"]),
+            "arch_version": get_entry(meta["arch"]).arch_version, **meta}
     meta.setdefault("versions", package_versions())
     atomic_save_tensors(out / WEIGHTS_FILE, model.state_dict(), metadata={"format": "imgcls-model", "arch": meta["arch"]})
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2, sort_keys=False))
@@ -118,9 +119,28 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
 
     p = resolve_artifact_dir(path)
     meta = load_meta(p)
+    check_arch_version(p, meta)
     model = create_model(meta["arch"], num_classes=len(meta["class_names"]), **meta.get("model_kwargs", {}))
-    load_state_dict_strict(model, load_file(str(p / WEIGHTS_FILE)), source=str(p / WEIGHTS_FILE))
+    try:
+        load_state_dict_strict(model, load_file(str(p / WEIGHTS_FILE)), source=str(p / WEIGHTS_FILE))
+    except ValueError as e:
+        made_by = meta.get("versions", {}).get("imgcls", "an unknown version")
+        raise ArtifactError(f"{e}. The model folder was written by imgcls {made_by}; if {meta['arch']}'s layout has changed since, "
+                            f"retrain it or load it with that version") from None
     return model.to(device).eval(), meta
+
+
+def check_arch_version(path: Path, meta: dict[str, Any]) -> None:
+    """A clear error when a model folder was saved for another layout of its architecture."""
+    try:
+        current = get_entry(meta["arch"]).arch_version
+    except ValueError as e:
+        raise ArtifactError(f"{path / META_FILE}: {e}") from None
+    saved = meta.get("arch_version")
+    if saved is not None and int(saved) != current:
+        made_by = meta.get("versions", {}).get("imgcls", "an unknown version")
+        raise ArtifactError(f"{path}: {meta['arch']} layout version {saved} (written by imgcls {made_by}); this imgcls builds layout version {current}. "
+                            f"Retrain the model, or load it with the imgcls version that wrote it")
 
 
 def spec_of(meta: dict[str, Any]) -> PreprocessSpec:

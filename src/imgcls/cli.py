@@ -51,7 +51,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, help="number of epochs (default 30; with --time-budget, the most to run)")
     g.add_argument("--time-budget", type=float, metavar="MINUTES", help="fit the whole run, decoding included, in this many minutes: the number of epochs is chosen from a timed trial of a few steps")
     g.add_argument("--batch-size", type=int, help="images per step (fast 256, fewer for small datasets; generic 128)")
-    g.add_argument("--lr", type=float, help="peak learning rate for a batch-mean loss (fast: airbench's 11.5 per 1024 images, 0.375 at batch 256 and not less; generic: adamw 2e-3 from scratch, 5e-4 pretrained, sgd 0.05 / 0.01)")
+    g.add_argument("--lr", type=float, help="peak learning rate for a batch-mean loss (fast: airbench's 11.5 per 1024 images, 0.375 at batch 256 and not less; generic: adamw 2e-3 from scratch, 1e-3 pretrained, sgd 0.05 / 0.01)")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], help="adamw, or sgd with Nesterov momentum (fast sgd, generic adamw)")
     g.add_argument("--momentum", type=float, help="SGD momentum (fast 0.85, generic 0.9)")
     g.add_argument("--weight-decay", type=float, help="decoupled weight decay: each step shrinks weights by lr x this (fast 0.00133 on all weights, generic 0.05, not on biases and norms)")

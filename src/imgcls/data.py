@@ -96,8 +96,13 @@ def _index_csv(csv_path: Path, class_names: list[str] | None, ignored: Counter) 
             row["path"], row["label"] = row.get(path_col, ""), row.get(label_col, "")
             if not row.get("path") or not row.get("label"):
                 raise DatasetError(f"{csv_path}:{lineno}: empty path or label")
-            split = SPLIT_ALIASES.get(row.get("split", "").lower(), "all") if row.get("split") else "all"
-            rows.append((row["path"], row["label"], split))
+            given = row.get("split", "")
+            if given and given.lower() not in SPLIT_ALIASES:
+                raise DatasetError(f"{csv_path}:{lineno}: split {given!r} is not one of {', '.join(SPLIT_ALIASES)} (or empty for no split column)")
+            rows.append((row["path"], row["label"], SPLIT_ALIASES[given.lower()] if given else "all"))
+    if "all" in {sp for _, _, sp in rows} and len({sp for _, _, sp in rows}) > 1:
+        line = next(i for i, (_, _, sp) in enumerate(rows, start=2) if sp == "all")
+        raise DatasetError(f"{csv_path}:{line}: this row has no split while others do; give every row a split (train, val or test) or none")
     names = class_names or sorted({label for _, label, _ in rows})
     lookup = {n: i for i, n in enumerate(names)}
     splits: dict[str, list[tuple[str, int]]] = {}

@@ -333,7 +333,18 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
 
     resume=True continues the run in cfg.train.out from its last checkpoint, with the config
     stored there (the flags that started it), and gives the same result as an uninterrupted run.
+    torch's process-wide settings that a run changes (threads, deterministic algorithms) are put
+    back afterwards, so calling fit from a program leaves the program as it was.
     """
+    threads, deterministic, warn_only = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        return _fit(cfg, resume, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None]) -> Path:
     run_dir = Path(cfg.train.out)
     if resume:
         cfg = read_checkpoint_config(run_dir)

@@ -28,6 +28,9 @@ class ModelEntry:
     weight_loader: WeightLoader | None = None
     pretrained_classes: int = 1000
     pretrained_source: str = ""  # human-readable: where pretrained weights come from
+    # Bumped whenever the state-dict layout changes; model.json records it, so a model folder
+    # from another layout gets a clear error instead of a wall of missing keys.
+    arch_version: int = 1
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -40,13 +43,14 @@ def register_model(
     weight_loader: WeightLoader | None = None,
     pretrained_classes: int = 1000,
     pretrained_source: str = "",
+    arch_version: int = 1,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register `builder(num_classes=..., **kwargs) -> nn.Module` under `name`."""
 
     def deco(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = ModelEntry(name, builder, default_spec, description, weight_loader, pretrained_classes, pretrained_source)
+        _REGISTRY[name] = ModelEntry(name, builder, default_spec, description, weight_loader, pretrained_classes, pretrained_source, arch_version)
         return builder
 
     return deco

@@ -131,6 +131,7 @@ class SmallCNN(nn.Module):
 _SMALL_SPEC = PreprocessSpec(img_size=32, resize_mode="crop", crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-@register_model("small_cnn", _SMALL_SPEC, description="fast from-scratch CNN for small images (default, 32 px; airbench94 network)")
+# arch_version 2: the airbench94 layout (whitening stem, three conv groups); 1 was a plain CNN.
+@register_model("small_cnn", _SMALL_SPEC, description="fast from-scratch CNN for small images (default, 32 px; airbench94 network)", arch_version=2)
 def small_cnn(num_classes: int, **kwargs) -> SmallCNN:
     return SmallCNN(num_classes, **kwargs)
