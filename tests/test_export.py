@@ -100,7 +100,7 @@ def test_export_metadata_parity_and_dynamic_batch(small_model: pathlib.Path, tmp
         with torch.no_grad():
             want = model(x).numpy()
         assert got.shape == (batch, 3)
-        np.testing.assert_allclose(got, want, atol=1e-4)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)  # logits reach ~50: float32 rounding is relative
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
 
