@@ -139,9 +139,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if not paths:
         print("imgcls: no input images", file=sys.stderr)
         return 1
-    results = list(clf.iter_predict(paths, top_k=a.top_k, batch_size=a.batch_size))
-    for r in results:
-        r.pop("probabilities", None)
+    results = list(clf.iter_predict(paths, top_k=a.top_k, batch_size=a.batch_size, probabilities=False))
     n_ok = sum("error" not in r for r in results)
     if a.json:
         print(json.dumps(results, indent=2))
@@ -267,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("data", help="labeled data in any layout `imgcls train` accepts")
     e.add_argument("--split", choices=["train", "val", "test", "all"], help="which split of DATA (default: test, else val, else all)")
     e.add_argument("--out", help="report folder (default MODEL/evaluation/<data name>)")
-    e.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    e.add_argument("--batch-size", type=int, help="images per forward pass (default: by input size, 256 at 32 px, 8 at 224 px)")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     e.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
     e.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -280,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = r.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON list: path, label, score, top_k (or path, error)")
     out.add_argument("--csv", action="store_true", help="print CSV rows: path, label, score, top_k, error")
-    r.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    r.add_argument("--batch-size", type=int, help="images per forward pass (default: by input size, 256 at 32 px, 8 at 224 px)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     r.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
     r.add_argument("--backend", choices=["torch", "onnx"], default="torch",

@@ -41,7 +41,7 @@ def evaluate(
     data_path: str | os.PathLike,
     split: str | None = None,
     out_dir: str | os.PathLike | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     workers: int = 0,

@@ -23,7 +23,7 @@ import torch
 import imgcls
 from imgcls.artifact import META_FILE, WEIGHTS_FILE, ArtifactError, load_artifact, resolve_artifact_dir, spec_of
 from imgcls.io import ImageDecodeError, is_image_path, load_image
-from imgcls.runtime import batch_slices, batched_logits
+from imgcls.runtime import batch_slices, batched_logits, inference_batch_size
 from imgcls.transforms import PreprocessSpec, eval_transform, resize_image, to_batch
 
 ONNX_FILE = "model.onnx"
@@ -91,9 +91,9 @@ class OnnxRunner:
         self.meta: dict[str, Any] = {k: json.loads(v) if k in JSON_KEYS else v for k, v in props.items() if k != "format"}
         self.spec = PreprocessSpec.from_dict(self.meta["preprocess"])
 
-    def __call__(self, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    def __call__(self, images: np.ndarray, batch_size: int | None = None) -> torch.Tensor:
         out = []
-        for sl in batch_slices(len(images), batch_size):
+        for sl in batch_slices(len(images), batch_size or inference_batch_size(self.spec.img_size)):
             # Same eval_transform as torch; ONNX wants a plain NCHW buffer, not channels_last strides.
             x = eval_transform(to_batch(np.asarray(images[sl])), self.spec).contiguous()  # (B, 3, H, W)
             out.append(self.session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])

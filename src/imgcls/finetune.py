@@ -44,7 +44,7 @@ def classifier_of(model: nn.Module) -> nn.Linear:
     return model.get_submodule(model.classifier_name)
 
 
-def extract_features(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None, batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+def extract_features(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
     """Pooled pre-logit features (N, F) in float32 for uint8 images (N, S, S, 3), eval mode."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -27,6 +27,7 @@ from imgcls.transforms import PreprocessSpec, resize_image
 PRETRAINED_PREFIX = "imagenet"
 DEFAULT_IMAGENET_MODEL = "efficientnet_lite0"
 BACKENDS = ("torch", "onnx")
+DECODE_CHUNK = 64  # inputs decoded ahead of the model in iter_predict
 
 
 def _source_name(x: Any, i: int) -> str:
@@ -41,7 +42,7 @@ class TorchRunner:
     def __init__(self, model: nn.Module, spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None) -> None:
         self.model, self.spec, self.device, self.amp_dtype = model, spec, device, amp_dtype
 
-    def __call__(self, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    def __call__(self, images: np.ndarray, batch_size: int | None = None) -> torch.Tensor:
         return batched_logits(self.model, images, self.spec, batch_size=batch_size, device=self.device, amp_dtype=self.amp_dtype)
 
 
@@ -111,36 +112,33 @@ class Classifier:
         img = load_image(source, name=name, max_pixels=self.max_pixels, draft_size=self.spec.cache_size)
         return resize_image(img, self.spec)
 
-    def _prepare_many(self, items: list[Any], names: list[str], workers: int) -> list[np.ndarray | ImageDecodeError]:
-        def one(pair: tuple[Any, str]) -> np.ndarray | ImageDecodeError:
-            try:
-                return self.prepare(pair[0], pair[1])
-            except ImageDecodeError as e:
-                return e
-
-        if workers > 1 and len(items) > 1:
-            with ThreadPoolExecutor(workers) as ex:  # Pillow releases the GIL while decoding
-                return list(ex.map(one, zip(items, names)))
-        return [one(p) for p in zip(items, names)]
+    def _prepare_or_error(self, source: Any, name: str) -> np.ndarray | ImageDecodeError:
+        try:
+            return self.prepare(source, name)
+        except ImageDecodeError as e:
+            return e
 
     # ------------------------------------------------------------------ inference
 
-    def predict_arrays(self, arrays: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """uint8 (N, S, S, 3) prepared images -> probabilities (N, num_classes)."""
+    def predict_arrays(self, arrays: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """uint8 (N, S, S, 3) prepared images -> probabilities (N, num_classes); batch_size None:
+        the cache-friendly size for the model's input (`runtime.inference_batch_size`)."""
         logits = tta_logits(lambda a: self.runner(a, batch_size), arrays, self.tta)
         return torch.softmax(logits, dim=1).numpy()
 
-    def _result(self, name: str, probs: np.ndarray, top_k: int) -> dict[str, Any]:
+    def _result(self, name: str, probs: np.ndarray, top_k: int, probabilities: bool = True) -> dict[str, Any]:
         order = np.argsort(-probs)[: max(1, min(top_k, len(probs)))]
-        return {
+        out = {
             "path": name,
             "label": self.class_names[order[0]],
             "score": float(probs[order[0]]),
             "top_k": [{"label": self.class_names[i], "score": float(probs[i])} for i in order],
-            "probabilities": {n: float(p) for n, p in zip(self.class_names, probs)},
         }
+        if probabilities:  # every class: 1,000 floats per image for an ImageNet model
+            out["probabilities"] = dict(zip(self.class_names, probs.tolist()))
+        return out
 
-    def predict(self, images: ImageSource | list[ImageSource], top_k: int = 5, batch_size: int = 64, errors: str = "raise", workers: int = 0) -> dict[str, Any] | list[dict[str, Any]]:
+    def predict(self, images: ImageSource | list[ImageSource], top_k: int = 5, batch_size: int | None = None, errors: str = "raise", workers: int = 0) -> dict[str, Any] | list[dict[str, Any]]:
         """Label, score, top-k and every class probability for one input or a list of them.
 
         An input is a path, bytes, a PIL image or a NumPy array. One input gives one dict, a list
@@ -152,36 +150,56 @@ class Classifier:
         results = list(self.iter_predict(items, top_k=top_k, batch_size=batch_size, errors=errors, workers=workers))
         return results[0] if single else results
 
-    def iter_predict(self, items: Iterable[ImageSource], top_k: int = 5, batch_size: int = 64, errors: str = "report", workers: int = 0) -> Iterator[dict[str, Any]]:
-        """Stream results in input order, decoding a batch at a time (for large folders)."""
+    def iter_predict(self, items: Iterable[ImageSource], top_k: int = 5, batch_size: int | None = None, errors: str = "report", workers: int = 0,
+                     probabilities: bool = True) -> Iterator[dict[str, Any]]:
+        """Stream results in input order (for large folders); probabilities=False leaves out the
+        per-class "probabilities" dict (label, score and top_k stay).
+
+        Inputs are decoded DECODE_CHUNK at a time by `workers` threads (Pillow releases the GIL
+        while decoding and resizing), the next chunk while the model runs on the current one, so
+        decoding and inference overlap. batch_size: images per forward pass (None: by input size).
+        """
         if errors not in ("raise", "report"):
             raise ValueError("errors must be 'raise' or 'report'")
         workers = workers or min(4, os.cpu_count() or 1)
-        chunk: list[Any] = []
-        offset = 0
-        for item in items:
-            chunk.append(item)
-            if len(chunk) == batch_size:
-                yield from self._predict_chunk(chunk, offset, top_k, batch_size, errors, workers)
+        chunk_size = max(DECODE_CHUNK, batch_size or 0)
+        with ThreadPoolExecutor(workers) as pool:
+            pending: tuple[list[str], list[Future]] | None = None
+            offset = 0
+            for chunk in _chunks(items, chunk_size):
+                names = [_source_name(x, offset + i) for i, x in enumerate(chunk)]
                 offset += len(chunk)
-                chunk = []
-        if chunk:
-            yield from self._predict_chunk(chunk, offset, top_k, batch_size, errors, workers)
+                submitted = (names, [pool.submit(self._prepare_or_error, x, n) for x, n in zip(chunk, names)])
+                if pending is not None:
+                    yield from self._finish_chunk(*pending, top_k, batch_size, errors, probabilities)
+                pending = submitted
+            if pending is not None:
+                yield from self._finish_chunk(*pending, top_k, batch_size, errors, probabilities)
 
-    def _predict_chunk(self, chunk: list[Any], offset: int, top_k: int, batch_size: int, errors: str, workers: int) -> Iterator[dict[str, Any]]:
-        names = [_source_name(x, offset + i) for i, x in enumerate(chunk)]
-        prepared = self._prepare_many(chunk, names, workers)
+    def _finish_chunk(self, names: list[str], futures: list[Future], top_k: int, batch_size: int | None, errors: str, probabilities: bool) -> Iterator[dict[str, Any]]:
+        prepared = [f.result() for f in futures]
         ok = [i for i, a in enumerate(prepared) if not isinstance(a, ImageDecodeError)]
         probs = self.predict_arrays(np.stack([prepared[i] for i in ok]), batch_size) if ok else np.zeros((0, len(self.class_names)))
         row = dict(zip(ok, probs))
         for i, name in enumerate(names):
             if i in row:
-                yield self._result(name, row[i], top_k)
+                yield self._result(name, row[i], top_k, probabilities)
             else:
                 err = prepared[i]
                 if errors == "raise":
                     raise err
                 yield {"path": name, "error": err.reason or str(err)}
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def expand_inputs(args: list[str]) -> list[str]:

@@ -135,6 +135,22 @@ def tta_logits(run: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, mo
     return out
 
 
+# Input pixels per inference batch: beyond about half a million, activations spill out of the caches
+# and images/s falls. Measured on 2 cores (AVX512-BF16, bench/RESULTS.md): efficientnet_lite0 in bf16
+# ran 145 img/s at batch 8-16 and 102 at batch 64 (224 px), 459 at 32 and 356 at 64 (128 px);
+# small_cnn at 32 px was flat from 64 to 256 and slower at 512.
+INFERENCE_BATCH_PIXELS = 1 << 19
+
+
+def inference_batch_size(img_size: int, cap: int = 256) -> int:
+    """Images per forward pass for inference at `img_size`: the largest power of two whose batch
+    holds at most INFERENCE_BATCH_PIXELS input pixels, between 1 and `cap`."""
+    b = 1
+    while b * 2 <= cap and b * 2 * img_size * img_size <= INFERENCE_BATCH_PIXELS:
+        b *= 2
+    return b
+
+
 def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
     for start in range(0, n, batch_size):
         yield slice(start, min(n, start + batch_size))
@@ -145,7 +161,7 @@ def batched_logits(
     model: nn.Module,
     images: np.ndarray,
     spec: PreprocessSpec,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: torch.device | None = None,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
@@ -156,7 +172,8 @@ def batched_logits(
     """uint8 cached images (N, S, S, 3) -> float32 logits (N, num_classes), model in eval mode.
 
     `forward` replaces `model(x)`, e.g. to return pooled features instead of logits. `tta`
-    averages the logits over test-time augmented views (see `tta_views`).
+    averages the logits over test-time augmented views (see `tta_views`). batch_size None:
+    `inference_batch_size(spec.img_size)`.
     """
     from tqdm.auto import tqdm
 
@@ -165,6 +182,7 @@ def batched_logits(
     in_dtype = param.dtype if param.dtype in (torch.bfloat16, torch.float16) else None  # see prepare_inference_model
     was_training = model.training
     model.eval()
+    batch_size = batch_size or inference_batch_size(spec.img_size)
     out = []
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=None if progress else True, leave=False)
     for sl in batch_slices(len(images), batch_size):
