@@ -188,7 +188,7 @@ def speed_runs(opts: argparse.Namespace) -> list[dict]:
             model = create_model(MODEL, num_classes=10, pretrained=True).to(memory_format=torch.channels_last)
 
             def feats() -> None:
-                extract_features(model, images, spec, device, amp, batch_size=bs)
+                extract_features(model, images, spec, device, amp)  # the library's cache-sized batches
 
             row[f"feat_{prec}"] = round(_rate(feats, bs, opts.speed_seconds), 1)
             opt = torch.optim.AdamW(discriminative_param_groups(model, 5e-4, 0.05))

@@ -302,3 +302,14 @@ def test_time_budget_behind_plan_shortens_the_decay_instead_of_stopping_at_peak_
     assert lrs[-1] < 0.1 * max(lrs), lrs  # the decay ran to its end
     meta = json.loads((run / "model.json").read_text())
     assert meta["training"]["epochs_run"] == len(lrs)
+
+
+def test_generic_batch_shrinks_for_large_inputs_on_cpu_only():
+    from imgcls.recipes import generic_batch_size
+
+    assert generic_batch_size(32, "cpu") == 128 and generic_batch_size(64, "cpu") == 128
+    assert generic_batch_size(96, "cpu") == 32 and generic_batch_size(224, "cpu") == 32
+    assert generic_batch_size(224, "cuda") == 128
+    r = resolve_recipe(TrainConfig(), ModelConfig(name="resnet18"), AugmentSpec(), 5000, img_size=224, device_type="cpu")
+    assert r.batch_size == 32
+    assert resolve_recipe(TrainConfig(batch_size=100), ModelConfig(name="resnet18"), AugmentSpec(), 5000, img_size=224).batch_size == 100

@@ -50,7 +50,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "generic: AdamW + warmup/cosine; auto: fast for small_cnn from scratch, else generic")
     g.add_argument("--epochs", type=int, help="number of epochs (default 30; with --time-budget, the most to run)")
     g.add_argument("--time-budget", type=float, metavar="MINUTES", help="fit the whole run, decoding included, in this many minutes: the number of epochs is chosen from a timed trial of a few steps")
-    g.add_argument("--batch-size", type=int, help="images per step (fast 256, fewer for small datasets; generic 128)")
+    g.add_argument("--batch-size", type=int, help="images per step (fast 256, fewer for small datasets; generic 128, on CPUs 32-64 from 96 px up)")
     g.add_argument("--lr", type=float, help="peak learning rate for a batch-mean loss (fast: airbench's 11.5 per 1024 images, 0.375 at batch 256 and not less; generic: adamw 2e-3 from scratch, 1e-3 pretrained, sgd 0.05 / 0.01)")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], help="adamw, or sgd with Nesterov momentum (fast sgd, generic adamw)")
     g.add_argument("--momentum", type=float, help="SGD momentum (fast 0.85, generic 0.9)")

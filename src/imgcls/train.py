@@ -387,7 +387,7 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
         model = model.to(memory_format=torch.channels_last)
     strategy = resolve_strategy(cfg.model.strategy, cfg.model.starts_pretrained, len(train.paths))
     aug = t_cfg.augment.resolve(spec.img_size)
-    recipe = resolve_recipe(t_cfg, cfg.model, aug, len(train.paths))
+    recipe = resolve_recipe(t_cfg, cfg.model, aug, len(train.paths), spec.img_size, device.type)
     lr = recipe.lr
     if not cfg.model.starts_pretrained and init_whitening(model, train.images, spec):
         log("patch-whitening layer set from the training images")
