@@ -43,6 +43,26 @@ def unpack(tarball: str | os.PathLike, dest: str | os.PathLike = DATA_DIR, top: 
     return root
 
 
+def machine_summary() -> str:
+    """CPU model, cores and the units that decide bf16 speed, e.g. "AMD EPYC, 2 cores, AVX512-BF16, no AMX".
+
+    Figures from a machine with AMX and one without differ by 2x or more for the same code, so
+    every benchmark prints this line and RESULTS.md records it beside the figures.
+    """
+    model, flags = "unknown CPU", ""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line
+    except OSError:
+        pass
+    units = ["AMX" if "amx_bf16" in flags else "no AMX", "AVX512-BF16" if "avx512_bf16" in flags else "no AVX512-BF16"]
+    return f"{model}, {os.cpu_count()} cores, {', '.join(units)}"
+
+
 def load1() -> float:
     return os.getloadavg()[0]
 

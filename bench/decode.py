@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 MAX_WAIT = [600.0]  # seconds to wait for a quiet machine before measuring anyway (marked noisy)
-from common import DATASETS_DIR, load1, markdown_table, unpack, wait_for_quiet  # noqa: E402
+from common import DATASETS_DIR, load1, machine_summary, markdown_table, unpack, wait_for_quiet  # noqa: E402
 
 
 def pillow_loop(paths: list[str], size: int) -> float:
@@ -45,6 +45,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for load < 1.5 (default 600)")
     MAX_WAIT[0] = p.parse_args().max_wait
+    print(f"machine: {machine_summary()}", flush=True)
     from imgcls.data import index_dataset
     from imgcls.models import get_entry
 

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 MAX_WAIT = [600.0]  # seconds to wait for a quiet machine before measuring anyway (marked noisy)
-from common import DATASETS_DIR, load1, markdown_table, unpack, wait_for_quiet  # noqa: E402
+from common import DATASETS_DIR, load1, machine_summary, markdown_table, unpack, wait_for_quiet  # noqa: E402
 
 
 def naive_loop(model, spec, paths: list[str]) -> float:
@@ -120,6 +120,7 @@ def main() -> int:
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for load < 1.5 before each measurement (default 600)")
     a = p.parse_args()
+    print(f"machine: {machine_summary()}", flush=True)
     MAX_WAIT[0] = a.max_wait
     import torch
 

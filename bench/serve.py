@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT_DIR, imgcls_cmd, load1, markdown_table, wait_for_quiet  # noqa: E402
+from common import OUT_DIR, imgcls_cmd, load1, machine_summary, markdown_table, wait_for_quiet  # noqa: E402
 
 ARCH = "efficientnet_lite0"
 
@@ -159,6 +159,7 @@ def main() -> int:
     p.add_argument("--time-cap", type=float, default=900.0, help="stop sending after this many seconds in all (default 900)")
     p.add_argument("--out", type=Path, default=OUT_DIR / "serve", help="model, logs and results.md (default bench/out/serve)")
     a = p.parse_args()
+    print(f"machine: {machine_summary()}", flush=True)
 
     a.out.mkdir(parents=True, exist_ok=True)
     model = build_model(a.out / "model")

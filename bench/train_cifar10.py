@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATASETS_DIR, OUT_DIR, load1, markdown_table, run_timed, shell_line, unpack, wait_for_quiet  # noqa: E402
+from common import DATASETS_DIR, OUT_DIR, load1, machine_summary, markdown_table, run_timed, shell_line, unpack, wait_for_quiet  # noqa: E402
 
 MAX_WAIT = [600.0]  # seconds to wait for a quiet machine before measuring anyway (marked noisy)
 RESULTS = OUT_DIR / "train_cifar10"
@@ -172,7 +172,7 @@ def run_imgcls(cifar: Path, budget: float, seed: int, extra: list[str]) -> dict:
         "loop_images_per_s": images / train_s, "e2e_images_per_s": images / (tr.seconds + ev.seconds),
         "fit_test_accuracy": meta.get("metrics", {}).get("test", {}).get("accuracy"),
         "load_start": round(la0, 2), "load_end": round(la1, 2), "waited_s": round(waited), "noisy": noisy,
-        "commands": [shell_line(train_args), shell_line(eval_args)], "extra": extra,
+        "commands": [shell_line(train_args), shell_line(eval_args)], "extra": extra, "machine": machine_summary(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -240,6 +240,7 @@ def main() -> int:
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for load < 1.5 before each run (default 600)")
     p.add_argument("--compile-check", action="store_true", help="only compare eager and torch.compile training steps (batch 256, 40 steps)")
     a = p.parse_args()
+    print(f"machine: {machine_summary()}", flush=True)
     MAX_WAIT[0] = a.max_wait
     RESULTS.mkdir(parents=True, exist_ok=True)
     if a.compile_check:
@@ -254,7 +255,7 @@ def main() -> int:
             print("reference pipeline ...", flush=True)
             la0, _, noisy = wait_for_quiet(max_wait_s=MAX_WAIT[0])
             r = reference_images_per_s(cifar, a.ref_steps, 3, a.ref_batch)
-            r.update(kind="reference", load_start=round(la0, 2), load_end=round(load1(), 2), noisy=noisy, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+            r.update(kind="reference", load_start=round(la0, 2), load_end=round(load1(), 2), noisy=noisy, time=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_summary())
             print(f"  {r['images_per_s']:.0f} images/s", flush=True)
             log.write(json.dumps(r) + "\n")
             log.flush()

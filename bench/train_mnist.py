@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATASETS_DIR, OUT_DIR, load1, markdown_table, run_timed, shell_line, unpack, wait_for_quiet  # noqa: E402
+from common import DATASETS_DIR, OUT_DIR, load1, machine_summary, markdown_table, run_timed, shell_line, unpack, wait_for_quiet  # noqa: E402
 
 MAX_WAIT = [600.0]  # seconds to wait for a quiet machine before measuring anyway (marked noisy)
 RESULTS = OUT_DIR / "train_mnist"
@@ -59,6 +59,7 @@ def main() -> int:
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for load < 1.5 before each run (default 600)")
     a = p.parse_args()
+    print(f"machine: {machine_summary()}", flush=True)
     MAX_WAIT[0] = a.max_wait
     RESULTS.mkdir(parents=True, exist_ok=True)
     log_path = RESULTS / "runs.jsonl"

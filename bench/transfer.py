@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA_DIR, DATASETS_DIR, OUT_DIR, load1, markdown_table, run_timed, shell_line, unpack, wait_for_quiet  # noqa: E402
+from common import DATASETS_DIR, DATA_DIR, OUT_DIR, load1, machine_summary, markdown_table, run_timed, shell_line, unpack, wait_for_quiet  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 SHORT = {"linear-probe": "lp", "fine-tune": "ft", "full": "full"}
@@ -105,6 +105,7 @@ def train_and_measure(name: str, data: Path, args: list[str], opts: argparse.Nam
         "train_cmd": shell_line(train_args),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
+        "machine": machine_summary(),
     }
     if test_split:
         eval_args = ["evaluate", str(run_dir), str(data), "--split", "test", "--json"]
@@ -180,7 +181,7 @@ def speed_runs(opts: argparse.Namespace) -> list[dict]:
         s = spec.cache_size
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (bs, s, s, 3), dtype=np.uint8)  # (B, S, S, 3)
-        row: dict = {"name": f"speed-{size}", "img_size": size, "batch": bs, "threads": torch.get_num_threads(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count()}
+        row: dict = {"name": f"speed-{size}", "img_size": size, "batch": bs, "threads": torch.get_num_threads(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(), "machine": machine_summary()}
         print(f"\n== speed at {size} px (batch {bs})", flush=True)
         _, waited, timed_out = wait_for_quiet(opts.load_threshold, 15.0, opts.max_wait, max_busy=opts.max_busy)
         row.update(load_start=round(load1(), 2), load_wait_s=round(waited), load_wait_timed_out=timed_out)
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait", type=float, default=600.0, help="most seconds to wait for it, then go on")
     p.add_argument("--table", action="store_true", help="print the table of recorded results and exit")
     opts = p.parse_args(argv)
+    print(f"machine: {machine_summary()}", flush=True)
     opts.ft_args = opts.ft_args.split()
 
     if not opts.table:

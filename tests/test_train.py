@@ -177,6 +177,17 @@ def test_split_folders_with_test_split_give_test_metrics(trained_run):
     assert all(p.startswith("test/") for p in split["test"]) and all(p.startswith("valid/") for p in split["val"])
 
 
+def test_time_budget_leaves_the_test_split_to_evaluate(tmp_path):
+    """Under --time-budget the budget goes to training: val is evaluated at the end, test is not
+    (and the log says how to evaluate it)."""
+    data = make_split_folders(tmp_path / "data", per_split={"train": 8, "valid": 4, "test": 4}, size=16, seed=2)
+    lines: list[str] = []
+    run = fit(make_cfg(data, tmp_path / "run", epochs=1, time_budget=0.2), progress=False, log=lines.append)
+    meta = meta_of(run)
+    assert set(meta["metrics"]) == {"val"} and meta["split"]["counts"]["test"] == 12
+    assert any("test split not evaluated" in s and f"imgcls evaluate {run}" in s for s in lines)
+
+
 def test_val_fraction_zero_keeps_the_last_epoch(tmp_path):
     data = make_class_folders(tmp_path / "data", per_class=8, size=16, seed=4)
     run = fit(make_cfg(data, tmp_path / "run", epochs=2, val_fraction=0.0), progress=False, log=quiet)

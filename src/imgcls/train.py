@@ -232,18 +232,20 @@ def dtype_name(dtype: torch.dtype | None) -> str:
 
 
 def faster_train_dtype(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, train: "SplitData", spec: PreprocessSpec, aug: AugmentSpec,
-                       batch_size: int, device: torch.device, channels_last: bool, log: Callable[[str], None]) -> torch.dtype | None:
-    """bf16 autocast or fp32 for the training steps on a CPU with AMX, whichever runs faster here.
+                       batch_size: int, device: torch.device, channels_last: bool, log: Callable[[str], None]) -> tuple[torch.dtype | None, float]:
+    """bf16 autocast or fp32 for the training steps on a CPU with AMX or AVX512-BF16, whichever
+    runs faster here, and its measured seconds per step (a time budget plans with it).
 
-    Measured rather than assumed: on 2 AMX cores bf16 trains small_cnn ~3x faster than fp32, but
-    EfficientNet-Lite's depthwise convolutions train ~1.5x slower in bf16 at 64-96 px
-    (bench/RESULTS.md). A few real steps of each decide; model and optimizer are restored.
+    Measured rather than assumed: on 2 cores bf16 trains small_cnn 1.8x (AVX512-BF16) to ~3x
+    (AMX) faster than fp32, but EfficientNet-Lite's depthwise convolutions train up to 1.7x slower
+    in bf16 at 64-128 px (bench/RESULTS.md). A few real steps of each decide; model and optimizer
+    are restored.
     """
     n = 2
     t = {dt: time_train_steps(model, optimizer, loss_fn, train, spec, aug, batch_size, n, device, dt, channels_last, passes=1) for dt in (torch.bfloat16, None)}
     pick = torch.bfloat16 if t[torch.bfloat16] <= t[None] else None
     log(f"training precision: {'bf16 autocast' if pick else 'fp32'} (measured {batch_size / t[torch.bfloat16]:.0f} img/s bf16, {batch_size / t[None]:.0f} img/s fp32)")
-    return pick
+    return pick, t[pick]
 
 
 def time_eval(model: nn.Module, splits: list["SplitData"], spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None, tta: str = "none") -> float:
@@ -402,23 +404,29 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
     bs = min(recipe.batch_size, len(train.paths))
     steps_per_epoch = max(1, len(train.paths) // bs if len(train.paths) % bs < 2 else len(train.paths) // bs + 1)
     train_dtype = amp_dtype  # training steps; validation, the probe and evaluation keep amp_dtype (what evaluate and predict run)
+    trial_step_s: float | None = None  # seconds per step measured by the precision trial: a time budget's first plan uses it
     if t_cfg.precision == "auto" and amp_dtype == torch.bfloat16 and device.type == "cpu" and strategy != "linear-probe" and not resume:
-        train_dtype = faster_train_dtype(model, optimizer, loss_fn, train, spec, aug, bs, device, t_cfg.channels_last, log)
+        train_dtype, trial_step_s = faster_train_dtype(model, optimizer, loss_fn, train, spec, aug, bs, device, t_cfg.channels_last, log)
     scaler = torch.amp.GradScaler(device.type) if train_dtype == torch.float16 else None
     log(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), strategy {strategy}, recipe {recipe.name}, "
         f"{spec.img_size} px, {'bf16 autocast' if train_dtype == torch.bfloat16 else 'fp16 autocast' if train_dtype else 'fp32'} on {device}, "
         f"{recipe.optimizer} lr {lr:g}, batch {recipe.batch_size}" + (f", TTA {recipe.tta} at evaluation" if recipe.tta != "none" else ""))
     total_steps: int | None = None
-    t_final_eval: float | None = None  # seconds of the final evaluation (val and test, with TTA), kept back from a time budget
+    # Evaluated at the end with the recipe's TTA: val, and test unless there is a time budget. Under a
+    # budget the test split is left to `imgcls evaluate`, so the budget's seconds go to training
+    # (CIFAR-10's 10,000 test images with 6 TTA views took 34 s of a 4-minute budget on 2 cores).
+    final_splits = {"val": val, "test": test if t_cfg.time_budget is None else None}
+    t_final_eval: float | None = None  # seconds of the final evaluation, kept back from a time budget
     if strategy == "linear-probe":
         epochs = 0
     elif t_cfg.time_budget is not None and not resume:
-        t_final_eval = time_eval(model, [s for s in (val, test) if s is not None], spec, device, amp_dtype, recipe.tta)
+        t_final_eval = time_eval(model, [s for s in final_splits.values() if s is not None], spec, device, amp_dtype, recipe.tta)
         # fine-tune starts with the linear probe: one feature pass over train and val, kept back too
         t_probe = time_eval(model, [s for s in (train, val) if s is not None], spec, device, amp_dtype) if strategy == "fine-tune" else 0.0
         planned = plan_epochs(
             t_cfg.time_budget * 60 - (time.perf_counter() - t_start) - t_probe, t_cfg.epochs, steps_per_epoch,
-            lambda n: time_train_steps(model, optimizer, loss_fn, train, spec, aug, bs, n, device, train_dtype, t_cfg.channels_last),
+            # the precision trial's timing when there was one (the plan is redone after every epoch anyway)
+            lambda n: trial_step_s or time_train_steps(model, optimizer, loss_fn, train, spec, aug, bs, n, device, train_dtype, t_cfg.channels_last),
             lambda: (time_eval(model, [s for s in (val,) if s is not None], spec, device, amp_dtype), t_final_eval), log,
         )
         total_steps = max(1, int(planned * steps_per_epoch))
@@ -536,8 +544,8 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
             # a machine that may be shared); the schedule stretches or shrinks to the new length,
             # and the last epoch may be partial so that the budget is used to the end.
             per_step = (time.perf_counter() - t_loop) / max(1, done - first_epoch * steps_per_epoch)  # validation and checkpoints included
-            if t_final_eval is None:  # the final evaluation (val and test, with TTA) is kept back too
-                t_final_eval = time_eval(model, [s for s in (val, test) if s is not None], spec, device, amp_dtype, recipe.tta)
+            if t_final_eval is None:  # the final evaluation is kept back too
+                t_final_eval = time_eval(model, [s for s in final_splits.values() if s is not None], spec, device, amp_dtype, recipe.tta)
             left = t_cfg.time_budget * 60 * 0.95 - (time.perf_counter() - t_start) - t_final_eval - 0.1 * steps_per_epoch * per_step
             cap = (t_cfg.epochs or 10**6) * steps_per_epoch
             total_steps = max(done, min(cap, done + int(max(0.0, left) / per_step)))
@@ -558,7 +566,9 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
     best, _ = load_artifact(run_dir, device=device)
     best_eval, eval_dtype = prepare_inference_model(load_artifact(run_dir, device=device)[0], device, amp_dtype)  # what evaluate and predict run
     metrics: dict[str, Any] = {}
-    for name, split in (("val", val), ("test", test)):
+    if test is not None and final_splits["test"] is None:
+        log(f"test split not evaluated inside the time budget: imgcls evaluate {run_dir} {cfg.data.path} --split test")
+    for name, split in final_splits.items():
         if split is not None and len(split.paths):
             probs = torch.softmax(batched_logits(best_eval, split.images.numpy(), spec, device=device, amp_dtype=eval_dtype, progress=progress, desc=f"evaluate {name}", tta=recipe.tta), 1).numpy()
             metrics[name] = classification_metrics(probs, split.labels.numpy(), class_names)
