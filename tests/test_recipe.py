@@ -3,6 +3,7 @@ the inference-model preparation in imgcls.runtime."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -313,3 +314,36 @@ def test_generic_batch_shrinks_for_large_inputs_on_cpu_only():
     r = resolve_recipe(TrainConfig(), ModelConfig(name="resnet18"), AugmentSpec(), 5000, img_size=224, device_type="cpu")
     assert r.batch_size == 32
     assert resolve_recipe(TrainConfig(batch_size=100), ModelConfig(name="resnet18"), AugmentSpec(), 5000, img_size=224).batch_size == 100
+
+
+def test_time_budget_narrows_small_cnn_when_the_full_width_gets_too_few_epochs(tmp_path, monkeypatch):
+    """Under a budget that buys the full network fewer than MIN_BUDGET_EPOCHS (or the --epochs cap),
+    fit trains the widest narrower small_cnn that gets them; the widths go into model.json and the
+    checkpoint, so the model folder loads and --resume rebuilds the same network."""
+    import imgcls.train as train_mod
+    from imgcls.artifact import load_artifact
+    from imgcls.checkpoint import read_checkpoint_state
+    from imgcls.train import fit
+
+    data = make_split_folders(tmp_path / "data", per_split={"train": 40, "valid": 4}, size=16, seed=0)
+
+    def step_seconds(model, *args, **kwargs):  # the full width looks slow, narrower ones free
+        return 2.0 if model.blocks[0].conv1.out_channels == 64 else 1e-4
+
+    monkeypatch.setattr(train_mod, "time_train_steps", step_seconds)
+    lines: list[str] = []
+    cfg = RunConfig(data=DataConfig(path=str(data), img_size=16, seed=0),
+                    train=TrainConfig(out=str(tmp_path / "run"), time_budget=0.2, batch_size=16, epochs=3))
+    run = fit(cfg, progress=False, log=lines.append)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["model_kwargs"] == {"widths": [48, 192, 192]}
+    assert any("narrowed to widths [48, 192, 192]" in s for s in lines)
+    model, _ = load_artifact(run)
+    assert model.blocks[0].conv1.out_channels == 48
+    assert read_checkpoint_state(run)["model_kwargs"] == {"widths": [48, 192, 192]}
+
+    # the same budget with the cap already binding at full width: no narrowing
+    monkeypatch.setattr(train_mod, "time_train_steps", lambda *a, **k: 1e-4)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out=str(tmp_path / "run2")))
+    meta = json.loads((fit(cfg, progress=False, log=quiet) / "model.json").read_text())
+    assert meta["model_kwargs"] == {}

@@ -49,15 +49,20 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return state
 
 
-def read_checkpoint_config(run_dir: str | os.PathLike) -> RunConfig:
-    """The resolved config stored in RUN_DIR's checkpoint (what `--resume` continues with)."""
+def read_checkpoint_state(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The JSON state stored in RUN_DIR's checkpoint (epoch, plan, config, model_kwargs...)."""
     from safetensors import safe_open
 
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
     with safe_open(str(path), framework="pt") as f:
-        return RunConfig.from_dict(json.loads(f.metadata()["imgcls_checkpoint"])["config"])
+        return json.loads(f.metadata()["imgcls_checkpoint"])
+
+
+def read_checkpoint_config(run_dir: str | os.PathLike) -> RunConfig:
+    """The resolved config stored in RUN_DIR's checkpoint (what `--resume` continues with)."""
+    return RunConfig.from_dict(read_checkpoint_state(run_dir)["config"])
 
 
 def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:

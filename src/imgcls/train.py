@@ -22,14 +22,14 @@ import torch
 from torch import nn
 
 from imgcls.artifact import atomic_write_text, package_versions, save_artifact
-from imgcls.checkpoint import CHECKPOINT_FILE, load_checkpoint, read_checkpoint_config, save_checkpoint, write_history
+from imgcls.checkpoint import CHECKPOINT_FILE, load_checkpoint, read_checkpoint_config, read_checkpoint_state, save_checkpoint, write_history
 from imgcls.config import RunConfig
 from imgcls.data import DatasetIndex, dataset_fingerprint, index_dataset, load_split, stratified_split
 from imgcls.finetune import classifier_of, discriminative_param_groups, extract_features, fit_linear_head, resolve_strategy
 from imgcls.metrics import classification_metrics
 from imgcls.models import create_model, get_entry
 from imgcls.report import write_report
-from imgcls.recipes import Lookahead, build_recipe_optimizer, init_whitening, resolve_recipe, whiten_bias_trains
+from imgcls.recipes import BUDGET_WIDTHS, MIN_BUDGET_EPOCHS, Lookahead, build_recipe_optimizer, init_whitening, resolve_recipe, whiten_bias_trains
 from imgcls.runtime import autocast, batched_logits, prepare_inference_model, resolve_device, resolve_precision, set_threads
 from imgcls.transforms import AugmentSpec, PreprocessSpec, train_transform
 
@@ -170,10 +170,11 @@ def resolve_spec(cfg: RunConfig) -> PreprocessSpec:
     return spec.replace(**changes) if changes else spec
 
 
-def build_model(cfg: RunConfig, num_classes: int) -> tuple[nn.Module, str]:
-    """The model with its starting weights: built-in pretrained, a user's file or URL, or random."""
+def build_model(cfg: RunConfig, num_classes: int, **model_kwargs: Any) -> tuple[nn.Module, str]:
+    """The model with its starting weights: built-in pretrained, a user's file or URL, or random.
+    model_kwargs (e.g. small_cnn's widths) go to the builder and are recorded in model.json."""
     m = cfg.model
-    model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained)
+    model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, **model_kwargs)
     if not m.weights:
         return model, f"loaded {get_entry(m.name).pretrained_source}" if m.pretrained else ""
     from imgcls.models.weights import load_pretrained_weights
@@ -348,8 +349,10 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Callab
 
 def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None]) -> Path:
     run_dir = Path(cfg.train.out)
+    model_kwargs: dict[str, Any] = {}  # builder arguments beyond num_classes (a time budget may narrow small_cnn)
     if resume:
         cfg = read_checkpoint_config(run_dir)
+        model_kwargs = read_checkpoint_state(run_dir).get("model_kwargs", {})
         log(f"resuming {run_dir} with its saved configuration")
     t_cfg = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -381,25 +384,31 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
 
     train, val, test = splits["train"], splits.get("val"), splits.get("test")
     class_names = index.class_names
-    model, weights_note = build_model(cfg, len(class_names))
-    if weights_note:
-        log(weights_note)
-    model = model.to(device)
-    if t_cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     strategy = resolve_strategy(cfg.model.strategy, cfg.model.starts_pretrained, len(train.paths))
     aug = t_cfg.augment.resolve(spec.img_size)
     recipe = resolve_recipe(t_cfg, cfg.model, aug, len(train.paths), spec.img_size, device.type)
     lr = recipe.lr
-    if not cfg.model.starts_pretrained and init_whitening(model, train.images, spec):
-        log("patch-whitening layer set from the training images")
-    if strategy == "fine-tune":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(discriminative_param_groups(model, lr, recipe.weight_decay)) if recipe.optimizer == "adamw" \
-            else torch.optim.SGD(discriminative_param_groups(model, lr, recipe.weight_decay), lr=lr, momentum=recipe.momentum, nesterov=True)
-    elif recipe.name == "fast":
-        optimizer = build_recipe_optimizer(model, recipe)
-    else:
-        optimizer = build_optimizer(model, recipe.optimizer, lr, recipe.weight_decay, recipe.momentum)
+
+    def new_model(kwargs: dict[str, Any], say: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The model with its starting weights, on the device, and its optimizer."""
+        m, weights_note = build_model(cfg, len(class_names), **kwargs)
+        if weights_note and say:
+            log(weights_note)
+        m = m.to(device)
+        if t_cfg.channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        if not cfg.model.starts_pretrained and init_whitening(m, train.images, spec) and say:
+            log("patch-whitening layer set from the training images")
+        if strategy == "fine-tune":
+            groups = discriminative_param_groups(m, lr, recipe.weight_decay)
+            opt: torch.optim.Optimizer = torch.optim.AdamW(groups) if recipe.optimizer == "adamw" else torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=True)
+        elif recipe.name == "fast":
+            opt = build_recipe_optimizer(m, recipe)
+        else:
+            opt = build_optimizer(m, recipe.optimizer, lr, recipe.weight_decay, recipe.momentum)
+        return m, opt
+
+    model, optimizer = new_model(model_kwargs)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     bs = min(recipe.batch_size, len(train.paths))
     steps_per_epoch = max(1, len(train.paths) // bs if len(train.paths) % bs < 2 else len(train.paths) // bs + 1)
@@ -423,12 +432,25 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
         t_final_eval = time_eval(model, [s for s in final_splits.values() if s is not None], spec, device, amp_dtype, recipe.tta)
         # fine-tune starts with the linear probe: one feature pass over train and val, kept back too
         t_probe = time_eval(model, [s for s in (train, val) if s is not None], spec, device, amp_dtype) if strategy == "fine-tune" else 0.0
-        planned = plan_epochs(
-            t_cfg.time_budget * 60 - (time.perf_counter() - t_start) - t_probe, t_cfg.epochs, steps_per_epoch,
-            # the precision trial's timing when there was one (the plan is redone after every epoch anyway)
-            lambda n: trial_step_s or time_train_steps(model, optimizer, loss_fn, train, spec, aug, bs, n, device, train_dtype, t_cfg.channels_last),
-            lambda: (time_eval(model, [s for s in (val,) if s is not None], spec, device, amp_dtype), t_final_eval), log,
-        )
+        def plan(m: nn.Module, opt: torch.optim.Optimizer, step_s: float | None = None) -> float:
+            return plan_epochs(
+                t_cfg.time_budget * 60 - (time.perf_counter() - t_start) - t_probe, t_cfg.epochs, steps_per_epoch,
+                lambda n: step_s or time_train_steps(m, opt, loss_fn, train, spec, aug, bs, n, device, train_dtype, t_cfg.channels_last),
+                lambda: (time_eval(m, [s for s in (val,) if s is not None], spec, device, amp_dtype), t_final_eval), log,
+            )
+
+        # the precision trial's timing when there was one (the plan is redone after every epoch anyway)
+        planned = plan(model, optimizer, trial_step_s)
+        enough = min(MIN_BUDGET_EPOCHS, t_cfg.epochs or math.inf)  # an --epochs cap that binds leaves the width alone
+        if recipe.name == "fast" and cfg.model.name in BUDGET_WIDTHS and not cfg.model.starts_pretrained and planned < enough:
+            # Too few epochs for the full width: a narrower net trains more of them (see recipes.BUDGET_WIDTHS).
+            for widths in BUDGET_WIDTHS[cfg.model.name][1:]:
+                model_kwargs = {"widths": list(widths)}
+                model, optimizer = new_model(model_kwargs, say=False)
+                planned = plan(model, optimizer)
+                if planned >= enough:
+                    break
+            log(f"time budget: {cfg.model.name} narrowed to widths {model_kwargs['widths']} to train {planned:.1f} epochs")
         total_steps = max(1, int(planned * steps_per_epoch))
         epochs = math.ceil(total_steps / steps_per_epoch)
     else:
@@ -442,7 +464,7 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
             g["lr"] = g["initial_lr"] * f
 
     state: dict[str, Any] = {"epoch": -1, "best_epoch": -1, "best_acc": -1.0, "best_loss": float("inf"), "history": [], "bad_epochs": 0, "planned_epochs": epochs,
-                             "total_steps": total_steps, "train_precision": dtype_name(train_dtype)}
+                             "total_steps": total_steps, "train_precision": dtype_name(train_dtype), "model_kwargs": model_kwargs}
     ckpt_path = run_dir / CHECKPOINT_FILE
     if resume:
         state.update(load_checkpoint(ckpt_path, model, optimizer))
@@ -453,6 +475,7 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
 
     meta_base = {
         "arch": cfg.model.name,
+        "model_kwargs": model_kwargs,
         "class_names": class_names,
         "preprocess": spec.to_dict(),
         "augment": aug.to_dict(),
