@@ -80,15 +80,18 @@ def _worker_init(worker_id: int) -> None:
     info.dataset.rng = np.random.default_rng(info.seed % 2**32)
 
 
-def reference_images_per_s(cifar: Path, steps: int, warmup: int, batch_size: int) -> dict:
-    """Train small_cnn in fp32 from a DataLoader(num_workers=2) for `steps` steps; images/s."""
+FULL_WIDTHS = [64, 256, 256]
+
+
+def reference_images_per_s(cifar: Path, steps: int, warmup: int, batch_size: int, widths: list[int] = FULL_WIDTHS) -> dict:
+    """Train small_cnn (at `widths`) in fp32 from a DataLoader(num_workers=2) for `steps` steps; images/s."""
     import torch
     from torch import nn
 
     from imgcls.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("small_cnn", 10)
+    model = create_model("small_cnn", 10, widths=widths)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.85, nesterov=True, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
     loader = torch.utils.data.DataLoader(JpegFolder(cifar / "train", train=True), batch_size=batch_size, shuffle=True, num_workers=2,
@@ -105,7 +108,7 @@ def reference_images_per_s(cifar: Path, steps: int, warmup: int, batch_size: int
         opt.step()
         opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    return {"steps": steps, "batch_size": batch_size, "seconds": seconds, "images_per_s": steps * batch_size / seconds}
+    return {"steps": steps, "batch_size": batch_size, "seconds": seconds, "images_per_s": steps * batch_size / seconds, "widths": list(widths)}
 
 
 def compile_check(cifar: Path, batch_size: int, steps: int) -> list[list[object]]:
@@ -168,6 +171,7 @@ def run_imgcls(cifar: Path, budget: float, seed: int, extra: list[str]) -> dict:
     epochs = round(images / n_train, 2)  # the last epoch of a budgeted run may be partial
     return {
         "budget_min": budget, "seed": seed, "accuracy": m["accuracy"], "tta": m.get("tta"), "epochs": epochs,
+        "widths": meta.get("model_kwargs", {}).get("widths", FULL_WIDTHS),  # a time budget may narrow the network
         "train_wall_s": tr.seconds, "eval_wall_s": ev.seconds, "total_wall_s": tr.seconds + ev.seconds,
         "loop_images_per_s": images / train_s, "e2e_images_per_s": images / (tr.seconds + ev.seconds),
         "fit_test_accuracy": meta.get("metrics", {}).get("test", {}).get("accuracy"),
@@ -196,11 +200,11 @@ def tables(rows: list[dict]) -> str:
     earlier = [r for r in all_runs if latest[(r["budget_min"], r["seed"])] is not r]
     refs = [r for r in rows if r["kind"] == "reference"]
     out = []
-    ref = refs[-1]["images_per_s"] if refs else None
+    ref_by_widths = {tuple(r.get("widths", FULL_WIDTHS)): r["images_per_s"] for r in refs}  # the latest per network
     if runs:
         out.append(markdown_table(
-            ["budget", "seed", "test acc", "TTA", "epochs", "train wall s", "evaluate wall s", "total s", "train-loop img/s", "end-to-end img/s", "load start/end"],
-            [[f"{r['budget_min']:g} min", r["seed"], f"{r['accuracy']:.4f}", r["tta"], r["epochs"], f"{r['train_wall_s']:.0f}", f"{r['eval_wall_s']:.0f}",
+            ["budget", "seed", "widths", "test acc", "TTA", "epochs", "train wall s", "evaluate wall s", "total s", "train-loop img/s", "end-to-end img/s", "load start/end"],
+            [[f"{r['budget_min']:g} min", r["seed"], "/".join(map(str, r.get("widths", FULL_WIDTHS))), f"{r['accuracy']:.4f}", r["tta"], r["epochs"], f"{r['train_wall_s']:.0f}", f"{r['eval_wall_s']:.0f}",
               f"{r['total_wall_s']:.0f}", f"{r['loop_images_per_s']:.0f}", f"{r['e2e_images_per_s']:.0f}",
               f"{r['load_start']:.2f} / {r['load_end']:.2f}" + (" (noisy)" if r["noisy"] else "")]
              for r in runs + earlier]))
@@ -212,6 +216,8 @@ def tables(rows: list[dict]) -> str:
             acc = [r["accuracy"] for r in rs]
             loop = statistics.mean(r["loop_images_per_s"] for r in rs)
             e2e = statistics.mean(r["e2e_images_per_s"] for r in rs)
+            nets = {tuple(r.get("widths", FULL_WIDTHS)) for r in rs}
+            ref = ref_by_widths.get(next(iter(nets))) if len(nets) == 1 else None  # like for like: the same network
             summary.append([f"{b:g} min", len(rs), f"{statistics.mean(acc):.4f}", f"{statistics.stdev(acc):.4f}" if len(acc) > 1 else "n/a",
                             f"{min(acc):.4f} - {max(acc):.4f}", f"{statistics.mean(r['total_wall_s'] for r in rs):.0f}",
                             f"{loop:.0f}", f"{e2e:.0f}", f"{loop / ref:.1f}x / {e2e / ref:.1f}x" if ref else "n/a"])
@@ -219,11 +225,12 @@ def tables(rows: list[dict]) -> str:
         out.append(markdown_table(["budget", "seeds", "mean test acc", "std", "min - max", "mean total s", "train-loop img/s", "end-to-end img/s",
                                    "vs reference (loop / end-to-end)"], summary))
     if refs:
-        r = refs[-1]
+        latest = {tuple(r.get("widths", FULL_WIDTHS)): r for r in refs}
         out.append("")
-        out.append(markdown_table(["pipeline", "images/s", "steps x batch", "load start/end"],
-                                  [["reference: DataLoader(2 workers) + PIL per image + NumPy transforms, fp32, same small_cnn", f"{r['images_per_s']:.0f}",
-                                    f"{r['steps']} x {r['batch_size']}", f"{r['load_start']:.2f} / {r['load_end']:.2f}" + (" (noisy)" if r["noisy"] else "")]]))
+        out.append(markdown_table(["pipeline", "small_cnn widths", "images/s", "steps x batch", "load start/end"],
+                                  [["reference: DataLoader(2 workers) + PIL per image + NumPy transforms, fp32", "/".join(map(str, w)), f"{r['images_per_s']:.0f}",
+                                    f"{r['steps']} x {r['batch_size']}", f"{r['load_start']:.2f} / {r['load_end']:.2f}" + (" (noisy)" if r["noisy"] else "")]
+                                   for w, r in latest.items()]))
     return "\n".join(out)
 
 
@@ -235,6 +242,7 @@ def main() -> int:
     p.add_argument("--reference-only", action="store_true")
     p.add_argument("--ref-steps", type=int, default=20, help="timed reference steps after 3 warm-up steps (default 20)")
     p.add_argument("--ref-batch", type=int, default=512, help="reference batch size (default 512, as imgcls's fast recipe)")
+    p.add_argument("--ref-widths", default="64/256/256", help="small_cnn widths of the reference (default the full 64/256/256; 32/128/128 to match a run a time budget narrowed)")
     p.add_argument("--table-only", action="store_true", help="print the tables from bench/out/train_cifar10/runs.jsonl")
     p.add_argument("--extra", default="", help="extra flags for imgcls train, e.g. '--batch-size 256'")
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for load < 1.5 before each run (default 600)")
@@ -254,7 +262,7 @@ def main() -> int:
         if not a.skip_reference:
             print("reference pipeline ...", flush=True)
             la0, _, noisy = wait_for_quiet(max_wait_s=MAX_WAIT[0])
-            r = reference_images_per_s(cifar, a.ref_steps, 3, a.ref_batch)
+            r = reference_images_per_s(cifar, a.ref_steps, 3, a.ref_batch, [int(w) for w in a.ref_widths.split("/")])
             r.update(kind="reference", load_start=round(la0, 2), load_end=round(load1(), 2), noisy=noisy, time=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_summary())
             print(f"  {r['images_per_s']:.0f} images/s", flush=True)
             log.write(json.dumps(r) + "\n")

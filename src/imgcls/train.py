@@ -444,7 +444,13 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
         enough = min(MIN_BUDGET_EPOCHS, t_cfg.epochs or math.inf)  # an --epochs cap that binds leaves the width alone
         if recipe.name == "fast" and cfg.model.name in BUDGET_WIDTHS and not cfg.model.starts_pretrained and planned < enough:
             # Too few epochs for the full width: a narrower net trains more of them (see recipes.BUDGET_WIDTHS).
-            for widths in BUDGET_WIDTHS[cfg.model.name][1:]:
+            full, *narrower = BUDGET_WIDTHS[cfg.model.name]
+            planned_full = planned
+            for i, widths in enumerate(narrower):
+                # compute falls at most with the width squared: a width that could not reach `enough`
+                # even then is not worth the seconds of timing it (the narrowest is always tried)
+                if i < len(narrower) - 1 and planned_full * (full[-1] / widths[-1]) ** 2 < enough:
+                    continue
                 model_kwargs = {"widths": list(widths)}
                 model, optimizer = new_model(model_kwargs, say=False)
                 planned = plan(model, optimizer)
