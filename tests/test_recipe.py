@@ -328,9 +328,9 @@ def test_time_budget_narrows_small_cnn_when_the_full_width_gets_too_few_epochs(t
     data = make_split_folders(tmp_path / "data", per_split={"train": 40, "valid": 4}, size=16, seed=0)
 
     def step_seconds(model, *args, **kwargs):  # the full width looks slow, narrower ones free
-        # 3 steps an epoch at 3.7 s: ~2.2 of the 3 capped epochs fit the 30 s budget, and the next
-        # width (1.78x fewer FLOPs) could reach 3, so it is timed, and wins
-        return 3.7 if model.blocks[0].conv1.out_channels == 64 else 1e-4
+        # 120 images, 8 steps an epoch at 1.45 s: ~2.2 of the 3 capped epochs fit the 30 s budget,
+        # and the next width (1.78x fewer FLOPs) could reach 3, so it is timed, and wins
+        return 1.45 if model.blocks[0].conv1.out_channels == 64 else 1e-4
 
     monkeypatch.setattr(train_mod, "time_train_steps", step_seconds)
     lines: list[str] = []
@@ -338,7 +338,7 @@ def test_time_budget_narrows_small_cnn_when_the_full_width_gets_too_few_epochs(t
                     train=TrainConfig(out=str(tmp_path / "run"), time_budget=0.5, batch_size=16, epochs=3))
     run = fit(cfg, progress=False, log=lines.append)
     meta = json.loads((run / "model.json").read_text())
-    assert meta["model_kwargs"] == {"widths": [48, 192, 192]}
+    assert meta["model_kwargs"] == {"widths": [48, 192, 192]}, [s for s in lines if "budget" in s]
     assert any("narrowed to widths [48, 192, 192]" in s for s in lines)
     model, _ = load_artifact(run)
     assert model.blocks[0].conv1.out_channels == 48
