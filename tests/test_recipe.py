@@ -74,6 +74,28 @@ def test_whitening_on_grey_images_is_finite():
     assert torch.isfinite(model(grey)).all()
 
 
+def test_whitening_on_grey_images_gives_every_channel_signal_and_trains_in_bf16():
+    """Grey images vary in 4 of the 12 patch directions; a filter for one of the other 8 would
+    output a constant that BatchNorm turns into exploding gradients (MNIST went to NaN in bf16)."""
+    torch.manual_seed(0)
+    grey = (torch.rand(64, 1, 16, 16) > 0.7).float().repeat(1, 3, 1, 1) * 4 - 2  # strokes on a flat background
+    model = create_model("small_cnn", 3).to(memory_format=torch.channels_last)
+    model.init_whitening(grey)
+    with torch.no_grad():
+        out = nn.functional.conv2d(grey, model.whiten.weight)  # (N, 24, 15, 15)
+    assert (out.std(dim=(0, 2, 3)) > 0.1).all()  # no dead channel
+    opt = build_recipe_optimizer(model, resolve_recipe(TrainConfig(), ModelConfig(), AugmentSpec(hflip=False), 64))
+    labels = torch.randint(0, 3, (64,))
+    for _ in range(5):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(grey.contiguous(memory_format=torch.channels_last)).float(), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_init_whitening_from_uint8_cache():
     images = torch.randint(0, 256, (40, 20, 20, 3), dtype=torch.uint8)  # (N, S, S, 3) with S > img_size
     model = create_model("small_cnn", 4)

@@ -40,7 +40,10 @@ def _conv(c_in: int, c_out: int) -> nn.Conv2d:
 def _batch_norm(c: int) -> nn.BatchNorm2d:
     # Scale frozen at 1, only the shift is learned (airbench): the next conv can absorb a scale,
     # and without it the high learning rate of the BN biases (see recipes) stays stable.
-    bn = nn.BatchNorm2d(c, eps=1e-12, momentum=BN_MOMENTUM)
+    # eps 1e-5, not airbench's 1e-12: the same for channels of unit variance, but a channel that
+    # is nearly constant over a batch (flat backgrounds, binary strokes) would have its gradient
+    # multiplied by up to 1e6, which sent MNIST and synthetic grey images to NaN.
+    bn = nn.BatchNorm2d(c, eps=1e-5, momentum=BN_MOMENTUM)
     bn.weight.requires_grad_(False)
     return bn
 
@@ -107,6 +110,13 @@ class SmallCNN(nn.Module):
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
         eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(c * k * k, c, k, k)
+        # Grey images decoded as RGB vary in only 4 of the 12 directions (the channels are equal).
+        # A filter for a direction without variance, scaled by 1/sqrt(eps), outputs only rounding
+        # noise (large in bf16), which BatchNorm then blows up to unit variance: MNIST trained to
+        # NaN in bf16. Such slots repeat the directions the data has instead, so every channel
+        # carries signal (a no-op for colour data, whose 12 directions all vary).
+        rank = max(1, int((eigenvalues > 1e-6 * eigenvalues[0]).sum()))
+        filters = filters[torch.arange(c * k * k) % rank]
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight.dtype))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
