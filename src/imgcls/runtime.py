@@ -135,20 +135,25 @@ def tta_logits(run: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, mo
     return out
 
 
-# Input pixels per inference batch: beyond about half a million, activations spill out of the caches
-# and images/s falls. Measured on 2 cores (AVX512-BF16, bench/RESULTS.md): efficientnet_lite0 in bf16
-# ran 145 img/s at batch 8-16 and 102 at batch 64 (224 px), 459 at 32 and 356 at 64 (128 px);
-# small_cnn at 32 px was flat from 64 to 256 and slower at 512.
-INFERENCE_BATCH_PIXELS = 1 << 19
+# Input pixels per batch: beyond about half a million, activations spill out of the caches and
+# images/s falls, in inference and in training. Measured on 2 cores (AVX512-BF16, bench/RESULTS.md):
+# efficientnet_lite0 inference in bf16 ran 145 img/s at batch 8-16 and 102 at batch 64 (224 px),
+# 459 at 32 and 356 at 64 (128 px); small_cnn at 32 px was flat from 64 to 256 and slower at 512.
+CACHE_BATCH_PIXELS = 1 << 19
 
 
-def inference_batch_size(img_size: int, cap: int = 256) -> int:
-    """Images per forward pass for inference at `img_size`: the largest power of two whose batch
-    holds at most INFERENCE_BATCH_PIXELS input pixels, between 1 and `cap`."""
-    b = 1
-    while b * 2 <= cap and b * 2 * img_size * img_size <= INFERENCE_BATCH_PIXELS:
+def cache_sized_batch(img_size: int, low: int, high: int) -> int:
+    """The largest power of two from `low` to `high` whose batch holds at most CACHE_BATCH_PIXELS
+    input pixels at `img_size` (`low` when even that holds more)."""
+    b = low
+    while b * 2 <= high and b * 2 * img_size * img_size <= CACHE_BATCH_PIXELS:
         b *= 2
     return b
+
+
+def inference_batch_size(img_size: int) -> int:
+    """Images per forward pass for inference at `img_size`: 256 at 32 px, 32 at 128 px, 8 at 224 px."""
+    return cache_sized_batch(img_size, 1, 256)
 
 
 def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
