@@ -6,7 +6,9 @@ and batch-1 latency of the forward pass.
 
 Throughput: efficientnet_lite0 (pretrained ImageNet classifier, `Classifier.imagenet()`) on all
 10,000 CIFAR-10 test JPEGs and the 1,360 Oxford-17 flower photos, through `iter_predict` (threads
-decoding with JPEG draft mode, batches of 64, bf16 weights converted once on AMX CPUs). The
+decoding with JPEG draft mode, cache-sized batches, bf16 weights converted once on AMX CPUs),
+once with `compile="off"` and once with the default `compile="auto"` (which compiles the model
+with torch.compile when the job is long enough; the compile time is inside its figure). The
 naive loop is what a first script does: open, convert, resize, centre-crop, normalise and run
 one image at a time in fp32; it runs on the first --naive-images files of each set (it is slow)
 and its images/s is compared with iter_predict's on all of them.
@@ -133,7 +135,6 @@ def main() -> int:
     sets = [("CIFAR-10 test (32x32 JPEG)", [p for p, _ in index_dataset(cifar / "test").splits["all"]]),
             ("Oxford-17 flowers (~500x666 JPEG)", [p for p, _ in index_dataset(flowers).splits["all"]])]
     if not a.skip_throughput:
-        clf = Classifier.imagenet()
         from imgcls.models import create_model
 
         fp32_model = create_model("efficientnet_lite0", num_classes=1000, pretrained=True).eval()  # the naive loop's model: fp32, NCHW
@@ -142,19 +143,23 @@ def main() -> int:
             for f in paths:
                 Path(f).read_bytes()  # warm page cache for both sides
             la0, _, noisy = wait_for_quiet(max_wait_s=MAX_WAIT[0])
-            list(clf.iter_predict(paths[:64], probabilities=False))  # warm-up
-            t0 = time.perf_counter()
-            n_ok = sum("error" not in r for r in clf.iter_predict(paths, probabilities=False))  # as `imgcls predict` runs it
-            t_fast = time.perf_counter() - t0
+            rates = {}
+            for mode in ("off", "auto"):
+                clf = Classifier.imagenet(compile=mode, log=lambda msg: print(f"  {msg}", flush=True))
+                list(clf.iter_predict(paths[:64], probabilities=False))  # warm-up (too short to compile)
+                t0 = time.perf_counter()
+                n_ok = sum("error" not in r for r in clf.iter_predict(paths, probabilities=False))  # as `imgcls predict` runs it
+                rates[mode] = (n_ok / (time.perf_counter() - t0), time.perf_counter() - t0)
             naive = paths[: a.naive_images]
             t_naive = naive_loop(fp32_model, clf.spec, naive)
             la1 = load1()
-            fast, slow = n_ok / t_fast, len(naive) / t_naive
-            rows.append([name, len(paths), f"{fast:.1f}", f"{t_fast:.1f}", len(naive), f"{slow:.1f}", f"{fast / slow:.1f}x",
-                         f"{la0:.2f} / {la1:.2f}" + (" (noisy)" if noisy else "")])
-            print(f"{name}: iter_predict {fast:.1f} img/s, naive {slow:.1f} img/s", flush=True)
+            slow = len(naive) / t_naive
+            for mode, (fast, t_fast) in rates.items():
+                rows.append([name, len(paths), mode, f"{fast:.1f}", f"{t_fast:.1f}", len(naive), f"{slow:.1f}", f"{fast / slow:.1f}x",
+                             f"{la0:.2f} / {la1:.2f}" + (" (noisy)" if noisy else "")])
+                print(f"{name}: iter_predict compile={mode} {fast:.1f} img/s, naive {slow:.1f} img/s", flush=True)
         print()
-        print(markdown_table(["images (efficientnet_lite0, 224 px)", "n", "iter_predict img/s", "s", "naive n", "naive img/s", "speed-up", "load start/end"], rows))
+        print(markdown_table(["images (efficientnet_lite0, 224 px)", "n", "compile", "iter_predict img/s", "s", "naive n", "naive img/s", "speed-up", "load start/end"], rows))
     if not a.skip_latency:
         rows = latency_rows("efficientnet_lite0", a.latency_calls, sets[1][1][0]) + latency_rows("small_cnn", a.latency_calls, sets[0][1][0])
         print()

@@ -13,7 +13,7 @@ from imgcls.artifact import load_artifact, resolve_artifact_dir, spec_of
 from imgcls.data import DatasetError, DatasetIndex, index_dataset, load_split
 from imgcls.metrics import classification_metrics
 from imgcls.report import read_history, write_report
-from imgcls.runtime import batched_logits, prepare_inference_model, resolve_device, resolve_precision, resolve_tta
+from imgcls.runtime import CompiledForward, batched_logits, prepare_inference_model, resolve_device, resolve_precision, resolve_tta, tta_view_count
 
 
 def choose_split(index: DatasetIndex, split: str | None) -> str:
@@ -47,13 +47,16 @@ def evaluate(
     workers: int = 0,
     top_losses: int = 20,
     tta: str | None = "auto",
+    compile: str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Metrics of the model in `model_path` on `data_path` (any dataset layout).
 
     Images go through the model's saved preprocessing. tta="auto" uses the test-time augmentation
-    that model.json recommends (as predict does), or give none/flip/translate/flip-translate. Writes metrics.json, confusion matrix
+    that model.json recommends (as predict does), or give none/flip/translate/flip-translate.
+    compile: torch.compile the model when the pass is long enough to pay ("auto"), "on" or "off"
+    (`runtime.CompiledForward`). Writes metrics.json, confusion matrix
     (text and PNG), training curves and report.html to `out_dir` (default MODEL/evaluation/<data>).
     """
     model_dir = resolve_artifact_dir(model_path)
@@ -71,7 +74,9 @@ def evaluate(
         raise DatasetError(f"{data_path}: no image could be decoded in split {name!r}")
     tta_mode = resolve_tta(tta, meta)
     model, amp_dtype = prepare_inference_model(model, dev, resolve_precision(precision, dev))  # as predict does
-    logits = batched_logits(model, decoded.images, spec, batch_size=batch_size, device=dev, amp_dtype=amp_dtype, progress=progress, tta=tta_mode)
+    forward = CompiledForward(model, compile, log)
+    forward.expect(len(decoded.images) * tta_view_count(tta_mode))
+    logits = batched_logits(model, decoded.images, spec, batch_size=batch_size, device=dev, amp_dtype=amp_dtype, progress=progress, tta=tta_mode, forward=forward)
     probs = torch.softmax(logits, 1).numpy()
     metrics = classification_metrics(probs, labels, class_names)
     metrics.update(split=name, data=str(data_path), model=str(model_dir), skipped_files=len(decoded.failures), tta=tta_mode)

@@ -21,7 +21,7 @@ from torch import nn
 from imgcls.artifact import load_artifact, spec_of
 from imgcls.io import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, is_image_path, load_image
 from imgcls.models import create_model, get_entry
-from imgcls.runtime import batched_logits, prepare_inference_model, resolve_device, resolve_precision, resolve_tta, tta_logits
+from imgcls.runtime import CompiledForward, batched_logits, prepare_inference_model, resolve_device, resolve_precision, resolve_tta, tta_logits, tta_view_count
 from imgcls.transforms import PreprocessSpec, resize_image
 
 PRETRAINED_PREFIX = "imagenet"
@@ -39,11 +39,17 @@ def _source_name(x: Any, i: int) -> str:
 class TorchRunner:
     """uint8 prepared images (N, S, S, 3) -> float32 logits (N, num_classes) through the torch model."""
 
-    def __init__(self, model: nn.Module, spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    def __init__(self, model: nn.Module, spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None, compile: str = "auto",
+                 log: Callable[[str], None] | None = None) -> None:
         self.model, self.spec, self.device, self.amp_dtype = model, spec, device, amp_dtype
+        self.forward = CompiledForward(model, compile, log)
+
+    def expect(self, n_images: int) -> None:
+        """Forward images still to come: a long enough job compiles the model (see CompiledForward)."""
+        self.forward.expect(n_images)
 
     def __call__(self, images: np.ndarray, batch_size: int | None = None) -> torch.Tensor:
-        return batched_logits(self.model, images, self.spec, batch_size=batch_size, device=self.device, amp_dtype=self.amp_dtype)
+        return batched_logits(self.model, images, self.spec, batch_size=batch_size, device=self.device, amp_dtype=self.amp_dtype, forward=self.forward)
 
 
 class Classifier:
@@ -51,11 +57,15 @@ class Classifier:
 
     The backend only changes the forward pass (`runner`: TorchRunner, or export.OnnxRunner for
     backend="onnx", where `model` is None); decoding, resizing and batching are shared.
+    compile="auto" compiles the torch model with torch.compile when a `predict`/`iter_predict`
+    call over a list is long enough for that to pay (1.5 minutes of work or more, see
+    `runtime.CompiledForward`); "on" always, "off" never. `log` receives such notices.
     """
 
     def __init__(
         self, model: nn.Module | None, meta: dict[str, Any], device: str = "auto", precision: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS,
-        runner: Callable[[np.ndarray, int], torch.Tensor] | None = None, tta: str = "auto",
+        runner: Callable[[np.ndarray, int], torch.Tensor] | None = None, tta: str = "auto", compile: str = "auto",
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.device = resolve_device(device) if runner is None else torch.device("cpu")
         self.model = model.to(self.device).eval() if model is not None else None
@@ -69,7 +79,7 @@ class Classifier:
             raise ValueError("Classifier needs a model or a runner")
         if runner is None:  # bf16 weights once on AMX CPUs (autocast then off), as evaluate does; amp_dtype still names the precision
             self.model, run_dtype = prepare_inference_model(self.model, self.device, self.amp_dtype)
-        self.runner = runner or TorchRunner(self.model, self.spec, self.device, run_dtype)
+        self.runner = runner or TorchRunner(self.model, self.spec, self.device, run_dtype, compile, log)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto", backend: str = "torch", **kwargs: Any) -> "Classifier":
@@ -162,6 +172,8 @@ class Classifier:
         if errors not in ("raise", "report"):
             raise ValueError("errors must be 'raise' or 'report'")
         workers = workers or min(4, os.cpu_count() or 1)
+        if hasattr(items, "__len__") and hasattr(self.runner, "expect"):  # a long job may compile the model
+            self.runner.expect(len(items) * tta_view_count(self.tta))  # type: ignore[arg-type]
         chunk_size = max(DECODE_CHUNK, batch_size or 0)
         with ThreadPoolExecutor(workers) as pool:
             pending: tuple[list[str], list[Future]] | None = None
