@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from imgcls.artifact import atomic_write_text, package_versions, save_artifact
+from imgcls.budget import BudgetSchedule, choose_width, plan_epochs, time_eval
 from imgcls.checkpoint import CHECKPOINT_FILE, load_checkpoint, read_checkpoint_config, read_checkpoint_state, save_checkpoint, write_history
 from imgcls.config import RunConfig
 from imgcls.data import DatasetIndex, dataset_fingerprint, index_dataset, load_split, stratified_split
@@ -249,42 +250,6 @@ def faster_train_dtype(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
     return pick, t[pick]
 
 
-def time_eval(model: nn.Module, splits: list["SplitData"], spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None, tta: str = "none") -> float:
-    """Seconds for one evaluation pass over `splits` (with `tta`), extrapolated from up to 512 images."""
-    total = sum(len(s.paths) for s in splits)
-    if total == 0:
-        return 0.0
-    sample = torch.cat([s.images[:512] for s in splits])[:512]
-    batched_logits(model, sample[:64].numpy(), spec, device=device, amp_dtype=amp_dtype)  # warm-up
-    seconds = []
-    halves = [h for h in (sample[: len(sample) // 2], sample[len(sample) // 2 :]) if len(h)]
-    for half in halves:  # the faster half: a shared machine has bursts
-        t0 = time.perf_counter()
-        batched_logits(model, half.numpy(), spec, device=device, amp_dtype=amp_dtype, tta=tta)
-        seconds.append((time.perf_counter() - t0) / max(1, len(half)))
-    return min(seconds) * total
-
-
-def plan_epochs(budget_s: float, max_epochs: int | None, steps_per_epoch: int, step_seconds: Callable[[int], float], eval_seconds: Callable[[], tuple[float, float]],
-                log: Callable[[str], None]) -> float:
-    """How many epochs fit in what is left of the time budget (decoding already spent); the last
-    one may be partial, so no budget is left unused.
-
-    eval_seconds() -> (validation pass run after each epoch, final evaluation of val and test with
-    the recipe's TTA). One epoch costs its steps plus a validation pass; the final evaluation and
-    a 5% margin are kept back.
-    """
-    t_step = step_seconds(min(steps_per_epoch, 8))
-    t_val, t_final = eval_seconds()
-    per_epoch = t_step * steps_per_epoch + t_val
-    usable = budget_s * 0.95 - t_final - 2.0
-    epochs = max(1.0, usable / per_epoch)
-    if max_epochs:
-        epochs = min(epochs, float(max_epochs))
-    log(f"time budget: {budget_s:.0f}s left, about {per_epoch:.1f}s per epoch ({t_step * 1000:.0f} ms/step, validation {t_val:.1f}s, final evaluation {t_final:.1f}s) -> {epochs:.2f} epochs")
-    return epochs
-
-
 # ----------------------------------------------------------------------------- data for a run
 
 
@@ -429,14 +394,15 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
     if strategy == "linear-probe":
         epochs = 0
     elif t_cfg.time_budget is not None and not resume:
-        t_final_eval = time_eval(model, [s for s in final_splits.values() if s is not None], spec, device, amp_dtype, recipe.tta)
+        t_final_eval = time_eval(model, [s.images for s in final_splits.values() if s is not None], spec, device, amp_dtype, recipe.tta)
         # fine-tune starts with the linear probe: one feature pass over train and val, kept back too
-        t_probe = time_eval(model, [s for s in (train, val) if s is not None], spec, device, amp_dtype) if strategy == "fine-tune" else 0.0
+        t_probe = time_eval(model, [s.images for s in (train, val) if s is not None], spec, device, amp_dtype) if strategy == "fine-tune" else 0.0
+
         def plan(m: nn.Module, opt: torch.optim.Optimizer, step_s: float | None = None) -> float:
             return plan_epochs(
                 t_cfg.time_budget * 60 - (time.perf_counter() - t_start) - t_probe, t_cfg.epochs, steps_per_epoch,
                 lambda n: step_s or time_train_steps(m, opt, loss_fn, train, spec, aug, bs, n, device, train_dtype, t_cfg.channels_last),
-                lambda: (time_eval(m, [s for s in (val,) if s is not None], spec, device, amp_dtype), t_final_eval), log,
+                lambda: (time_eval(m, [val.images] if val is not None else [], spec, device, amp_dtype), t_final_eval), log,
             )
 
         # the precision trial's timing when there was one (the plan is redone after every epoch anyway)
@@ -444,18 +410,15 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
         enough = min(MIN_BUDGET_EPOCHS, t_cfg.epochs or math.inf)  # an --epochs cap that binds leaves the width alone
         if recipe.name == "fast" and cfg.model.name in BUDGET_WIDTHS and not cfg.model.starts_pretrained and planned < enough:
             # Too few epochs for the full width: a narrower net trains more of them (see recipes.BUDGET_WIDTHS).
-            full, *narrower = BUDGET_WIDTHS[cfg.model.name]
-            planned_full = planned
-            for i, widths in enumerate(narrower):
-                # compute falls at most with the width squared: a width that could not reach `enough`
-                # even then is not worth the seconds of timing it (the narrowest is always tried)
-                if i < len(narrower) - 1 and planned_full * (full[-1] / widths[-1]) ** 2 < enough:
-                    continue
-                model_kwargs = {"widths": list(widths)}
-                model, optimizer = new_model(model_kwargs, say=False)
-                planned = plan(model, optimizer)
-                if planned >= enough:
-                    break
+            built: dict[tuple[int, ...], tuple[nn.Module, torch.optim.Optimizer]] = {}
+
+            def plan_width(widths: tuple[int, ...]) -> float:
+                built[widths] = new_model({"widths": list(widths)}, say=False)
+                return plan(*built[widths])
+
+            widths, planned = choose_width(BUDGET_WIDTHS[cfg.model.name], planned, enough, plan_width)
+            model, optimizer = built[widths]
+            model_kwargs = {"widths": list(widths)}
             log(f"time budget: {cfg.model.name} narrowed to widths {model_kwargs['widths']} to train {planned:.1f} epochs")
         total_steps = max(1, int(planned * steps_per_epoch))
         epochs = math.ceil(total_steps / steps_per_epoch)
@@ -463,11 +426,6 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
         epochs = t_cfg.epochs or DEFAULT_EPOCHS
     if total_steps is None:
         total_steps = steps_per_epoch * max(epochs, 1)
-
-    def set_lr(step: int) -> None:
-        f = lr_factor(step, total_steps, recipe.warmup_steps(steps_per_epoch, total_steps), recipe.schedule)
-        for g in optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * f
 
     state: dict[str, Any] = {"epoch": -1, "best_epoch": -1, "best_acc": -1.0, "best_loss": float("inf"), "history": [], "bad_epochs": 0, "planned_epochs": epochs,
                              "total_steps": total_steps, "train_precision": dtype_name(train_dtype), "model_kwargs": model_kwargs}
@@ -511,23 +469,16 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
         save_artifact(run_dir, model, {**meta_base, "training": {"strategy": strategy, "stage": "linear-probe"}})
 
     stopped_early = False
-    first_epoch, t_loop = state["epoch"] + 1, time.perf_counter()
+    first_epoch = state["epoch"] + 1
     epoch = first_epoch
-    deadline = None if t_cfg.time_budget is None or resume else t_start + t_cfg.time_budget * 60 - (t_final_eval or 0.0) - 5.0
+    # A resumed run keeps its schedule: its clock restarted, so it is not cut short mid-epoch.
+    sched = BudgetSchedule(total_steps, steps_per_epoch, first_epoch * steps_per_epoch, t_start, None if t_cfg.time_budget is None else t_cfg.time_budget * 60,
+                           t_final_eval, cut_off=not resume, max_steps=(t_cfg.epochs or 0) * steps_per_epoch or None)
 
-    def keep_going(step: int) -> bool:
-        """Before global step `step`: when the run is behind its time budget (a slower or busier
-        machine than the plan measured), shorten the schedule so that the learning rate still
-        decays to zero by the deadline; cutting the run off at a high learning rate would leave
-        weights that are far from a minimum."""
-        nonlocal total_steps
-        done_here = step - first_epoch * steps_per_epoch
-        if deadline is not None and done_here > 0 and step % 8 == 0:
-            now = time.perf_counter()
-            fits = step + int(max(0.0, deadline - now) / ((now - t_loop) / done_here))
-            if fits < total_steps:
-                total_steps = max(step, fits)
-        return step < total_steps
+    def set_lr(step: int) -> None:
+        f = lr_factor(step, sched.total_steps, recipe.warmup_steps(steps_per_epoch, sched.total_steps), recipe.schedule)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * f
 
     # The lookahead EMA equals the weights at every epoch end, so a resumed run starts it from them.
     lookahead = Lookahead(model, last_step=first_epoch * steps_per_epoch - 1) if recipe.lookahead and epochs > first_epoch else None
@@ -539,22 +490,22 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
         g = torch.Generator().manual_seed(cfg.data.seed * 100_003 + epoch)  # per-epoch stream: resume replays it
         if whiten_bias is not None:
             whiten_bias.requires_grad_(whiten_bias_trains(recipe, epoch, epochs))
-        planned_total = total_steps
+        planned_total = sched.total_steps
         stats = train_one_epoch(
             train_model, train.images, train.labels, optimizer, loss_fn, spec, aug, bs, g, set_lr,
             epoch * steps_per_epoch, device, train_dtype, t_cfg.channels_last, t_cfg.grad_clip,
             progress, f"epoch {epoch + 1}/{epochs}", scaler,
-            average_weights=(lambda step, epoch_end: lookahead.update(model, step, total_steps, epoch_end)) if lookahead is not None else None,
-            max_batches=total_steps - epoch * steps_per_epoch,
-            keep_going=keep_going,
+            average_weights=(lambda step, epoch_end: lookahead.update(model, step, sched.total_steps, epoch_end)) if lookahead is not None else None,
+            max_batches=sched.total_steps - epoch * steps_per_epoch,
+            keep_going=sched.keep_going,
         )
-        out_of_time = total_steps < planned_total
+        out_of_time = sched.total_steps < planned_total
         if out_of_time:  # behind the time budget: the schedule was shortened during this epoch
-            epochs = math.ceil(total_steps / steps_per_epoch)
-            state.update(planned_epochs=epochs, total_steps=total_steps)
-            if lookahead is not None and epoch * steps_per_epoch + stats.steps >= total_steps:
-                lookahead.update(model, total_steps - 1, total_steps, True)  # the run's last step: the EMA is copied in
-            log(f"time budget: schedule shortened to {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
+            epochs = sched.epochs
+            state.update(planned_epochs=epochs, total_steps=sched.total_steps)
+            if lookahead is not None and epoch * steps_per_epoch + stats.steps >= sched.total_steps:
+                lookahead.update(model, sched.total_steps - 1, sched.total_steps, True)  # the run's last step: the EMA is copied in
+            log(f"time budget: schedule shortened to {sched.total_steps} steps ({sched.total_steps / steps_per_epoch:.2f} epochs)")
         val_loss, val_acc = val_metrics(model) if val is not None and len(val.paths) else (float("nan"), float("nan"))
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy, "val_loss": val_loss, "val_acc": val_acc,
                "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": stats.seconds, "images_per_s": stats.images / max(stats.seconds, 1e-9)}
@@ -567,19 +518,11 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        done = min(total_steps, (epoch + 1) * steps_per_epoch)  # global steps trained so far
-        if t_cfg.time_budget is not None and done == (epoch + 1) * steps_per_epoch and not out_of_time:
-            # Re-plan from the steps measured so far (the first estimate comes from a few steps on
-            # a machine that may be shared); the schedule stretches or shrinks to the new length,
-            # and the last epoch may be partial so that the budget is used to the end.
-            per_step = (time.perf_counter() - t_loop) / max(1, done - first_epoch * steps_per_epoch)  # validation and checkpoints included
-            if t_final_eval is None:  # the final evaluation is kept back too
-                t_final_eval = time_eval(model, [s for s in final_splits.values() if s is not None], spec, device, amp_dtype, recipe.tta)
-            left = t_cfg.time_budget * 60 * 0.95 - (time.perf_counter() - t_start) - t_final_eval - 0.1 * steps_per_epoch * per_step
-            cap = (t_cfg.epochs or 10**6) * steps_per_epoch
-            total_steps = max(done, min(cap, done + int(max(0.0, left) / per_step)))
-            epochs = math.ceil(total_steps / steps_per_epoch)
-            state.update(planned_epochs=epochs, total_steps=total_steps)
+        done = min(sched.total_steps, (epoch + 1) * steps_per_epoch)  # global steps trained so far
+        if sched.budget_s is not None and done == (epoch + 1) * steps_per_epoch and not out_of_time:  # a full epoch: re-plan the rest of the budget
+            sched.replan(done, lambda: time_eval(model, [s.images for s in final_splits.values() if s is not None], spec, device, amp_dtype, recipe.tta))
+            epochs = sched.epochs
+            state.update(planned_epochs=epochs, total_steps=sched.total_steps)
         save_checkpoint(ckpt_path, model, optimizer, {k: v for k, v in state.items()} | {"config": cfg.to_dict()})
         log(f"epoch {epoch + 1}/{epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}  val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  "
             f"lr {row['lr']:.2e}  {stats.seconds:.1f}s  {row['images_per_s']:.0f} img/s" + ("  *" if improved else ""))
