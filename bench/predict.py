@@ -118,6 +118,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--naive-images", type=int, default=300, help="files per set for the naive loop (default 300)")
     p.add_argument("--latency-calls", type=int, default=200)
+    p.add_argument("--sets", nargs="+", choices=["cifar10", "flowers"], default=["cifar10", "flowers"], help="image sets for the throughput table (default both)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for load < 1.5 before each measurement (default 600)")
@@ -134,12 +135,13 @@ def main() -> int:
     flowers = unpack(DATASETS_DIR / "oxford17-flowers.tar.gz")
     sets = [("CIFAR-10 test (32x32 JPEG)", [p for p, _ in index_dataset(cifar / "test").splits["all"]]),
             ("Oxford-17 flowers (~500x666 JPEG)", [p for p, _ in index_dataset(flowers).splits["all"]])]
+    chosen = [name for key, (name, _) in zip(("cifar10", "flowers"), sets) if key in a.sets]
     if not a.skip_throughput:
         from imgcls.models import create_model
 
         fp32_model = create_model("efficientnet_lite0", num_classes=1000, pretrained=True).eval()  # the naive loop's model: fp32, NCHW
         rows = []
-        for name, paths in sets:
+        for name, paths in [x for x in sets if x[0] in chosen]:
             for f in paths:
                 Path(f).read_bytes()  # warm page cache for both sides
             la0, _, noisy = wait_for_quiet(max_wait_s=MAX_WAIT[0])
