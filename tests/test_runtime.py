@@ -73,7 +73,7 @@ def test_auto_compiles_once_the_announced_work_pays(monkeypatch):
         assert compiler.shapes == [(4, 3, 8, 8)] * 2
         fwd(torch.randn(3, 3, 8, 8))  # a partial last batch: eager, no recompile
         assert compiler.compiled == 1 and len(compiler.shapes) == 2
-    assert any("compiled the model for batches of 4" in m for m in logs)
+    assert any("compiling the model for batches of 4" in m for m in logs) and any(m.startswith("compiled in") for m in logs)
 
 
 def test_auto_leaves_short_jobs_eager(monkeypatch):
@@ -118,7 +118,7 @@ def test_failing_compiler_stays_eager_and_says_so():
         torch.testing.assert_close(fwd(x), model(x))
         fwd(x)
     assert compiler.compiled == 1  # not retried on every batch
-    assert logs == ["torch.compile failed, predicting without it: RuntimeError: no C++ compiler"]
+    assert logs[-1] == "torch.compile failed, predicting without it: RuntimeError: no C++ compiler" and len(logs) == 2
 
 
 def test_real_torch_compile_matches_eager_through_batched_logits():
@@ -132,7 +132,7 @@ def test_real_torch_compile_matches_eager_through_batched_logits():
     compiled = batched_logits(model, images, spec, batch_size=4, forward=fwd)  # 4 + 4 compiled, the last 2 eager
     eager = batched_logits(model, images, spec, batch_size=4)
     if fwd.compiled is None:  # no working compiler on this machine: the fallback must have said so
-        assert logs and logs[0].startswith("torch.compile failed")
+        assert any(m.startswith("torch.compile failed") for m in logs)
     else:
         assert fwd.shape == (4, 3, 8, 8)
     torch.testing.assert_close(compiled, eager, atol=0.05, rtol=0.05)

@@ -197,6 +197,7 @@ class CompiledForward:
             return self.compiled(x)
         self.largest = max(self.largest, batch)
         if self._worth_compiling(batch):
+            self.log(f"compiling the model for batches of {batch} (torch.compile, 10-30 s, once; --compile off to skip)")
             t0 = time.perf_counter()
             try:
                 compiled = self.compiler(self.model)
@@ -213,7 +214,7 @@ class CompiledForward:
                 self.log(f"torch.compile failed, predicting without it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             else:
                 self.compiled, self.shape = compiled, tuple(x.shape)
-                self.log(f"compiled the model for batches of {batch} in {time.perf_counter() - t0:.1f}s (torch.compile; --compile off to skip)")
+                self.log(f"compiled in {time.perf_counter() - t0:.1f}s")
                 return out
         t0 = time.perf_counter()
         out = self.model(x)
