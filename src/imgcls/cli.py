@@ -23,6 +23,7 @@ EPILOG = """examples:
 
 
 TTA_CHOICES = ["auto", "none", "flip", "translate", "flip-translate"]
+COMPILE_CHOICES = ["auto", "on", "off"]  # runtime.COMPILE_MODES, spelled here so that `imgcls --help` does not import torch
 COMPILE_HELP = ("torch.compile the model for inference: auto when the job would take 1.5 minutes or more without it "
                 "(compiling takes 10-30 s, then the model runs 1.2-2.3x faster on CPU), on, or off (default auto)")
 TTA_HELP = ("test-time augmentation: average the logits over mirrored and/or 1-px shifted copies; "
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="images per forward pass (default: by input size, 256 at 32 px, 8 at 224 px)")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     e.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
-    e.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help=COMPILE_HELP)
+    e.add_argument("--compile", choices=COMPILE_CHOICES, default="auto", help=COMPILE_HELP)
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, help="images per forward pass (default: by input size, 256 at 32 px, 8 at 224 px)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     r.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
-    r.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help=COMPILE_HELP + "; torch backend only")
+    r.add_argument("--compile", choices=COMPILE_CHOICES, default="auto", help=COMPILE_HELP + "; torch backend only")
     r.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="torch, or onnx: onnxruntime on the CPU; MODEL may then be a .onnx file, and a folder's model.onnx is exported on first use (default torch)")
     r.set_defaults(func=cmd_predict)

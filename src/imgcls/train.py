@@ -391,10 +391,14 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
     # (CIFAR-10's 10,000 test images with 6 TTA views took 34 s of a 4-minute budget on 2 cores).
     final_splits = {"val": val, "test": test if t_cfg.time_budget is None else None}
     t_final_eval: float | None = None  # seconds of the final evaluation, kept back from a time budget
+
+    def time_final_eval() -> float:
+        return time_eval(model, [s.images for s in final_splits.values() if s is not None], spec, device, amp_dtype, recipe.tta)
+
     if strategy == "linear-probe":
         epochs = 0
     elif t_cfg.time_budget is not None and not resume:
-        t_final_eval = time_eval(model, [s.images for s in final_splits.values() if s is not None], spec, device, amp_dtype, recipe.tta)
+        t_final_eval = time_final_eval()
         # fine-tune starts with the linear probe: one feature pass over train and val, kept back too
         t_probe = time_eval(model, [s.images for s in (train, val) if s is not None], spec, device, amp_dtype) if strategy == "fine-tune" else 0.0
 
@@ -501,8 +505,6 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
         )
         out_of_time = sched.total_steps < planned_total
         if out_of_time:  # behind the time budget: the schedule was shortened during this epoch
-            epochs = sched.epochs
-            state.update(planned_epochs=epochs, total_steps=sched.total_steps)
             if lookahead is not None and epoch * steps_per_epoch + stats.steps >= sched.total_steps:
                 lookahead.update(model, sched.total_steps - 1, sched.total_steps, True)  # the run's last step: the EMA is copied in
             log(f"time budget: schedule shortened to {sched.total_steps} steps ({sched.total_steps / steps_per_epoch:.2f} epochs)")
@@ -519,9 +521,10 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Callable[[str], None
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         done = min(sched.total_steps, (epoch + 1) * steps_per_epoch)  # global steps trained so far
-        if sched.budget_s is not None and done == (epoch + 1) * steps_per_epoch and not out_of_time:  # a full epoch: re-plan the rest of the budget
-            sched.replan(done, lambda: time_eval(model, [s.images for s in final_splits.values() if s is not None], spec, device, amp_dtype, recipe.tta))
-            epochs = sched.epochs
+        if sched.budget_s is not None:
+            if done == (epoch + 1) * steps_per_epoch and not out_of_time:  # a full epoch: re-plan the rest of the budget
+                sched.replan(done, time_final_eval)
+            epochs = sched.epochs  # shortened during the epoch or re-planned: the checkpoint records it
             state.update(planned_epochs=epochs, total_steps=sched.total_steps)
         save_checkpoint(ckpt_path, model, optimizer, {k: v for k, v in state.items()} | {"config": cfg.to_dict()})
         log(f"epoch {epoch + 1}/{epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}  val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  "
