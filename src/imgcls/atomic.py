@@ -1,0 +1,51 @@
+"""Atomic file writes: the one way imgcls writes a file that someone may read while it is written.
+
+Every write goes to a temp file in the target's folder and is renamed over the target, so a reader
+(or a run killed mid-write) sees the old file or the new one, never half of either. The rename
+replaces a symlink planted at the target instead of writing through it. The temp file is opened
+with the process's normal mode (0666 less the umask), not mkstemp's 0600, so a model folder copied
+to a server or shared with a colleague stays readable by them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temp path next to `path`; when the block ends without an error, rename it
+    over `path`. On an error (a full disk, a crash in the writer) the temp file is removed and
+    `path` is left as it was."""
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        # O_EXCL: never reuse or follow something already there; the mode is 0666 & ~umask.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (see the module docstring)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` as UTF-8 to `path` atomically (see the module docstring)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
