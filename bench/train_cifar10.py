@@ -119,8 +119,8 @@ def compile_check(cifar: Path, batch_size: int, steps: int) -> list[list[object]
 
     from imgcls.data import decode_images, index_dataset
     from imgcls.models import create_model, get_entry
-    from imgcls.recipes import init_whitening
-    from imgcls.train import train_one_epoch
+    from imgcls.training.loop import StepOptions, TrainData, train_one_epoch
+    from imgcls.training.recipes import init_whitening
     from imgcls.transforms import AugmentSpec
 
     spec = get_entry("small_cnn").default_spec
@@ -135,12 +135,12 @@ def compile_check(cifar: Path, batch_size: int, steps: int) -> list[list[object]
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
         run = torch.compile(model) if name != "eager" else model
         g = torch.Generator().manual_seed(0)
-        rest = (opt, nn.CrossEntropyLoss(label_smoothing=0.2), spec, AugmentSpec().resolve(32), batch_size, g, lambda s: None, 0, torch.device("cpu"), torch.bfloat16, True, None)
+        loss_fn, aug, options = nn.CrossEntropyLoss(label_smoothing=0.2), AugmentSpec().resolve(32), StepOptions(torch.device("cpu"), torch.bfloat16)
         t0 = time.perf_counter()
-        train_one_epoch(run, images[:batch_size], labels[:batch_size], *rest)  # first step: compiles
+        train_one_epoch(run, opt, loss_fn, TrainData(images[:batch_size], labels[:batch_size], spec, aug, batch_size), g, options)  # first step: compiles
         first = time.perf_counter() - t0
         la0 = load1()
-        stats = train_one_epoch(run, images, labels, *rest)
+        stats = train_one_epoch(run, opt, loss_fn, TrainData(images, labels, spec, aug, batch_size), g, options)
         rows.append([name, f"{first:.1f}", f"{stats.images / stats.seconds:.0f}", f"{la0:.2f} / {load1():.2f}"])
         print(f"  {name}: first step {first:.1f} s, {stats.images / stats.seconds:.0f} img/s", flush=True)
     return rows

@@ -166,10 +166,11 @@ def speed_runs(opts: argparse.Namespace) -> list[dict]:
     import torch
     from torch import nn
 
-    from imgcls.finetune import discriminative_param_groups, extract_features
     from imgcls.models import create_model, get_entry
     from imgcls.runtime import set_threads
-    from imgcls.train import train_one_epoch
+    from imgcls.training.finetune import extract_features
+    from imgcls.training.loop import StepOptions, TrainData, train_one_epoch
+    from imgcls.training.optim import discriminative_groups
     from imgcls.transforms import AugmentSpec
 
     set_threads(None)
@@ -192,12 +193,12 @@ def speed_runs(opts: argparse.Namespace) -> list[dict]:
                 extract_features(model, images, spec, device, amp)  # the library's cache-sized batches
 
             row[f"feat_{prec}"] = round(_rate(feats, bs, opts.speed_seconds), 1)
-            opt = torch.optim.AdamW(discriminative_param_groups(model, 5e-4, 0.05))
+            opt = torch.optim.AdamW(discriminative_groups(model, 5e-4, 0.05))
             aug, labels, g = AugmentSpec().resolve(size), torch.zeros(bs, dtype=torch.long), torch.Generator().manual_seed(0)
             imgs_t = torch.from_numpy(images)
 
             def step() -> None:
-                train_one_epoch(model, imgs_t, labels, opt, nn.CrossEntropyLoss(), spec, aug, bs, g, lambda i: None, 0, device, amp, True, None)
+                train_one_epoch(model, opt, nn.CrossEntropyLoss(), TrainData(imgs_t, labels, spec, aug, bs), g, StepOptions(device, amp))
 
             row[f"train_{prec}"] = round(_rate(step, bs, opts.speed_seconds), 1)
             print(f"  {prec}: features {row[f'feat_{prec}']} img/s, train steps {row[f'train_{prec}']} img/s", flush=True)

@@ -146,3 +146,26 @@ def make_bad_files(root: pathlib.Path) -> dict[str, str]:
 
     errors = ["truncated.jpg", "empty.jpg", "text.jpg", "bomb.png", "corrupt.png"]
     return {**{name: "ok" for name in OK_SIZES}, **{name: "error" for name in errors}}
+
+
+# Formats Pillow reads (most without any library) that imgcls must refuse whatever the file is
+# called: name -> the Pillow format written into it. The .png/.jpg names are the point.
+WRONG_FORMAT_FILES: dict[str, str] = {
+    "ppm_named.png": "PPM",
+    "pcx_named.jpg": "PCX",
+    "tga_named.png": "TGA",  # TGA has no signature: its header happens to look like CUR's
+    "ico_named.png": "ICO",
+    "eps_named.jpg": "EPS",  # the format whose loading runs Ghostscript
+    "sgi_named.png": "SGI",
+    "dds_named.jpg": "DDS",
+}
+
+
+def make_wrong_format_files(root: pathlib.Path) -> dict[str, str]:
+    """Write RED | BLUE images in other formats under image names; returns WRONG_FORMAT_FILES."""
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    img = _halves((30, 20), RED, BLUE)
+    for name, fmt in WRONG_FORMAT_FILES.items():
+        img.save(root / name, format=fmt)
+    return dict(WRONG_FORMAT_FILES)

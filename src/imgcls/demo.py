@@ -40,7 +40,7 @@ def run_demo(out: str | Path = "imgcls-demo", epochs: int = 20, progress: bool =
     from imgcls.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from imgcls.evaluate import evaluate
     from imgcls.predict import Classifier
-    from imgcls.train import fit
+    from imgcls.training.fit import fit
     from imgcls.transforms import AugmentSpec
 
     t0 = time.perf_counter()

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 
-from imgcls.config import DEFAULT_MAX_PIXELS
 from imgcls.artifact import load_artifact, resolve_artifact_dir, spec_of
+from imgcls.config import DEFAULT_MAX_PIXELS
 from imgcls.data import DatasetError, DatasetIndex, index_dataset, load_split
 from imgcls.metrics import classification_metrics
-from imgcls.report import read_history, write_report
-from imgcls.runtime import CompiledForward, batched_logits, prepare_inference_model, resolve_device, resolve_precision, resolve_tta, tta_view_count
+from imgcls.report import Predictions, read_history, read_probe_sweep, write_report
+from imgcls.runtime import (
+    CompiledForward,
+    batched_logits,
+    prepare_inference_model,
+    resolve_device,
+    resolve_precision,
+    resolve_tta,
+    tta_view_count,
+)
 
 
 def choose_split(index: DatasetIndex, split: str | None) -> str:
@@ -29,9 +37,9 @@ def choose_split(index: DatasetIndex, split: str | None) -> str:
     return next(iter(index.splits))
 
 
-def _check_classes(data_path: str | os.PathLike, class_names: list[str]) -> None:
+def _check_classes(data_path: str | os.PathLike, class_names: list[str], allow_outside_root: bool = False) -> None:
     """Every class folder / label in the data must be one the model knows."""
-    probe = index_dataset(data_path)
+    probe = index_dataset(data_path, allow_outside_root=allow_outside_root)
     unknown = sorted(set(probe.class_names) - set(class_names))
     if unknown:
         raise DatasetError(f"{data_path}: classes not known to the model: {', '.join(unknown[:10])} (the model has {len(class_names)}: {', '.join(class_names[:10])}{'...' if len(class_names) > 10 else ''})")
@@ -49,24 +57,31 @@ def evaluate(
     top_losses: int = 20,
     tta: str | None = "auto",
     compile: str = "auto",
+    allow_outside_root: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    report_file: str | os.PathLike | None = None,
+    audit: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Metrics of the model in `model_path` on `data_path` (any dataset layout).
 
     Images go through the model's saved preprocessing. tta="auto" uses the test-time augmentation
     that model.json recommends (as predict does), or give none/flip/translate/flip-translate.
     compile: torch.compile the model when the pass is long enough to pay ("auto"), "on" or "off"
-    (`runtime.CompiledForward`). Writes metrics.json, confusion matrix
-    (text and PNG), training curves and report.html to `out_dir` (default MODEL/evaluation/<data>).
+    (`runtime.CompiledForward`). allow_outside_root: a CSV manifest may name files outside its
+    folder (see `data.index_dataset`). Writes metrics.json, confusion matrix
+    (text and PNG), training curves and report.html to `out_dir` (default MODEL/evaluation/<data>);
+    report_file: write only the self-contained report page, to this path (`imgcls report`).
+    audit: an audit.json to summarise in the report (default MODEL/audit.json when there is one).
+    The report's gallery shows the `top_losses` worst mistakes.
     """
     model_dir = resolve_artifact_dir(model_path)
     dev = resolve_device(device)
     model, meta = load_artifact(model_dir, device=dev)
     class_names = meta["class_names"]
     spec = spec_of(meta)
-    _check_classes(data_path, class_names)
-    index = index_dataset(data_path, class_names=class_names)
+    _check_classes(data_path, class_names, allow_outside_root)
+    index = index_dataset(data_path, class_names=class_names, allow_outside_root=allow_outside_root)
     name = choose_split(index, split)
     decoded, labels = load_split(index.splits[name], spec, None, workers, meta.get("config", {}).get("data", {}).get("max_pixels", DEFAULT_MAX_PIXELS), progress, f"decode {name}")
     for path, why in decoded.failures:
@@ -82,16 +97,15 @@ def evaluate(
     metrics = classification_metrics(probs, labels, class_names)
     metrics.update(split=name, data=str(data_path), model=str(model_dir), skipped_files=len(decoded.failures), tta=tta_mode)
 
-    # Error analysis: the images the model got most wrong (highest loss).
-    true_p = probs[np.arange(len(labels)), labels]
-    worst = np.argsort(true_p)[:top_losses]
-    preds = probs.argmax(1)
-    losses = [
-        {"path": decoded.paths[i], "true": class_names[labels[i]], "predicted": class_names[preds[i]], "score": float(probs[i, preds[i]]), "true_score": float(true_p[i])}
-        for i in worst if preds[i] != labels[i]
-    ]
+    pred = Predictions(probs, labels, decoded.paths)
     out = Path(out_dir) if out_dir else model_dir / "evaluation" / (Path(data_path).name or "data")
-    report = write_report(out, metrics, class_names, read_history(model_dir), title=f"{meta['arch']} on {Path(data_path).name} ({name})", top_losses=losses)
+    facts = {"model": f"{meta['arch']} ({model_dir})", "data": f"{data_path} ({name} split)", "TTA": tta_mode,
+             "skipped files": len(decoded.failures) or None}
+    report = write_report(
+        out, metrics, class_names, read_history(model_dir), title=f"{meta['arch']} on {Path(data_path).name} ({name})", predictions=pred,
+        model_dir=model_dir, probe_sweep=read_probe_sweep(model_dir), audit=audit, top_losses=top_losses, facts=facts,
+        html_path=report_file, files=report_file is None, log=log,
+    )
     metrics["report"] = str(report)
-    metrics["predictions"] = {"paths": decoded.paths, "predicted": preds.tolist(), "labels": labels.tolist()}
+    metrics["predictions"] = {"paths": decoded.paths, "predicted": probs.argmax(1).tolist(), "labels": labels.tolist()}
     return metrics

@@ -1,27 +1,31 @@
 """Prediction: `Classifier.load(MODEL).predict(images)`, and path expansion for the CLI.
 
 Every input goes through the same two steps as the evaluation cache (`io.load_image`, then
-`transforms.resize_image`) and the same batched forward (`runtime.batched_logits`), so predict
-on a validation image gives what evaluation gave.
+`transforms.resize_image`), a backend's runner (`inference.runners`: torch through
+`runtime.batched_logits`, or onnxruntime) with the same test-time augmentation on top
+(`runtime.tta_logits`), and `inference.answer` (probabilities -> the answer dict the CLI and the
+server return too), so predict on a validation image gives what evaluation gave.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import sys
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from imgcls.artifact import load_artifact, spec_of
+from imgcls.inference.answer import answer, error_answer, postprocess
+from imgcls.inference.runners import Runner, TorchRunner, load_onnx_runner
 from imgcls.io import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, is_image_path, load_image
 from imgcls.models import create_model, get_entry
-from imgcls.runtime import CompiledForward, batched_logits, prepare_inference_model, resolve_device, resolve_precision, resolve_tta, tta_logits, tta_view_count
+from imgcls.runtime import prepare_inference_model, resolve_device, resolve_precision, resolve_tta, tta_logits, tta_view_count
 from imgcls.transforms import PreprocessSpec, resize_image
 
 PRETRAINED_PREFIX = "imagenet"
@@ -36,68 +40,56 @@ def _source_name(x: Any, i: int) -> str:
     return getattr(x, "filename", "") or f"<input {i}>"
 
 
-class TorchRunner:
-    """uint8 prepared images (N, S, S, 3) -> float32 logits (N, num_classes) through the torch model."""
-
-    def __init__(self, model: nn.Module, spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None, compile: str = "auto",
-                 log: Callable[[str], None] | None = None) -> None:
-        self.model, self.spec, self.device, self.amp_dtype = model, spec, device, amp_dtype
-        self.forward = CompiledForward(model, compile, log)
-
-    def expect(self, n_images: int) -> None:
-        """Forward images still to come: a long enough job compiles the model (see CompiledForward)."""
-        self.forward.expect(n_images)
-
-    def __call__(self, images: np.ndarray, batch_size: int | None = None) -> torch.Tensor:
-        return batched_logits(self.model, images, self.spec, batch_size=batch_size, device=self.device, amp_dtype=self.amp_dtype, forward=self.forward)
-
-
 class Classifier:
     """A loaded model with its class names and preprocessing, ready to predict.
 
-    The backend only changes the forward pass (`runner`: TorchRunner, or export.OnnxRunner for
-    backend="onnx", where `model` is None); decoding, resizing and batching are shared.
+    The backend only changes the forward pass (`runner`, an `inference.runners.Runner`: a
+    TorchRunner for `model`, or the OnnxRunner that `load(..., backend="onnx")` passes, with
+    `model` None); decoding, resizing, batching, TTA and the answer are shared.
     compile="auto" compiles the torch model with torch.compile when a `predict`/`iter_predict`
     call over a list is long enough for that to pay (1.5 minutes of work or more, see
     `runtime.CompiledForward`); "on" always, "off" never. `log` receives such notices.
     """
 
     def __init__(
-        self, model: nn.Module | None, meta: dict[str, Any], device: str = "auto", precision: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS,
-        runner: Callable[[np.ndarray, int], torch.Tensor] | None = None, tta: str = "auto", compile: str = "auto",
+        self, model: nn.Module | None, meta: dict[str, Any], device: str = "auto", precision: str = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS, runner: Runner | None = None, tta: str = "auto", compile: str = "auto",
         log: Callable[[str], None] | None = None,
     ) -> None:
-        self.device = resolve_device(device) if runner is None else torch.device("cpu")
-        self.model = model.to(self.device).eval() if model is not None else None
+        if runner is None and model is None:
+            raise ValueError("Classifier needs a model or a runner")
         self.meta = meta
         self.class_names: list[str] = list(meta["class_names"])
         self.spec: PreprocessSpec = spec_of(meta)
-        self.amp_dtype = resolve_precision(precision, self.device) if runner is None else None
         self.max_pixels = max_pixels
         self.tta = resolve_tta(tta, meta)  # "auto": model.json's recommendation, as `imgcls evaluate` uses
-        if runner is None and self.model is None:
-            raise ValueError("Classifier needs a model or a runner")
-        if runner is None:  # bf16 weights once on AMX CPUs (autocast then off), as evaluate does; amp_dtype still names the precision
-            self.model, run_dtype = prepare_inference_model(self.model, self.device, self.amp_dtype)
-        self.runner = runner or TorchRunner(self.model, self.spec, self.device, run_dtype, compile, log)
+        if runner is not None:  # onnxruntime runs on the CPU in float32
+            self.device, self.amp_dtype, self.model, self.runner = torch.device("cpu"), None, model, runner
+            return
+        self.device = resolve_device(device)
+        self.amp_dtype = resolve_precision(precision, self.device)  # names the precision even when the weights carry it
+        # bf16 weights once on AMX CPUs (autocast then off), as evaluate does
+        self.model, run_dtype = prepare_inference_model(model, self.device, self.amp_dtype)
+        self.runner = TorchRunner(self.model, self.spec, self.device, run_dtype, compile, log)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto", backend: str = "torch", **kwargs: Any) -> "Classifier":
+    def load(
+        cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto", backend: str = "torch", **kwargs: Any
+    ) -> Classifier:
         """A model folder from `imgcls train`, or "imagenet[:ARCH]" for a pretrained ImageNet model.
 
-        backend="onnx" runs onnxruntime on the CPU instead of torch: `path` is then a model folder
-        (its model.onnx, exported on first use or when older than the weights) or a .onnx file.
+        backend="onnx" runs onnxruntime on the CPU instead of torch: `path` is then a .onnx file
+        or a model folder with an up-to-date model.onnx from `imgcls export MODEL` (loading never
+        exports; `inference.runners.BackendError` says so).
         """
         s = os.fspath(path)
         pretrained = s == PRETRAINED_PREFIX or s.startswith(PRETRAINED_PREFIX + ":") and not Path(s).exists()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "onnx":
-            from imgcls.export import onnx_runner_for
-
             if pretrained:
                 raise ValueError("backend 'onnx' takes a model folder or a .onnx file, not the built-in ImageNet model")
-            runner = onnx_runner_for(path, log=lambda msg: print(msg, file=sys.stderr))  # stdout may carry --json output
+            runner = load_onnx_runner(path)
             return cls(None, {**runner.meta, "source": s, "backend": "onnx", "onnx_path": str(runner.path)}, runner=runner, **kwargs)
         if pretrained:
             return cls.imagenet(s.partition(":")[2] or DEFAULT_IMAGENET_MODEL, device=device, precision=precision, **kwargs)
@@ -106,13 +98,14 @@ class Classifier:
         return cls(model, meta, device=device, precision=precision, **kwargs)
 
     @classmethod
-    def imagenet(cls, arch: str = DEFAULT_IMAGENET_MODEL, **kwargs: Any) -> "Classifier":
+    def imagenet(cls, arch: str = DEFAULT_IMAGENET_MODEL, **kwargs: Any) -> Classifier:
         """The registry's pretrained 1000-class ImageNet model, with the ImageNet class names."""
         from imgcls.models.imagenet import imagenet_class_names
 
         entry = get_entry(arch)
         model = create_model(arch, num_classes=entry.pretrained_classes, pretrained=True)
-        meta = {"arch": arch, "class_names": imagenet_class_names(), "preprocess": entry.default_spec.to_dict(), "source": f"{PRETRAINED_PREFIX}:{arch}", "weights": entry.pretrained_source}
+        meta = {"arch": arch, "class_names": imagenet_class_names(), "preprocess": entry.default_spec.to_dict(),
+                "source": f"{PRETRAINED_PREFIX}:{arch}", "weights": entry.pretrained_source}
         return cls(model, meta, **kwargs)
 
     # ------------------------------------------------------------------ preprocessing
@@ -131,24 +124,16 @@ class Classifier:
     # ------------------------------------------------------------------ inference
 
     def predict_arrays(self, arrays: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """uint8 (N, S, S, 3) prepared images -> probabilities (N, num_classes); batch_size None:
-        the cache-friendly size for the model's input (`runtime.inference_batch_size`)."""
-        logits = tta_logits(lambda a: self.runner(a, batch_size), arrays, self.tta)
-        return torch.softmax(logits, dim=1).numpy()
+        """uint8 (N, S, S, 3) prepared images -> probabilities (N, num_classes): the runner, the
+        TTA views on top (`runtime.tta_logits`), then `inference.answer.postprocess`. batch_size
+        None: the cache-friendly size for the model's input (`runtime.inference_batch_size`)."""
+        logits = tta_logits(lambda a: self.runner(a, batch_size), arrays, self.tta)  # (N, C)
+        return postprocess(logits)
 
-    def _result(self, name: str, probs: np.ndarray, top_k: int, probabilities: bool = True) -> dict[str, Any]:
-        order = np.argsort(-probs)[: max(1, min(top_k, len(probs)))]
-        out = {
-            "path": name,
-            "label": self.class_names[order[0]],
-            "score": float(probs[order[0]]),
-            "top_k": [{"label": self.class_names[i], "score": float(probs[i])} for i in order],
-        }
-        if probabilities:  # every class: 1,000 floats per image for an ImageNet model
-            out["probabilities"] = dict(zip(self.class_names, probs.tolist()))
-        return out
-
-    def predict(self, images: ImageSource | list[ImageSource], top_k: int = 5, batch_size: int | None = None, errors: str = "raise", workers: int = 0) -> dict[str, Any] | list[dict[str, Any]]:
+    def predict(
+        self, images: ImageSource | list[ImageSource], top_k: int = 5, batch_size: int | None = None, errors: str = "raise",
+        workers: int = 0,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
         """Label, score, top-k and every class probability for one input or a list of them.
 
         An input is a path, bytes, a PIL image or a NumPy array. One input gives one dict, a list
@@ -160,8 +145,10 @@ class Classifier:
         results = list(self.iter_predict(items, top_k=top_k, batch_size=batch_size, errors=errors, workers=workers))
         return results[0] if single else results
 
-    def iter_predict(self, items: Iterable[ImageSource], top_k: int = 5, batch_size: int | None = None, errors: str = "report", workers: int = 0,
-                     probabilities: bool = True) -> Iterator[dict[str, Any]]:
+    def iter_predict(
+        self, items: Iterable[ImageSource], top_k: int = 5, batch_size: int | None = None, errors: str = "report", workers: int = 0,
+        probabilities: bool = True,
+    ) -> Iterator[dict[str, Any]]:
         """Stream results in input order (for large folders); probabilities=False leaves out the
         per-class "probabilities" dict (label, score and top_k stay).
 
@@ -172,7 +159,7 @@ class Classifier:
         if errors not in ("raise", "report"):
             raise ValueError("errors must be 'raise' or 'report'")
         workers = workers or min(4, os.cpu_count() or 1)
-        if hasattr(items, "__len__") and hasattr(self.runner, "expect"):  # a long job may compile the model
+        if hasattr(items, "__len__"):  # a long job may compile the model
             self.runner.expect(len(items) * tta_view_count(self.tta))  # type: ignore[arg-type]
         chunk_size = max(DECODE_CHUNK, batch_size or 0)
         with ThreadPoolExecutor(workers) as pool:
@@ -188,19 +175,30 @@ class Classifier:
             if pending is not None:
                 yield from self._finish_chunk(*pending, top_k, batch_size, errors, probabilities)
 
-    def _finish_chunk(self, names: list[str], futures: list[Future], top_k: int, batch_size: int | None, errors: str, probabilities: bool) -> Iterator[dict[str, Any]]:
+    def _finish_chunk(
+        self, names: list[str], futures: list[Future], top_k: int, batch_size: int | None, errors: str, probabilities: bool
+    ) -> Iterator[dict[str, Any]]:
         prepared = [f.result() for f in futures]
         ok = [i for i, a in enumerate(prepared) if not isinstance(a, ImageDecodeError)]
         probs = self.predict_arrays(np.stack([prepared[i] for i in ok]), batch_size) if ok else np.zeros((0, len(self.class_names)))
         row = dict(zip(ok, probs))
         for i, name in enumerate(names):
             if i in row:
-                yield self._result(name, row[i], top_k, probabilities)
+                yield answer(row[i], self.class_names, top_k, name, probabilities)
             else:
                 err = prepared[i]
                 if errors == "raise":
                     raise err
-                yield {"path": name, "error": err.reason or str(err)}
+                yield error_answer(name, err)
+
+
+def write_explanations(model: str | os.PathLike, results: list[dict[str, Any]], out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """`imgcls predict --explain DIR`: a Grad-CAM overlay in DIR per answer in `results` (those
+    without an error), each for its predicted label, named as `imgcls explain` names them."""
+    from imgcls.inference.explain import Explainer, explain_files
+
+    ok = [r for r in results if "error" not in r]
+    return explain_files(Explainer.load(model), [r["path"] for r in ok], out_dir, labels=[r["label"] for r in ok])
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -223,7 +221,8 @@ def expand_inputs(args: list[str]) -> list[str]:
     for a in args:
         p = Path(a).expanduser()
         if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_path(f) and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            files = (f for f in p.rglob("*") if f.is_file() and is_image_path(f))
+            out += sorted(str(f) for f in files if not any(part.startswith(".") for part in f.relative_to(p).parts))
         elif p.exists():
             out.append(str(p))
         elif glob.has_magic(a):

@@ -10,7 +10,7 @@ import contextlib
 import functools
 import os
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -120,16 +120,26 @@ def tta_views(x: torch.Tensor, mode: str) -> tuple[list[torch.Tensor], list[floa
     return base + shifted, [0.5 / n_base] * n_base + [0.5 / n_shift] * n_shift
 
 
-def tta_logits(run: Callable[[np.ndarray], torch.Tensor], images: np.ndarray, mode: str) -> torch.Tensor:
-    """Weighted mean of run(view) over the TTA views of uint8 images (N, S, S, 3), for callers
-    that only have an array -> logits function (predict's torch and onnxruntime runners)."""
+def as_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, S, S, 3), an array or a tensor -> a (N, 3, S, S) tensor, a view when it can be."""
+    if isinstance(images, torch.Tensor):
+        return images.permute(0, 3, 1, 2)
+    return to_batch(np.asarray(images))
+
+
+def tta_logits(run: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray | torch.Tensor, mode: str) -> torch.Tensor:
+    """Weighted mean of run(view) over the TTA views of uint8 images (N, S, S, 3): the one TTA.
+
+    `run` maps uint8 images (N, S, S, 3) (an array for mode "none", else a tensor view) to float
+    logits (N, C). `batched_logits` applies this per batch, `Classifier` on top of any runner.
+    Views stay torch tensors: each is handed to `run` as a permuted view, no copy back to NumPy.
+    """
     if mode == "none":
         return run(images)
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, S, S) view
-    views, weights = tta_views(x, mode)
+    views, weights = tta_views(as_nchw(images), mode)  # each (N, 3, S, S) uint8
     out = None
-    for v, wt in zip(views, weights):
-        logits = run(np.ascontiguousarray(v.permute(0, 2, 3, 1).numpy())) * wt
+    for view, wt in zip(views, weights):
+        logits = run(view.permute(0, 2, 3, 1)) * wt  # (N, C); the view as (N, S, S, 3) again
         out = logits if out is None else out + logits
     return out
 
@@ -251,7 +261,7 @@ def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
 @torch.inference_mode()
 def batched_logits(
     model: nn.Module,
-    images: np.ndarray,
+    images: np.ndarray | torch.Tensor,
     spec: PreprocessSpec,
     batch_size: int | None = None,
     device: torch.device | None = None,
@@ -264,29 +274,28 @@ def batched_logits(
     """uint8 cached images (N, S, S, 3) -> float32 logits (N, num_classes), model in eval mode.
 
     `forward` replaces `model(x)`, e.g. to return pooled features instead of logits. `tta`
-    averages the logits over test-time augmented views (see `tta_views`). batch_size None:
-    `inference_batch_size(spec.img_size)`.
+    averages the logits over test-time augmented views of each batch (`tta_logits`). batch_size
+    None: `inference_batch_size(spec.img_size)`.
     """
     from tqdm.auto import tqdm
 
     param = next(model.parameters())
     device = device or param.device
     in_dtype = param.dtype if param.dtype in (torch.bfloat16, torch.float16) else None  # see prepare_inference_model
+
+    def run(batch: np.ndarray | torch.Tensor) -> torch.Tensor:  # uint8 (B, S, S, 3) -> float32 (B, C) on the CPU
+        x = eval_transform(as_nchw(batch), spec)  # (B, 3, H, W) float
+        x = x.to(device, dtype=in_dtype, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            return (forward or model)(x).float().cpu()
+
     was_training = model.training
     model.eval()
     batch_size = batch_size or inference_batch_size(spec.img_size)
     out = []
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=None if progress else True, leave=False)
     for sl in batch_slices(len(images), batch_size):
-        views, weights = tta_views(to_batch(np.asarray(images[sl])), tta)  # each (B, 3, S, S) uint8
-        logits = None
-        for view, wt in zip(views, weights):
-            x = eval_transform(view, spec)  # (B, 3, H, W) float
-            x = x.to(device, dtype=in_dtype, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp_dtype):
-                y = (forward or model)(x).float().cpu()
-            logits = y if tta == "none" else (y * wt if logits is None else logits + y * wt)
-        out.append(logits)
+        out.append(tta_logits(run, images[sl], tta))  # views per batch: memory stays one batch's worth
         bar.update(sl.stop - sl.start)
     bar.close()
     model.train(was_training)

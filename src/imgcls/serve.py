@@ -1,15 +1,22 @@
 """The HTTP server: `create_app(classifier, settings)` -> a FastAPI app with the JSON API and the web page.
 
-An upload goes: `predict` (read the body within the size limit, split multipart) -> `_decode_all`
-(`Classifier.prepare` in a thread pool, the same decode and resize as `imgcls predict`) ->
-`batching.Batcher` (one inference thread runs `Classifier.predict_arrays` on whole batches) -> JSON.
+An upload goes: `predict` (refuse at once when the queue is full: 503, or when its client already
+has `max_client_requests` in progress: 429) -> `_read_uploads` (the body within the size limit
+and `body_timeout_s`, multipart split chunk by chunk as it arrives) -> a place in the queue ->
+`_decode_all` (in the decode threads: the header checked against `max_decoded_mb`, the image's
+decoding memory held from the `decode_budget_mb` budget, `Classifier.prepare`, the same decode and
+resize as `imgcls predict`) -> `batching.Batcher` (one inference thread runs
+`Classifier.predict_arrays` on whole batches) -> `inference.answer.answer` (the same answer dict
+`Classifier.predict` returns) -> JSON.
 
 Requests are batched dynamically: the inference thread takes the first waiting request, waits up
 to `batch_wait_ms` for more while other requests are still decoding, and runs one forward on up
-to `max_batch` images. The requests in front of it are bounded (`queue_size`, counted from
-before the body is read); when the queue is full the server answers 503 at once rather than
-letting latency and memory grow without limit. A request never names a file on the
-server: only uploaded bytes are decoded.
+to `max_batch` images. The requests in front of it are bounded (`queue_size`, counted from when
+the body is in, so slow uploads hold no place); when the queue is full the server answers 503 at
+once, before reading the body, rather than letting latency and memory grow without limit. The
+event loop only moves bytes: it never decodes, and parses a body a chunk at a time, so
+/v1/health and the 503s stay fast under load. A request never names a file on the server: only
+uploaded bytes are decoded.
 """
 
 from __future__ import annotations
@@ -20,30 +27,36 @@ import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Query, Request  # imgcls[serve]; cli imports this module only for `imgcls serve`
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from imgcls.artifact import WEIGHTS_FILE
-from imgcls.batching import Batcher
-from imgcls.io import ImageDecodeError
+from imgcls.batching import Batcher, BudgetExhausted, ByteBudget, ClientLimits
+from imgcls.inference.answer import answer
+from imgcls.inference.explain import UNAVAILABLE, UploadExplainer
+from imgcls.io import ImageDecodeError, read_header
 from imgcls.predict import Classifier
+from imgcls.uploads import UPLOAD_FIELD, ClientGone, RequestError, parse_top_k, read_uploads
 
 log = logging.getLogger("imgcls.serve")
 
-UPLOAD_FIELD = "file"
-NOT_AN_IMAGE = "not a recognised image format"  # io.ImageDecodeError's reason for non-images -> 415
-RAW_CONTENT_TYPES = ("application/octet-stream",)  # plus any image/*
+# io.ImageDecodeError.kind -> HTTP status; decided by the kind, never by the message's wording.
+DECODE_ERROR_STATUS = {"unsupported": 415, "too_large": 413, "corrupt": 400, "unreadable": 400}
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+# How long an image waits for room in the decode memory budget before its request gets 503: a
+# decode of the largest image allowed takes about a second, so waiting longer means overload.
+DECODE_WAIT_S = 2.0
+CLIENT_CLOSED = 499  # nginx's "client closed request": written to the access log, never sent
 
 
 @dataclass(frozen=True)
@@ -55,11 +68,20 @@ class ServeSettings:
     max_batch: most images in one forward pass.
     batch_wait_ms: how long the inference thread waits for more requests to fill a batch
         (only while other requests are still being decoded).
-    queue_size: requests admitted and not yet in a forward pass (being read, decoded or queued);
-        one more -> 503 at once, before its body is read.
+    queue_size: requests with their body in and not yet in a forward pass (being decoded or
+        queued); when full, a new request gets 503 at once, before its body is read.
     batching: False runs one forward per request (the baseline the benchmark compares with).
     decode_workers: threads decoding uploads; 0 = min(4, cores).
     default_top_k: classes listed per image when the request gives no top_k.
+    body_timeout_s: the whole body must arrive within this many seconds of the request's
+        headers; later -> 408 and the connection is closed (a client trickling bytes holds nothing
+        for longer).
+    max_client_requests: requests one client address may have in progress; more -> 429. 0: no limit.
+    max_decoded_mb: most memory decoding one image may take, estimated from its header (width x
+        height x the bytes a pixel of its format and mode takes while decoding, after a JPEG
+        draft); more -> 413. A small file can decode to gigabytes: a 16-bit PNG, a lossless WebP.
+    decode_budget_mb: memory all the images being decoded at once may take; an image that does not
+        fit waits up to DECODE_WAIT_S for others to finish, then its request gets 503.
     """
 
     max_upload_mb: float = 20.0
@@ -70,31 +92,38 @@ class ServeSettings:
     batching: bool = True
     decode_workers: int = 0
     default_top_k: int = 5
+    body_timeout_s: float = 20.0
+    max_client_requests: int = 32
+    max_decoded_mb: float = 256.0
+    decode_budget_mb: float = 512.0
 
     def __post_init__(self) -> None:
-        if not self.max_upload_mb > 0:
-            raise ValueError(f"max_upload_mb must be > 0, got {self.max_upload_mb}")
+        for name in ("max_upload_mb", "body_timeout_s", "max_decoded_mb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_images", "max_batch", "queue_size", "default_top_k"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("decode_workers", "max_client_requests"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"batch_wait_ms must be in [0, 1000], got {self.batch_wait_ms}")
-        if not (isinstance(self.decode_workers, int) and self.decode_workers >= 0):
-            raise ValueError(f"decode_workers must be an integer >= 0, got {self.decode_workers!r}")
+        if not self.decode_budget_mb >= self.max_decoded_mb:
+            raise ValueError(f"decode_budget_mb ({self.decode_budget_mb}) must be >= max_decoded_mb ({self.max_decoded_mb}): "
+                             "the largest image allowed must fit in the budget")
 
     @property
     def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
+        return int(self.max_upload_mb * 2**20)
 
+    @property
+    def max_decoded_bytes(self) -> int:
+        return int(self.max_decoded_mb * 2**20)
 
-class RequestError(Exception):
-    """A request the server refuses: HTTP status and a message for the client."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.headers = headers
+    @property
+    def decode_budget_bytes(self) -> int:
+        return int(self.decode_budget_mb * 2**20)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -119,77 +148,12 @@ def model_version(meta: dict[str, Any]) -> str:
 
 
 def _prediction(probs: np.ndarray, class_names: list[str], top_k: int, filename: str | None) -> dict[str, Any]:
-    """The same label, score and top-k as `Classifier.predict` for one probability row."""
-    order = np.argsort(-probs)[: max(1, min(top_k, len(probs)))]
-    return {
-        "filename": filename,
-        "label": class_names[order[0]],
-        "score": float(probs[order[0]]),
-        "top_k": [{"label": class_names[i], "score": float(probs[i])} for i in order],
-    }
+    """`inference.answer.answer` for one upload's probability row, without the per-class dict.
 
-
-def _parse_top_k(value: Any) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        k = 0
-    if k < 1:
-        raise RequestError(422, f"top_k must be a positive integer, got {value!r}")
-    return k
-
-
-async def _read_body(receive_stream: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to pass `limit` bytes."""
-    too_big = f"upload over the limit of {limit / 1024 / 1024:g} MB ({limit} bytes); send fewer or smaller images"
-    if content_length is not None:
-        try:
-            declared = int(content_length)
-        except ValueError:
-            raise RequestError(400, f"bad Content-Length header {content_length!r}") from None
-        if declared > limit:
-            raise RequestError(413, f"request body is {declared} bytes: {too_big}")
-    chunks, size = [], 0
-    async for chunk in receive_stream:
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, too_big)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _split_multipart(headers: Any, body: bytes, max_images: int, limit: int) -> tuple[list[tuple[str | None, bytes]], str | None]:
-    """multipart/form-data -> ([(filename, bytes) for each `file` part], the top_k field or None)."""
-    async def once() -> AsyncIterator[bytes]:
-        yield body
-
-    parser = MultiPartParser(headers, once(), max_files=max_images, max_fields=4)
-    parser.spool_max_size = limit + 1  # keep every part in memory; the body is already bounded by `limit`
-    try:
-        form = await parser.parse()
-    except MultiPartException as e:
-        if "Too many files" in str(e):
-            raise RequestError(400, f"too many images: at most {max_images} per request") from None
-        raise RequestError(400, f"malformed multipart body: {e}") from None
-    try:
-        uploads = []
-        for key, value in form.multi_items():
-            if key == UPLOAD_FIELD:
-                if isinstance(value, str):
-                    raise RequestError(400, f"form field {UPLOAD_FIELD!r} must be a file upload, not text")
-                uploads.append((value.filename or None, await value.read()))
-            elif key != "top_k":
-                raise RequestError(400, f"unexpected form field {key!r}; send images as {UPLOAD_FIELD!r} and optionally top_k")
-        top_k = form.get("top_k")
-        return uploads, top_k if isinstance(top_k, str) else None
-    finally:
-        await form.close()
-
-
-def _is_raw_image(content_type: str) -> bool:
-    return content_type == "" or content_type.startswith("image/") or content_type in RAW_CONTENT_TYPES
+    "path" is the upload's filename (None for a raw body), as `Classifier.predict` names its
+    inputs; "filename" repeats it because that is the HTTP API's documented name for it.
+    """
+    return {**answer(probs, class_names, top_k, filename, probabilities=False), "filename": filename}
 
 
 # ---------------------------------------------------------------------------------- the app
@@ -199,11 +163,19 @@ class LabelScore(BaseModel):
     label: str
     score: float
 
+class Explanation(BaseModel):
+    target: str  # the class explained: the answer's label
+    overlay_png_base64: str  # the image with the Grad-CAM heat map over it, PNG, at most 512 px a side
+    width: int
+    height: int
+
 class Prediction(BaseModel):
-    filename: str | None
+    path: str | None
     label: str
     score: float
     top_k: list[LabelScore]
+    filename: str | None  # the same as path: the name this API gave it before answers were unified
+    explanation: Explanation | None = None  # only with ?explain=true
 
 class ModelRef(BaseModel):
     name: str
@@ -218,7 +190,9 @@ class Error(BaseModel):
 
 
 
-def create_app(classifier: Classifier, settings: ServeSettings | None = None, infer: Callable[[np.ndarray], np.ndarray] | None = None) -> FastAPI:
+def create_app(
+    classifier: Classifier, settings: ServeSettings | None = None, infer: Callable[[np.ndarray], np.ndarray] | None = None
+) -> FastAPI:
     """The FastAPI app serving `classifier`: /v1/predict, /v1/health, /v1/model, /docs and the page at /.
 
     `infer` replaces the batched forward `classifier.predict_arrays` (uint8 (N, S, S, 3) ->
@@ -230,21 +204,28 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, in
     meta = classifier.meta
     class_names = list(classifier.class_names)
     model_ref = {"name": str(meta.get("arch", "model")), "version": model_version(meta)}
-    batcher = Batcher(infer or (lambda x: classifier.predict_arrays(x, batch_size=s.max_batch)), s.max_batch, s.batch_wait_ms, s.queue_size, s.batching)
+    infer = infer or (lambda x: classifier.predict_arrays(x, batch_size=s.max_batch))
+    batcher = Batcher(infer, s.max_batch, s.batch_wait_ms, s.queue_size, s.batching)
     decode_workers = s.decode_workers or min(4, os.cpu_count() or 1)
+    budget = ByteBudget(s.decode_budget_bytes)  # decoding memory across the decode threads
+    clients = ClientLimits(s.max_client_requests)
     runtime: dict[str, Any] = {}
+    explainer = UploadExplainer(meta.get("source"), classifier.max_pixels)  # loads the model folder on the first ?explain=true
     static = {name: resources.files("imgcls").joinpath("static", name).read_bytes() for name in ("index.html", *STATIC_FILES)}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime["pool"] = ThreadPoolExecutor(decode_workers, thread_name_prefix="imgcls-decode")
+        runtime["explain"] = ThreadPoolExecutor(1, thread_name_prefix="imgcls-explain")  # one: the explainer's model is not shared
         batcher.start()
-        log.info("serving %s %s (%d classes), batching %s", model_ref["name"], model_ref["version"], len(class_names), f"up to {s.max_batch} images, wait {s.batch_wait_ms:g} ms" if s.batching else "off")
+        batching = f"up to {s.max_batch} images, wait {s.batch_wait_ms:g} ms" if s.batching else "off"
+        log.info("serving %s %s (%d classes), batching %s", model_ref["name"], model_ref["version"], len(class_names), batching)
         try:
             yield
         finally:
             batcher.stop()
             runtime.pop("pool").shutdown(wait=False, cancel_futures=True)
+            runtime.pop("explain").shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="imgcls",
@@ -254,17 +235,26 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, in
     )
     app.add_middleware(AccessLog)
     app.state.batcher = batcher  # for tests and monitoring
+    app.state.decode_budget = budget
 
     @app.exception_handler(RequestError)
     async def _refuse(request: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
+        # Nobody is left to answer (uvicorn drops it); the access log records 499 and why, no traceback.
+        request.state.log_note = str(exc)
+        return Response(status_code=CLIENT_CLOSED)
 
     binary = {"type": "string", "format": "binary"}
     predict_body = {
         "required": True,
         "content": {
             "multipart/form-data": {"schema": {"type": "object", "required": [UPLOAD_FIELD], "properties": {
-                UPLOAD_FIELD: {"type": "array", "items": binary, "description": f"one or more images (repeat the field), at most {s.max_images}"},
+                UPLOAD_FIELD: {
+                    "type": "array", "items": binary, "description": f"one or more images (repeat the field), at most {s.max_images}",
+                },
                 "top_k": {"type": "integer", "minimum": 1, "description": "classes per image"},
             }}},
             "application/octet-stream": {"schema": binary},
@@ -272,62 +262,79 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, in
         },
     }
     errors = {
-        400: {"model": Error, "description": "too many images, a corrupt image or a decompression bomb"},
-        413: {"model": Error, "description": f"body over {s.max_upload_mb:g} MB"},
-        415: {"model": Error, "description": "not an image, or an unsupported content type"},
-        503: {"model": Error, "description": "the queue is full; retry later"},
+        400: {"model": Error, "description": "too many images, or an empty, truncated or corrupt image"},
+        408: {"model": Error, "description": f"the body did not arrive within {s.body_timeout_s:g} s"},
+        413: {"model": Error, "description": f"body over {s.max_upload_mb:g} MB, or an image with too many pixels or that would "
+                                              f"take over {s.max_decoded_mb:g} MB to decode (a decompression bomb)"},
+        415: {"model": Error, "description": "not an image in a format imgcls reads, or an unsupported content type"},
+        429: {"model": Error, "description": f"this client already has {s.max_client_requests} requests in progress"},
+        501: {"model": Error, "description": "?explain=true where the server has no model folder to explain with (a bare ONNX file)"},
+        503: {"model": Error, "description": "the queue is full, or decoding memory is taken by other requests; retry later"},
     }
+    draft_size = classifier.spec.cache_size  # what Classifier.prepare decodes a JPEG at
 
-    async def _decode_all(uploads: list[tuple[str | None, bytes]]) -> np.ndarray:
-        """Each upload -> uint8 (S, S, 3) via Classifier.prepare in the decode pool; stacked."""
-        loop = asyncio.get_running_loop()
-
-        def prepare(data: bytes, name: str) -> np.ndarray | ImageDecodeError:
-            try:
+    def prepare(data: bytes, name: str) -> np.ndarray | RequestError:
+        """One upload -> uint8 (S, S, 3), in a decode thread: the header checked first, then its
+        decoding memory held from the budget while Classifier.prepare decodes and resizes it."""
+        try:
+            header = read_header(data, name=name, max_pixels=classifier.max_pixels, draft_size=draft_size, max_bytes=s.max_decoded_bytes)
+            with budget.hold(header.decode_bytes, DECODE_WAIT_S):
                 return classifier.prepare(data, name)
-            except ImageDecodeError as e:
-                return e
+        except ImageDecodeError as e:
+            return RequestError(DECODE_ERROR_STATUS.get(e.kind, 400), f"{name}: {e.reason or e}")
+        except BudgetExhausted:
+            return RequestError(503, f"server busy decoding other images (over {s.decode_budget_mb:g} MB in progress); retry shortly",
+                                {"Retry-After": "1"})
 
+    async def _decode_all(uploads: list[tuple[str | None, bytearray]]) -> np.ndarray:
+        """Each upload -> uint8 (S, S, 3) in the decode threads; stacked (n, S, S, 3). The first failure is raised."""
+        loop = asyncio.get_running_loop()
         names = [fn or (f"image {i + 1}" if len(uploads) > 1 else "image") for i, (fn, _) in enumerate(uploads)]
         out = await asyncio.gather(*(loop.run_in_executor(runtime["pool"], prepare, data, name) for (_, data), name in zip(uploads, names)))
-        for name, a in zip(names, out):
-            if isinstance(a, ImageDecodeError):
-                status = 415 if a.reason == NOT_AN_IMAGE else 400
-                raise RequestError(status, f"{name}: {a.reason or a}")
+        for a in out:
+            if isinstance(a, RequestError):
+                raise a
         return np.stack(out)
 
-    async def _read_uploads(request: Request, top_k: int | None) -> tuple[list[tuple[str | None, bytes]], int]:
-        """The request's images as [(filename or None, bytes)] and the top_k to answer with."""
-        body = await _read_body(request.stream(), request.headers.get("content-length"), s.max_upload_bytes)
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type == "multipart/form-data":
-            uploads, form_top_k = await _split_multipart(request.headers, body, s.max_images, s.max_upload_bytes)
-            top_k = top_k or _parse_top_k(form_top_k)
-        elif _is_raw_image(content_type):
-            uploads = [(None, body)] if body else []
-        else:
-            raise RequestError(415, f"unsupported content type {content_type!r}: send multipart/form-data with field {UPLOAD_FIELD!r}, or the image bytes as image/* or application/octet-stream")
-        if not uploads:
-            raise RequestError(400, f"no image in the request: send multipart field {UPLOAD_FIELD!r} or a raw image body")
-        if len(uploads) > s.max_images:
-            raise RequestError(400, f"too many images: {len(uploads)}, at most {s.max_images} per request")
-        return uploads, top_k or s.default_top_k
+    top_k_query = Query(None, ge=1, description=f"classes per image (default {s.default_top_k})")
+    explain_query = Query(False, description="add `explanation` to each answer: a Grad-CAM overlay of its label (~0.3 s per 224 px image)")
 
-    @app.post("/v1/predict", response_model=PredictResponse, responses=errors, openapi_extra={"requestBody": predict_body}, tags=["predict"])
-    async def predict(request: Request, top_k: int | None = Query(None, ge=1, description=f"classes per image (default {s.default_top_k})")) -> dict[str, Any]:
+    @app.post(
+        "/v1/predict", response_model=PredictResponse, responses=errors, openapi_extra={"requestBody": predict_body}, tags=["predict"],
+        response_model_exclude_unset=True,  # "explanation" only when asked for
+    )
+    async def predict(request: Request, top_k: int | None = top_k_query, explain: bool = explain_query) -> dict[str, Any]:
         """Label, score and top-k classes for each image: multipart field `file` (repeatable) or a raw image body."""
-        if not batcher.admit():  # before reading the body: an overloaded server sheds load cheaply
+        if explain and not explainer.available:
+            raise RequestError(501, UNAVAILABLE)
+        # Refusals that cost nothing come first, before a byte of the body is read.
+        if batcher.full:
             raise RequestError(503, f"server busy: {batcher.capacity} requests already waiting; retry shortly", {"Retry-After": "1"})
-        future = None
+        client = request.client.host if request.client else "unknown"
+        if not clients.enter(client):
+            raise RequestError(429, f"too many requests in progress from {client} (at most {s.max_client_requests}); "
+                                    "wait for an answer before sending more", {"Retry-After": "1"})
         try:
-            uploads, k = await _read_uploads(request, top_k)
+            uploads, form_top_k = await read_uploads(request, s.max_upload_bytes, s.max_images, s.body_timeout_s)
+            k = top_k or parse_top_k(form_top_k) or s.default_top_k
             request.state.n_images = len(uploads)
-            future = batcher.submit(await _decode_all(uploads))  # uint8 (n, S, S, 3)
+            if not batcher.admit():  # a place in the queue only once the body is in: slow uploads hold none
+                raise RequestError(503, f"server busy: {batcher.capacity} requests already waiting; retry shortly", {"Retry-After": "1"})
+            future = None
+            try:
+                future = batcher.submit(await _decode_all(uploads))  # uint8 (n, S, S, 3)
+            finally:
+                if future is None:
+                    batcher.withdraw()
+            probs = await future  # (n, num_classes)
+            answers = [_prediction(p, class_names, k, fn) for p, (fn, _) in zip(probs, uploads)]
+            if explain:  # off the event loop and outside the batching queue, one image at a time in the explanation thread
+                loop = asyncio.get_running_loop()
+                for a, (_, data) in zip(answers, uploads):
+                    a["explanation"] = await loop.run_in_executor(runtime["explain"], explainer, data, a["label"])
         finally:
-            if future is None:
-                batcher.withdraw()
-        probs = await future  # (n, num_classes)
-        return {"model": model_ref, "predictions": [_prediction(p, class_names, k, fn) for p, (fn, _) in zip(probs, uploads)]}
+            clients.leave(client)
+        return {"model": model_ref, "predictions": answers}
 
     @app.get("/v1/health", tags=["service"])
     async def health() -> dict[str, Any]:
@@ -339,6 +346,8 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, in
             "batching": s.batching,
             "forward_calls": batcher.forward_calls,
             "images": batcher.images_done,
+            "decoding": {"bytes": budget.in_use, "peak_bytes": budget.peak, "budget_bytes": budget.capacity},
+            "clients": {"addresses": clients.clients, "requests": clients.requests, "limit_each": s.max_client_requests},
         }
 
     @app.get("/v1/model", tags=["service"])
@@ -352,8 +361,11 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, in
             "metrics": meta.get("metrics", {}),
             "training": meta.get("training", {}),
             "versions": meta.get("versions", {}),
-            "runtime": {"backend": meta.get("backend", "torch"), "device": str(classifier.device), "precision": str(classifier.amp_dtype or "float32").replace("torch.", "")},
-            "limits": asdict(s),
+            "runtime": {
+                "backend": meta.get("backend", "torch"), "device": str(classifier.device),
+                "precision": str(classifier.amp_dtype or "float32").replace("torch.", ""),
+            },
+            "limits": {**asdict(s), "max_pixels": classifier.max_pixels},
         }
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -377,7 +389,8 @@ PAGE_HEADERS = {
 
 
 class AccessLog:
-    """ASGI middleware: one log line per request: method, path, status, images, milliseconds."""
+    """ASGI middleware: one log line per request: method, path, status, images, milliseconds (and
+    why, for a client that left: status 499)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -399,7 +412,9 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            log.info("%s %s %d %d img %.1f ms", scope["method"], scope["path"], status, state.get("n_images", 0), (time.perf_counter() - t0) * 1000)
+            ms = (time.perf_counter() - t0) * 1000
+            note = f": {state['log_note']}" if "log_note" in state else ""
+            log.info("%s %s %d %d img %.1f ms%s", scope["method"], scope["path"], status, state.get("n_images", 0), ms, note)
 
 
 def run_server(classifier: Classifier, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -10,7 +10,7 @@ The network is airbench94's (Keller Jordan, "94% on CIFAR-10 in 3.29 seconds on 
 Few, wide layers keep the matmuls large, which is what a 2-core CPU with AMX (or a GPU) runs well.
 Global pooling, and a pool that is skipped once a map is 1 px, make it work at any input size from
 8 px up, grey (decoded as RGB) or colour, 2 to 1000 classes. The training recipe that goes with it
-(whitening init from data, optimizer, lookahead, TTA) is in `imgcls.recipes`.
+(whitening init from data, optimizer, lookahead, TTA) is in `imgcls.training.recipes`.
 """
 
 from __future__ import annotations

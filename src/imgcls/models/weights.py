@@ -10,10 +10,8 @@ with an atomic rename, so a cached file is always complete.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +23,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from imgcls.atomic import atomic_path
 from imgcls.models.registry import load_state_dict_strict
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -234,17 +233,13 @@ def fetch_weights(
     if target.is_file() and (expected is None or sha256_file(target) == expected):
         return target
 
-    fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    # Readers see no file or a whole, checked one; the file gets the normal mode (not mkstemp's 0600),
+    # and on any error (a mismatch, a dropped connection, Ctrl-C) the temp file is removed.
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
             digest = _download(url, f, timeout, progress, desc=target.name)
         if expected is not None and digest != expected:
             raise ValueError(f"SHA-256 mismatch for {url}: expected {expected}, downloaded file has {digest}; it was deleted")
-        os.replace(tmp, target)  # atomic within one folder: readers see no file or a whole file
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return target
 
 

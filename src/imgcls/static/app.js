@@ -1,4 +1,4 @@
-// The imgcls page: choose or drop an image, preview it, POST it to /v1/predict, draw the top classes.
+// The imgcls page: choose or drop an image, preview it, POST it to /v1/predict, draw the top classes and the Grad-CAM overlay.
 // No libraries and no requests to anywhere but this server.
 "use strict";
 
@@ -21,10 +21,16 @@ async function showModel() {
   }
 }
 
+// The file on show, its answer, and a promise for its preview being loaded (the overlay needs its size).
+const current = { file: null, answer: null, previewReady: Promise.resolve() };
+
 function showPreview(file) {
   const img = $("preview-img");
   if (img.src) URL.revokeObjectURL(img.src);
-  img.onload = () => resetOverlay();
+  current.previewReady = new Promise((resolve) => {
+    img.onload = () => { resetOverlay(); resolve(); };
+    img.onerror = () => resolve();
+  });
   img.src = URL.createObjectURL(file);
   $("preview").hidden = false;
 }
@@ -35,6 +41,28 @@ function resetOverlay() {
   canvas.width = img.naturalWidth;
   canvas.height = img.naturalHeight;
   canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+}
+
+// Grad-CAM: the server's overlay (the image with the heat map over it) drawn on the canvas, shown while the toggle is on.
+async function drawExplanation(explanation) {
+  await current.previewReady;
+  const pic = new Image();
+  pic.src = `data:image/png;base64,${explanation.overlay_png_base64}`;
+  await pic.decode();
+  const canvas = $("overlay");
+  resetOverlay();
+  canvas.getContext("2d").drawImage(pic, 0, 0, canvas.width, canvas.height);
+  const note = $("explain-note");
+  note.replaceChildren(`evidence for “${explanation.target}”: low`, Object.assign(document.createElement("span"), { className: "heat-legend" }),
+    "high");
+  showOverlay();
+}
+
+function showOverlay() {
+  const has = Boolean(current.answer && current.answer.explanation);
+  const on = has && $("explain-toggle").checked;
+  $("overlay").hidden = !on;
+  document.body.dataset.overlay = has ? (on ? "shown" : "hidden") : "none";
 }
 
 function pct(score) {
@@ -70,20 +98,43 @@ function render(p, ms) {
   setStatus("");
 }
 
-async function classify(file) {
-  if (!file) return;
-  showPreview(file);
-  $("result").hidden = true;
-  document.body.dataset.state = "busy";
-  setStatus("Classifying…");
+async function post(file, explain) {
   const body = new FormData();
   body.append("file", file, file.name);
+  const res = await fetch(`/v1/predict?top_k=${TOP_K}${explain ? "&explain=true" : ""}`, { method: "POST", body });
+  const data = await res.json().catch(() => ({}));
+  return { res, data };
+}
+
+async function classify(file, keepPreview = false) {
+  if (!file) return;
+  if (!keepPreview) {
+    current.file = file;
+    current.answer = null;
+    showPreview(file);
+    $("result").hidden = true;
+    $("explain-note").textContent = "";
+    showOverlay();
+  }
+  document.body.dataset.state = "busy";
+  const toggle = $("explain-toggle");
+  const explain = toggle.checked && !toggle.disabled;
+  setStatus(explain ? "Classifying and explaining…" : "Classifying…");
   const t0 = performance.now();
   try {
-    const res = await fetch(`/v1/predict?top_k=${TOP_K}`, { method: "POST", body });
-    const data = await res.json().catch(() => ({}));
+    let { res, data } = await post(file, explain);
+    if (res.status === 501 && explain) {  // this server cannot explain (e.g. a bare ONNX model): classify without
+      toggle.checked = false;
+      toggle.disabled = true;
+      $("explain-note").textContent = `Explanations unavailable: ${data.detail || res.statusText}`;
+      ({ res, data } = await post(file, false));
+    }
     if (!res.ok) throw new Error(data.detail || `${res.status} ${res.statusText}`);
-    render(data.predictions[0], performance.now() - t0);
+    if (file !== current.file) return;  // another file was chosen meanwhile
+    current.answer = data.predictions[0];
+    render(current.answer, performance.now() - t0);
+    if (current.answer.explanation) await drawExplanation(current.answer.explanation);
+    showOverlay();
     document.body.dataset.state = "done";
   } catch (e) {
     setStatus(`Could not classify this file: ${e.message}`, true);
@@ -91,9 +142,19 @@ async function classify(file) {
   }
 }
 
+// Turning the toggle on after an answer without an explanation asks the server for one.
+function onToggle() {
+  if ($("explain-toggle").checked && current.file && current.answer && !current.answer.explanation) {
+    classify(current.file, true);
+  } else {
+    showOverlay();
+  }
+}
+
 function setUp() {
   const input = $("file-input"), zone = $("dropzone"), form = $("upload-form");
   input.addEventListener("change", () => classify(input.files[0]));
+  $("explain-toggle").addEventListener("change", onToggle);
   form.addEventListener("submit", (e) => { e.preventDefault(); classify(input.files[0]); });
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("dragging"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
@@ -103,10 +164,11 @@ function setUp() {
     classify(e.dataTransfer.files[0]);
   });
   document.body.dataset.state = "ready";
+  showOverlay();
   showModel();
 }
 
-// For a later explanation view: the overlay canvas, sized to the image's pixels.
+// For tests and scripts: the overlay canvas (sized to the image's pixels) and its reset.
 window.imgclsPage = { overlay: () => $("overlay"), resetOverlay };
 
 setUp();

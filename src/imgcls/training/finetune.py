@@ -1,5 +1,6 @@
-"""Transfer learning from pretrained backbones: linear probe on cached features, discriminative
-learning rates for fine-tuning, and the rule that picks a strategy from the dataset size.
+"""Transfer learning from pretrained backbones: the linear probe on cached features and the rule
+that picks a strategy from the dataset size (fine-tuning's discriminative learning rates are
+`imgcls.training.optim.discriminative_groups`).
 
 Strategies (`--strategy`):
 - linear-probe: backbone frozen; pooled features computed once (eval mode, so BatchNorm
@@ -15,7 +16,9 @@ Strategies (`--strategy`):
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ from torch import nn
 
 from imgcls.config import STRATEGIES
 from imgcls.runtime import batched_logits
+from imgcls.training.prepare import SplitData
 from imgcls.transforms import PreprocessSpec
 
 LINEAR_PROBE_MAX_IMAGES = 500  # below this many training images, auto picks the linear probe
@@ -44,16 +48,28 @@ def classifier_of(model: nn.Module) -> nn.Linear:
     return model.get_submodule(model.classifier_name)
 
 
-def extract_features(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+def extract_features(
+    model: nn.Module,
+    images: np.ndarray,
+    spec: PreprocessSpec,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Pooled pre-logit features (N, F) in float32 for uint8 images (N, S, S, 3), eval mode."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.forward_features(x), pre_logits=True)
 
-    return batched_logits(model, images, spec, batch_size=batch_size, device=device, amp_dtype=amp_dtype, progress=progress, desc="features", forward=forward)
+    return batched_logits(
+        model, images, spec, batch_size=batch_size, device=device, amp_dtype=amp_dtype, progress=progress, desc="features", forward=forward
+    )
 
 
-def _lbfgs_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, reg: float, bias: bool, max_iter: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _lbfgs_logreg(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, reg: float, bias: bool, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
     b = torch.zeros(num_classes, requires_grad=True) if bias else None
     params = [w] + ([b] if bias else [])
@@ -93,6 +109,7 @@ def fit_linear_head(
     z_train = (x_train - mean) / std
     candidates = regs if x_val is not None and len(x_val) else (1e-3,)
     best: dict[str, Any] | None = None
+    sweep = []  # every candidate's numbers, for the report's L2 plot
     for reg in candidates:
         w, b = _lbfgs_logreg(z_train, y_train, head.out_features, reg, has_bias, max_iter)
         row: dict[str, Any] = {"reg": reg, "w": w, "b": b}
@@ -103,9 +120,13 @@ def fit_linear_head(
             vl = ((x_val - mean) / std) @ w.T + (b if has_bias else 0)
             row["val_loss"] = float(nn.functional.cross_entropy(vl, y_val))
             row["val_acc"] = float((vl.argmax(1) == y_val).float().mean())
-            log(f"  linear probe  L2 {reg:g}: train acc {row['train_acc']:.4f}  val acc {row['val_acc']:.4f}  val loss {row['val_loss']:.4f}")
+            log(
+                f"  linear probe  L2 {reg:g}: train acc {row['train_acc']:.4f}  "
+                f"val acc {row['val_acc']:.4f}  val loss {row['val_loss']:.4f}"
+            )
         else:
             row["val_loss"] = row["val_acc"] = math.nan
+        sweep.append({k: v for k, v in row.items() if k not in ("w", "b")})
         if best is None or (row["val_acc"], -row["val_loss"]) > (best["val_acc"], -best["val_loss"]):
             best = row
     assert best is not None
@@ -114,28 +135,43 @@ def fit_linear_head(
         head.weight.copy_(w_fold.to(head.weight.dtype))
         if has_bias:
             head.bias.copy_((best["b"] - w_fold @ mean).to(head.bias.dtype))
-    return {k: v for k, v in best.items() if k not in ("w", "b")}
+    return {**{k: v for k, v in best.items() if k not in ("w", "b")}, "sweep": sweep}
 
 
-def discriminative_param_groups(model: nn.Module, lr: float, weight_decay: float, n_groups: int = 3, lr_range: float = 100.0) -> list[dict[str, Any]]:
-    """Parameter groups with learning rates rising from lr / lr_range (first layers) to lr (head).
-
-    Backbone parameters, in definition order (which follows depth in every model here), are cut
-    into `n_groups` equal chunks with geometrically spaced rates, as fastai's `slice(lr/100, lr)`.
-    Biases and norm weights get no weight decay.
-    """
-    head_params = {id(p) for p in classifier_of(model).parameters()}
-    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_params]
-    chunks = np.array_split(np.arange(len(backbone)), n_groups)
-    groups: list[dict[str, Any]] = []
-
-    def add(params: list[nn.Parameter], group_lr: float) -> None:
-        for decay in (True, False):
-            ps = [p for p in params if (p.ndim > 1) == decay]
-            if ps:
-                groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0, "initial_lr": group_lr, "lr": group_lr})
-
-    for i, idx in enumerate(chunks):
-        add([backbone[j] for j in idx], lr / lr_range ** (1 - i / n_groups))
-    add(list(classifier_of(model).parameters()), lr)
-    return groups
+def linear_probe(
+    model: nn.Module,
+    train: SplitData,
+    val: SplitData | None,
+    spec: PreprocessSpec,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Fit the classifier of `model` on its frozen features of `train`, the L2 strength chosen on
+    `val`; return the probe's metrics.csv row (epoch 1), with "probe_sweep": every L2 strength
+    tried (`fit_linear_head`'s "sweep"), which metrics.csv leaves out."""
+    t0 = time.perf_counter()
+    x_tr = extract_features(model, train.images.numpy(), spec, device, amp_dtype, progress=progress)
+    x_va = (
+        extract_features(model, val.images.numpy(), spec, device, amp_dtype, progress=progress)
+        if val is not None and len(val.paths)
+        else None
+    )
+    t_feat = time.perf_counter() - t0
+    n_img = len(x_tr) + (len(x_va) if x_va is not None else 0)
+    log(f"features: {n_img} images in {t_feat:.1f}s ({n_img / max(t_feat, 1e-9):.0f} img/s)")
+    fit = fit_linear_head(classifier_of(model), x_tr, train.labels, x_va, val.labels if x_va is not None else None, log=log)
+    seconds = time.perf_counter() - t0
+    log(f"linear probe: L2 {fit['reg']:g}, train acc {fit['train_acc']:.4f}, val acc {fit['val_acc']:.4f} ({seconds:.1f}s)")
+    return {
+        "epoch": 1,
+        "train_loss": fit["train_loss"],
+        "train_acc": fit["train_acc"],
+        "val_loss": fit["val_loss"],
+        "val_acc": fit["val_acc"],
+        "lr": 0.0,
+        "epoch_time_s": seconds,
+        "images_per_s": n_img / max(t_feat, 1e-9),
+        "probe_sweep": [{**r, "chosen": r["reg"] == fit["reg"]} for r in fit["sweep"]],
+    }

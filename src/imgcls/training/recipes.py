@@ -66,11 +66,6 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def warmup_steps(self, steps_per_epoch: int, total_steps: int) -> int:
-        if self.warmup_epochs is not None:
-            return int(round(self.warmup_epochs * steps_per_epoch))
-        return int(total_steps * self.warmup_fraction)
-
 
 def airbench_lr(batch_size: int, momentum: float) -> float:
     """airbench's 11.5 per 1024 images, as a PyTorch learning rate for a batch-mean loss.
@@ -103,7 +98,9 @@ def generic_batch_size(img_size: int, device_type: str) -> int:
     return 128 if device_type != "cpu" else cache_sized_batch(img_size, 32, 128)
 
 
-def resolve_recipe(train: TrainConfig, model: ModelConfig, aug: AugmentSpec, num_train: int, img_size: int = 32, device_type: str = "cpu") -> Recipe:
+def resolve_recipe(
+    train: TrainConfig, model: ModelConfig, aug: AugmentSpec, num_train: int, img_size: int = 32, device_type: str = "cpu"
+) -> Recipe:
     """The recipe `train.recipe` names ("auto" decided from the model), with the user's overrides."""
     name = train.recipe
     if name == "auto":
@@ -126,7 +123,8 @@ def resolve_recipe(train: TrainConfig, model: ModelConfig, aug: AugmentSpec, num
             # airbench: 0.2 smoothing; with a logit scale of 1/9 it keeps the net from over-confidence.
             label_smoothing=0.2,
             batch_size=batch_size,
-            # airbench: BN biases learn 64x faster (BN scales are frozen at 1, see models/small_cnn.py).
+            # airbench: BN biases learn 64x faster (BN scales are frozen at 1, see models/small_cnn.py;
+            # the groups are imgcls.training.optim.norm_scaled_groups).
             bias_lr_scale=64.0,
             # airbench: every 5 steps the weights are averaged into an EMA and reset to it (lookahead),
             # with the EMA's memory growing as (step / total)^3: smoother late weights, +0.3-0.5 points.
@@ -141,14 +139,26 @@ def resolve_recipe(train: TrainConfig, model: ModelConfig, aug: AugmentSpec, num
         optimizer = train.optimizer or "adamw"
         if model.starts_pretrained:  # fine-tuning: gentler than training from scratch
             # 1e-3 for the head, as fastai's fine_tune after unfreezing (base_lr 2e-3 / 2); earlier
-            # layers get less (imgcls.finetune.discriminative_param_groups). 5e-4 left EuroSAT
+            # layers get less (imgcls.training.optim.discriminative_groups). 5e-4 left EuroSAT
             # (a domain far from ImageNet) below its own linear probe after 3 epochs.
             lr = 1e-3 if optimizer == "adamw" else 0.01
         else:
             lr = 2e-3 if optimizer == "adamw" else 0.05
         base = Recipe(
-            name="generic", optimizer=optimizer, lr=lr, momentum=0.9, weight_decay=0.05, schedule="cosine", warmup_epochs=1.0, warmup_fraction=0.0,
-            label_smoothing=0.1, batch_size=train.batch_size or generic_batch_size(img_size, device_type), bias_lr_scale=1.0, lookahead=False, whiten_bias_fraction=1.0, tta="none",
+            name="generic",
+            optimizer=optimizer,
+            lr=lr,
+            momentum=0.9,
+            weight_decay=0.05,
+            schedule="cosine",
+            warmup_epochs=1.0,
+            warmup_fraction=0.0,
+            label_smoothing=0.1,
+            batch_size=train.batch_size or generic_batch_size(img_size, device_type),
+            bias_lr_scale=1.0,
+            lookahead=False,
+            whiten_bias_fraction=1.0,
+            tta="none",
         )
     else:
         raise ValueError(f"recipe must be one of {RECIPES}, got {name!r}")
@@ -160,27 +170,9 @@ def resolve_recipe(train: TrainConfig, model: ModelConfig, aug: AugmentSpec, num
     return dataclasses.replace(base, **overrides)
 
 
-def build_recipe_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """Parameter groups for `recipe`: normalisation biases at bias_lr_scale x lr, the rest at lr.
-
-    Weight decay is divided by each group's multiplier, so every weight shrinks at the same rate
-    per step (airbench). Frozen parameters (whitening weights, BN scales) are left out.
-    """
-    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-    norm_ids = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
-    norm = [p for p in model.parameters() if p.requires_grad and id(p) in norm_ids]
-    other = [p for p in model.parameters() if p.requires_grad and id(p) not in norm_ids]
-    groups = []
-    for params, scale in ((other, 1.0), (norm, recipe.bias_lr_scale)):  # the base group first: metrics.csv logs its lr
-        if params:
-            lr = recipe.lr * scale
-            groups.append({"params": params, "lr": lr, "initial_lr": lr, "weight_decay": recipe.weight_decay / scale})
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0)
-    return torch.optim.AdamW(groups, lr=recipe.lr)
-
-
-def init_whitening(model: nn.Module, images: torch.Tensor, spec: PreprocessSpec, max_images: int = 5000, max_patches: int = 5_000_000) -> bool:
+def init_whitening(
+    model: nn.Module, images: torch.Tensor, spec: PreprocessSpec, max_images: int = 5000, max_patches: int = 5_000_000
+) -> bool:
     """Set a model's patch-whitening layer from training images (uint8 (N, S, S, 3)); False if it has none.
 
     airbench uses 5,000 CIFAR images (about 5M 2x2 patches); larger images use fewer, so the
@@ -205,23 +197,26 @@ class Lookahead:
     move fast, and a long memory at the end. The last step of every epoch also updates, so at each
     epoch end (checkpoint, artifact) weights and EMA agree and --resume needs no extra state; the
     last step of the run copies the EMA in (decay 1).
+
+    It keeps `model` itself (not a torch.compile wrapper of it, whose state_dict keys differ).
     """
 
     def __init__(self, model: nn.Module, every: int = 5, last_step: int = -1) -> None:
+        self.model = model
         self.every = every
         self.ema = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
         self.last_update = last_step  # the step the weights last equalled the EMA (an epoch end, on resume)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int, total_steps: int, epoch_end: bool) -> None:
-        """Call after optimizer step `step` (0-based, global)."""
+    def update(self, step: int, total_steps: int, epoch_end: bool) -> None:
+        """Call after optimizer step `step` (0-based, global) of a schedule `total_steps` long."""
         done = step + 1 >= total_steps
         if not (done or epoch_end or (step + 1) % self.every == 0):
             return
         gap = step - self.last_update
         self.last_update = step
         decay = 1.0 if done else 0.95**gap * ((step + 1) / total_steps) ** 3
-        for k, v in model.state_dict().items():
+        for k, v in self.model.state_dict().items():
             e = self.ema.get(k)
             if e is None:
                 continue

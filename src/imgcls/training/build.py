@@ -1,0 +1,187 @@
+"""Build what trains (step 2 of fit): the model with its starting weights, its optimizer, the
+loss and the precision of the training steps, gathered in a `Setup`; and `Evaluation`, how the
+run evaluates while it trains and at the end."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgcls.config import ModelConfig, RunConfig
+from imgcls.models import create_model, get_entry
+from imgcls.training.checkpoint import TrainState
+from imgcls.training.finetune import resolve_strategy
+from imgcls.training.loop import StepOptions, TrainData
+from imgcls.training.measure import faster_train_dtype, time_eval
+from imgcls.training.optim import build_optimizer, param_groups
+from imgcls.training.prepare import RunData, SplitData
+from imgcls.training.recipes import Recipe, init_whitening, resolve_recipe
+from imgcls.training.schedule import steps_per_epoch
+from imgcls.transforms import PreprocessSpec
+
+Log = Callable[[str], None]
+
+DTYPES: dict[str, torch.dtype | None] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """The autocast dtype as model.json and checkpoints record it (None: plain float32)."""
+    return str(dtype).replace("torch.", "") if dtype else "float32"
+
+
+def build_model(model_cfg: ModelConfig, num_classes: int, weights_cache: Path | None = None, **model_kwargs: Any) -> tuple[nn.Module, str]:
+    """The model with its starting weights: built-in pretrained, a user's file or URL, or random;
+    and a note on where the weights came from ("" for random). model_kwargs (e.g. small_cnn's
+    widths) go to the builder and are recorded in model.json."""
+    m = model_cfg
+    model = create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, **model_kwargs)
+    if not m.weights:
+        return model, f"loaded {get_entry(m.name).pretrained_source}" if m.pretrained else ""
+    from imgcls.models.weights import load_pretrained_weights
+
+    loaded = load_pretrained_weights(model, m.name, m.weights, sha256=m.weights_sha256, cache_dir=weights_cache, num_classes=num_classes)
+    return model, loaded.message
+
+
+@dataclass(frozen=True)
+class Blueprint:
+    """Everything it takes to build a run's model and optimizer, again if need be (a time budget
+    builds small_cnn at narrower widths to time them)."""
+
+    model: ModelConfig
+    num_classes: int
+    recipe: Recipe
+    strategy: str
+    spec: PreprocessSpec
+    device: torch.device
+    channels_last: bool
+    train_images: torch.Tensor  # (N, S, S, 3) uint8: small_cnn's whitening layer is set from them
+    weights_cache: Path | None = None  # where a weights URL is downloaded to
+
+
+def build_trainable(bp: Blueprint, model_kwargs: dict[str, Any], log: Log | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model with its starting weights, on the device, and its optimizer. log None: silently."""
+    model, weights_note = build_model(bp.model, bp.num_classes, bp.weights_cache, **model_kwargs)
+    if weights_note and log:
+        log(weights_note)
+    model = model.to(bp.device)
+    if bp.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if not bp.model.starts_pretrained and init_whitening(model, bp.train_images, bp.spec) and log:
+        log("patch-whitening layer set from the training images")
+    return model, build_optimizer(bp.recipe, param_groups(model, bp.recipe, bp.strategy))
+
+
+def build_loss(recipe: Recipe) -> nn.Module:
+    """The training loss: cross-entropy with the recipe's label smoothing."""
+    return nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+
+
+def choose_train_dtype(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    data: TrainData,
+    options: StepOptions,
+    precision: str,
+    trial: bool,
+    log: Log,
+) -> tuple[torch.dtype | None, float | None]:
+    """The autocast dtype of the training steps, and its seconds per step when they were measured.
+
+    options.amp_dtype is what validation, the probe and evaluation run (as evaluate and predict
+    do); the training steps use it too, except under --precision auto on a CPU with fast bf16,
+    where a short trial picks bf16 or fp32. trial False skips it (a linear probe trains no steps;
+    a resumed run keeps the precision it chose).
+    """
+    if trial and precision == "auto" and options.amp_dtype == torch.bfloat16 and options.device.type == "cpu":
+        return faster_train_dtype(model, optimizer, loss_fn, data, options.device, options.channels_last, log)
+    return options.amp_dtype, None
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What trains. Built once; a time budget may swap in a narrower network before the first epoch."""
+
+    blueprint: Blueprint  # how the model and optimizer were built (recipe, strategy...)
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    data: TrainData
+    options: StepOptions  # of the training steps; options.amp_dtype may differ from Evaluation's
+    model_kwargs: dict[str, Any]  # builder arguments beyond num_classes, recorded in model.json
+    trial_step_s: float | None = None  # seconds per step the precision trial measured (a time budget's first plan uses them)
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.blueprint.recipe
+
+    @property
+    def strategy(self) -> str:
+        return self.blueprint.strategy
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.data.images), self.data.batch_size)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How the run evaluates: the validation pass after each epoch, the probe's features and the
+    final evaluation all run in amp_dtype (as evaluate and predict do); the final one with `tta`."""
+
+    spec: PreprocessSpec
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    tta: str
+    val: SplitData | None  # validated after every epoch
+    final_splits: dict[str, SplitData | None]  # evaluated at the end; None: left out
+    progress: bool = False
+
+    def time_final(self, model: nn.Module) -> float:
+        """Seconds the final evaluation will take (kept back from a time budget)."""
+        return time_eval(
+            model, [s.images for s in self.final_splits.values() if s is not None], self.spec, self.device, self.amp_dtype, self.tta
+        )
+
+
+def build_setup(
+    cfg: RunConfig,
+    data: RunData,
+    spec: PreprocessSpec,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    saved: TrainState | None,
+    log: Log,
+) -> Setup:
+    """Step 2: the model with its starting weights, optimizer, loss and training precision."""
+    t_cfg, n_train = cfg.train, len(data.train.paths)
+    strategy = resolve_strategy(cfg.model.strategy, cfg.model.starts_pretrained, n_train)
+    aug = t_cfg.augment.resolve(spec.img_size)
+    recipe = resolve_recipe(t_cfg, cfg.model, aug, n_train, spec.img_size, device.type)
+    weights_cache = Path(cfg.data.cache_dir) / "weights" if cfg.data.cache_dir else None
+    bp = Blueprint(cfg.model, len(data.class_names), recipe, strategy, spec, device, t_cfg.channels_last, data.train.images, weights_cache)
+    model_kwargs = saved.model_kwargs if saved is not None else {}
+    model, optimizer = build_trainable(bp, model_kwargs, log)
+    loss_fn = build_loss(recipe)
+    train_data = TrainData(data.train.images, data.train.labels, spec, aug, min(recipe.batch_size, n_train))
+    eval_options = StepOptions(device, amp_dtype, t_cfg.channels_last)
+    trial = saved is None and strategy != "linear-probe"
+    train_dtype, trial_step_s = choose_train_dtype(model, optimizer, loss_fn, train_data, eval_options, t_cfg.precision, trial, log)
+    if saved is not None:
+        train_dtype = DTYPES.get(saved.train_precision, train_dtype)  # the precision the run measured and chose
+    scaler = torch.amp.GradScaler(device.type) if train_dtype == torch.float16 else None
+    options = StepOptions(device, train_dtype, t_cfg.channels_last, t_cfg.grad_clip, scaler)
+    precision = "bf16 autocast" if train_dtype == torch.bfloat16 else "fp16 autocast" if train_dtype else "fp32"
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    tta = f", TTA {recipe.tta} at evaluation" if recipe.tta != "none" else ""
+    log(
+        f"model {cfg.model.name} ({millions:.2f}M parameters), strategy {strategy}, recipe {recipe.name}, {spec.img_size} px, "
+        f"{precision} on {device}, {recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch_size}{tta}"
+    )
+    return Setup(bp, model, optimizer, loss_fn, train_data, options, model_kwargs, trial_step_s)

@@ -1,0 +1,296 @@
+"""`fit(cfg)`: a dataset in, a model folder out.
+
+`_fit` takes a run through six named steps:
+
+1. prepare the run (prepare.py): index DATA, decode every split once, split off validation;
+2. build what trains (build.py): model and starting weights, optimizer, loss, precision;
+3. decide how long (plan.py): --epochs, a time budget (budget.py) or the checkpoint being
+   resumed, as the `TrainState` the loop starts from, and the `Schedule`;
+4. the linear probe first (`probe_first`), for --strategy linear-probe and fine-tune;
+5. the epochs (`train_epochs`): train (loop.py), validate, keep the best weights, checkpoint;
+6. finish (`finish_run`): evaluate the kept weights, the final model.json, the report.
+
+The run folder RUN_DIR is also the artifact: model.safetensors + model.json (the best epoch),
+checkpoint.safetensors (the last epoch, with optimizer state, for --resume), metrics.csv (one row
+per epoch), split.json, bad_files.csv and report/ (plots and report.html on the validation split).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgcls.artifact import package_versions
+from imgcls.config import RunConfig, TrainConfig
+from imgcls.metrics import classification_metrics
+from imgcls.report import Predictions, read_probe_sweep, write_probe_sweep, write_report
+from imgcls.runtime import batched_logits, prepare_inference_model, resolve_device, resolve_precision, set_threads
+from imgcls.training.build import Evaluation, Log, Setup, build_setup, dtype_name
+from imgcls.training.checkpoint import RunFolder, TrainState, read_checkpoint
+from imgcls.training.finetune import linear_probe
+from imgcls.training.loop import EpochStats, train_one_epoch, validate
+from imgcls.training.plan import build_schedule, plan_run
+from imgcls.training.prepare import SPLIT_FILE, RunData, SplitData, prepare_run, resolve_spec
+from imgcls.training.recipes import Lookahead, whiten_bias_trains
+from imgcls.training.schedule import Schedule
+from imgcls.transforms import PreprocessSpec
+
+
+def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Log = print) -> Path:
+    """Train a model as `cfg` says; return the run folder, which is the model artifact.
+
+    resume=True continues the run in cfg.train.out from its last checkpoint, with the config
+    stored there (the flags that started it), and gives the same result as an uninterrupted run.
+    torch's process-wide settings that a run changes (threads, deterministic algorithms) are put
+    back afterwards, so calling fit from a program leaves the program as it was.
+    """
+    threads, deterministic, warn_only = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    try:
+        return _fit(cfg, resume, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Log) -> Path:
+    run_dir = Path(cfg.train.out)
+    saved: TrainState | None = None
+    if resume:
+        cfg, saved = read_checkpoint(run_dir)
+        log(f"resuming {run_dir} with its saved configuration")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device, amp_dtype = start_process(cfg.train, cfg.data.seed)
+    spec = resolve_spec(cfg)
+    t_start = time.perf_counter()
+
+    data = prepare_run(cfg, spec, run_dir, progress, log)  # 1
+    setup = build_setup(cfg, data, spec, device, amp_dtype, saved, log)  # 2
+    ev = Evaluation(spec, device, amp_dtype, setup.recipe.tta, data.val, final_splits(data, cfg.train), progress)
+    state, setup, final_eval_s = plan_run(cfg.train, setup, ev, data, saved, t_start, log)  # 3
+    folder = RunFolder(run_dir, artifact_meta(cfg, data, setup, spec, device), cfg.to_dict())
+    if setup.strategy in ("linear-probe", "fine-tune") and saved is None:
+        probe_first(setup, data, ev, state, folder, log)  # 4
+    schedule = build_schedule(setup, state, cfg.train, t_start, final_eval_s, resumed=saved is not None)
+    stopped_early = train_epochs(setup, schedule, state, folder, ev, cfg.train, cfg.data.seed, log)  # 5
+    if data.test is not None and ev.final_splits["test"] is None:
+        log(f"test split not evaluated inside the time budget: imgcls evaluate {run_dir} {cfg.data.path} --split test")
+    training = {
+        "strategy": setup.strategy,
+        "best_epoch": state.best_epoch + 1,
+        "epochs_run": state.epoch + 1,
+        "stopped_early": stopped_early,
+    }
+    metrics = finish_run(folder, ev, training, t_start)  # 6
+    report_run(run_dir, metrics, data, state.history, cfg.model.name, log, ev)
+    return run_dir
+
+
+def start_process(t_cfg: TrainConfig, seed: int) -> tuple[torch.device, torch.dtype | None]:
+    """Set torch's threads, seed and determinism for the run; its device and evaluation autocast dtype."""
+    set_threads(t_cfg.threads)
+    torch.manual_seed(seed)
+    if t_cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = resolve_device(t_cfg.device)
+    return device, resolve_precision(t_cfg.precision, device)
+
+
+def final_splits(data: RunData, t_cfg: TrainConfig) -> dict[str, SplitData | None]:
+    """The splits evaluated at the end with the recipe's TTA: val, and test unless there is a time
+    budget. Under a budget the test split is left to `imgcls evaluate`, so the budget's seconds go
+    to training (CIFAR-10's 10,000 test images with 6 TTA views took 34 s of a 4-minute budget on 2 cores)."""
+    return {"val": data.val, "test": data.test if t_cfg.time_budget is None else None}
+
+
+def artifact_meta(cfg: RunConfig, data: RunData, setup: Setup, spec: PreprocessSpec, device: torch.device) -> dict[str, Any]:
+    """model.json's common part (each save adds "training", the final one "metrics")."""
+    index = data.index
+    return {
+        "arch": cfg.model.name,
+        "model_kwargs": setup.model_kwargs,
+        "class_names": data.class_names,
+        "preprocess": spec.to_dict(),
+        "augment": setup.data.aug.to_dict(),
+        "strategy": setup.strategy,
+        "config": cfg.to_dict(),
+        "seed": cfg.data.seed,
+        "split": {**data.split_info, "file": SPLIT_FILE},
+        "dataset": {
+            "root": str(index.root),
+            "layout": index.layout,
+            "fingerprint": data.fingerprint,
+            "bad_files": len(data.failures),
+            "ignored": dict(index.ignored),
+        },
+        "versions": package_versions(),
+        "device": str(device),
+        "precision": dtype_name(setup.options.amp_dtype),  # of the training steps
+        "recipe": setup.recipe.to_dict(),
+        "tta": setup.recipe.tta,  # what `imgcls evaluate` and `predict` use unless told otherwise (--tta)
+    }
+
+
+def probe_first(setup: Setup, data: RunData, ev: Evaluation, state: TrainState, folder: RunFolder, log: Log) -> None:
+    """Step 4: fit the classifier on frozen features (finetune.linear_probe) and keep the model.
+    For linear-probe that is the whole training (one history row); fine-tune goes on from it."""
+    row = linear_probe(setup.model, data.train, data.val, ev.spec, ev.device, ev.amp_dtype, ev.progress, log)
+    write_probe_sweep(folder.path, row.pop("probe_sweep"))  # probe.csv: the report's L2 sweep
+    if setup.strategy == "linear-probe":
+        state.history.append(row)
+        folder.write_history(state.history)
+        state.best_epoch = state.epoch = 0
+    folder.save_model(setup.model, {"strategy": setup.strategy, "stage": "linear-probe"})
+
+
+def train_epochs(
+    setup: Setup, schedule: Schedule, state: TrainState, folder: RunFolder, ev: Evaluation, t_cfg: TrainConfig, seed: int, log: Log
+) -> bool:
+    """Step 5: the epochs after state.epoch up to state.planned_epochs (which a time budget
+    re-plans as it goes); True when early stopping ended them."""
+    model, recipe, spe = setup.model, setup.recipe, schedule.steps_per_epoch
+    epoch = state.epoch + 1
+    # The lookahead EMA equals the weights at every epoch end, so a resumed run starts it from them.
+    lookahead = Lookahead(model, last_step=epoch * spe - 1) if recipe.lookahead and state.planned_epochs > epoch else None
+    whiten_bias = getattr(getattr(model, "whiten", None), "bias", None)
+    # --compile: inductor on the training forward (same parameters). Off by default: on 2 CPU cores it
+    # took 30 s to compile and then ran small_cnn slower than eager (bench/RESULTS.md).
+    train_model = torch.compile(model) if t_cfg.compile else model
+    while epoch < state.planned_epochs:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # per-epoch stream: resume replays it
+        if whiten_bias is not None:
+            whiten_bias.requires_grad_(whiten_bias_trains(recipe, epoch, state.planned_epochs))
+        planned_total = schedule.total_steps
+        label = f"epoch {epoch + 1}/{state.planned_epochs}" if ev.progress else None
+        stats = train_one_epoch(
+            train_model, setup.optimizer, setup.loss_fn, setup.data, g, setup.options, schedule, epoch * spe, lookahead, label
+        )
+        out_of_time = schedule.total_steps < planned_total
+        if out_of_time:  # behind the time budget: the schedule was shortened during this epoch
+            if lookahead is not None and epoch * spe + stats.steps >= schedule.total_steps:
+                lookahead.update(schedule.total_steps - 1, schedule.total_steps, True)  # the run's last step: the EMA is copied in
+            log(f"time budget: schedule shortened to {schedule.total_steps} steps ({schedule.total_steps / spe:.2f} epochs)")
+        row, improved = record_epoch(epoch, stats, setup, state, folder, ev)
+        if schedule.budget_s is not None:
+            full_epoch = schedule.total_steps >= (epoch + 1) * spe and not out_of_time
+            replan_budget(schedule, state, epoch, full_epoch, ev, model)
+        folder.save_checkpoint(model, setup.optimizer, state)
+        log(
+            f"epoch {epoch + 1}/{state.planned_epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  {stats.seconds:.1f}s  {row['images_per_s']:.0f} img/s"
+            + ("  *" if improved else "")
+        )
+        if ev.val is not None and t_cfg.patience and state.bad_epochs >= t_cfg.patience:
+            log(f"early stop: no validation improvement for {t_cfg.patience} epochs; keeping epoch {state.best_epoch + 1}")
+            return True
+        epoch += 1
+    return False
+
+
+def record_epoch(
+    epoch: int, stats: EpochStats, setup: Setup, state: TrainState, folder: RunFolder, ev: Evaluation
+) -> tuple[dict[str, float], bool]:
+    """After an epoch: validate, add its metrics.csv row, and keep the weights when they are the
+    best so far; the row, and whether they were."""
+    val = ev.val
+    if val is not None and len(val.paths):
+        val_loss, val_acc = validate(setup.model, val.images, val.labels, ev.spec, ev.device, ev.amp_dtype, ev.progress)
+    else:
+        val_loss, val_acc = math.nan, math.nan
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": stats.loss,
+        "train_acc": stats.accuracy,
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": setup.optimizer.param_groups[0]["lr"],
+        "epoch_time_s": stats.seconds,
+        "images_per_s": stats.images / max(stats.seconds, 1e-9),
+    }
+    improved = state.record_epoch(epoch, row, has_val=val is not None)
+    folder.write_history(state.history)
+    if improved:
+        folder.save_model(setup.model, {"best_epoch": epoch + 1, "epochs_run": epoch + 1})
+    return row, improved
+
+
+def replan_budget(schedule: Schedule, state: TrainState, epoch: int, full_epoch: bool, ev: Evaluation, model: nn.Module) -> None:
+    """Under a time budget, after `epoch`: re-plan the rest from the pace so far when the epoch ran
+    in full (a shortened one already fits), and record the plan in the state (and so the checkpoint)."""
+    if full_epoch:
+        done = (epoch + 1) * schedule.steps_per_epoch  # global steps trained so far
+        per_step = schedule.seconds_per_step(done)
+        if schedule.final_eval_s is None:  # a resumed run measures it now
+            schedule.final_eval_s = ev.time_final(model)
+        schedule.replan(done, per_step)
+    state.planned_epochs, state.total_steps = schedule.epochs, schedule.total_steps
+
+
+def finish_run(folder: RunFolder, ev: Evaluation, training: dict[str, Any], t_start: float) -> dict[str, Any]:
+    """Step 6, once the best weights are kept: evaluate them on the final splits and write the
+    final model.json (with `training` and the run's wall time); return the metrics per split.
+
+    Post-training steps on the kept weights belong here, before the final save (e.g. fitting a
+    calibration temperature on the validation split).
+    """
+    from imgcls.artifact import load_artifact
+
+    best, _ = load_artifact(folder.path, device=ev.device)  # the kept (best) epoch, as saved
+    # prepare_inference_model converts a model to bf16 in place where bf16 pays, so it gets a copy:
+    # `best` stays as trained, for the artifact saved below.
+    best_eval, eval_dtype = prepare_inference_model(copy.deepcopy(best), ev.device, ev.amp_dtype)  # what evaluate and predict run
+    metrics: dict[str, Any] = {}
+    for name, split in ev.final_splits.items():
+        if split is not None and len(split.paths):
+            logits = batched_logits(
+                best_eval,
+                split.images.numpy(),
+                ev.spec,
+                device=ev.device,
+                amp_dtype=eval_dtype,
+                progress=ev.progress,
+                desc=f"evaluate {name}",
+                tta=ev.tta,
+            )
+            metrics[name] = classification_metrics(torch.softmax(logits, 1).numpy(), split.labels.numpy(), folder.meta["class_names"])
+    training = {
+        **training,
+        "wall_time_s": round(time.perf_counter() - t_start, 2),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    folder.save_model(best, training, metrics)
+    return metrics
+
+
+def report_run(
+    run_dir: Path, metrics: dict[str, Any], data: RunData, history: list[dict[str, float]], arch: str, log: Log, ev: Evaluation
+) -> None:
+    """report/ (plots and report.html) on the validation split, else the test split.
+
+    The kept model predicts the split again, as finish_run did (same precision and TTA), for the
+    report's per-image sections: top losses with Grad-CAM, confused pairs, reliability diagram.
+    """
+    split = "val" if "val" in metrics else ("test" if "test" in metrics else None)
+    if split:
+        from imgcls.artifact import load_artifact
+
+        s = data.splits[split]
+        model, dtype = prepare_inference_model(load_artifact(run_dir, device=ev.device)[0], ev.device, ev.amp_dtype)
+        logits = batched_logits(model, s.images.numpy(), ev.spec, device=ev.device, amp_dtype=dtype, progress=False, tta=ev.tta)
+        pred = Predictions(torch.softmax(logits, 1).numpy(), s.labels.numpy(), s.paths)
+        write_report(run_dir / "report", metrics[split], data.class_names, history, title=f"{arch} on {split} ({data.index.root.name})",
+                     predictions=pred, model_dir=run_dir, probe_sweep=read_probe_sweep(run_dir),
+                     facts={"model": f"{arch} ({run_dir})", "data": f"{data.index.root} ({split} split)", "TTA": ev.tta}, log=log)
+        m = metrics[split]
+        log(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  report: {run_dir / 'report' / 'report.html'}")
+    log(f"model saved to {run_dir}")

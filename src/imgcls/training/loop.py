@@ -1,0 +1,150 @@
+"""The training loop itself: `train_one_epoch` (forward, loss, backward, step, zero_grad) and the
+validation pass after each epoch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from imgcls.runtime import autocast, batched_logits
+from imgcls.training.recipes import Lookahead
+from imgcls.training.schedule import Schedule, steps_per_epoch
+from imgcls.transforms import AugmentSpec, PreprocessSpec, train_transform
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The training images as the loop reads them: decoded once, augmented a batch at a time."""
+
+    images: torch.Tensor  # (N, S, S, 3) uint8
+    labels: torch.Tensor  # (N,) int64
+    spec: PreprocessSpec
+    aug: AugmentSpec
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How a training step runs: where, in which autocast dtype, and its numerical guards."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None  # None: plain float32
+    channels_last: bool = True
+    grad_clip: float | None = None
+    scaler: torch.amp.GradScaler | None = None  # float16 only: scales the loss so gradients don't underflow
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+    steps: int = 0
+
+
+def epoch_order(num_images: int, generator: torch.Generator) -> torch.Tensor:
+    """The epoch's random order of sample indices, from the epoch's own generator.
+
+    The distributed seam: a multi-process run would shard this order here (each rank taking
+    order[rank::world_size], as torch's DistributedSampler does), with every rank drawing the
+    same order from the same per-epoch seed.
+    """
+    return torch.randperm(num_images, generator=generator)
+
+
+def load_batch(data: TrainData, idx: torch.Tensor, generator: torch.Generator, options: StepOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images `idx` of `data`, augmented as a batch with `generator`, and their labels, on the device."""
+    x = data.images[idx].permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
+    x = train_transform(x, data.spec, data.aug, generator)  # (B, 3, H, W) float, normalised
+    x = x.to(options.device, non_blocking=True)
+    if options.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, data.labels[idx].to(options.device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    data: TrainData,
+    generator: torch.Generator,
+    options: StepOptions,
+    schedule: Schedule | None = None,
+    first_step: int = 0,
+    lookahead: Lookahead | None = None,
+    progress: str | None = None,
+) -> EpochStats:
+    """One pass over `data` in an order drawn from `generator` (which the augmentation draws from too).
+
+    schedule: sets each step's learning rate; under a time budget it may end the pass early (the
+    last epoch of a budgeted run may be partial). None leaves the rates as they are. first_step is
+    the global index of this pass's first step. lookahead, when given, runs after each optimizer
+    step (the fast recipe's EMA of the weights). progress: a progress bar with this label.
+    """
+    from tqdm.auto import tqdm
+
+    model.train()
+    n, bs = len(data.images), data.batch_size
+    order = epoch_order(n, generator)
+    n_batches = steps_per_epoch(n, bs)
+    if schedule is not None:
+        n_batches = min(n_batches, schedule.total_steps - first_step)
+    total_loss, total_correct, seen, steps = 0.0, 0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=n_batches * bs if n_batches else 0, desc=progress, unit="img", disable=None if progress else True, leave=False)
+    for b in range(n_batches):
+        step = first_step + b
+        if schedule is not None and b > 0 and not schedule.keep_going(step):
+            break
+        idx = order[b * bs : (b + 1) * bs]
+        x, y = load_batch(data, idx, generator, options)  # (B, 3, H, W) augmented, (B,)
+        if schedule is not None:
+            schedule.apply(optimizer, step)
+        with autocast(options.device, options.amp_dtype):
+            logits = model(x)  # (B, num_classes)
+        loss = loss_fn(logits.float(), y)
+        # (distributed: DistributedDataParallel all-reduces the gradients inside backward)
+        if options.scaler is not None:
+            options.scaler.scale(loss).backward()
+            if options.grad_clip:
+                options.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+            options.scaler.step(optimizer)
+            options.scaler.update()
+        else:
+            loss.backward()
+            if options.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if lookahead is not None and schedule is not None:
+            lookahead.update(step, schedule.total_steps, epoch_end=b == n_batches - 1)
+        steps += 1
+        total_loss += loss.item() * len(idx)
+        total_correct += int((logits.argmax(1) == y).sum())
+        seen += len(idx)
+        bar.update(len(idx))
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.3f}", refresh=False)
+    bar.close()
+    return EpochStats(total_loss / max(seen, 1), total_correct / max(seen, 1), seen, time.perf_counter() - start, steps)
+
+
+def validate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    spec: PreprocessSpec,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    progress: bool = False,
+) -> tuple[float, float]:
+    """(loss, accuracy) of `model` on uint8 images (N, S, S, 3), in eval mode, without TTA."""
+    logits = batched_logits(
+        model, images.numpy(), spec, device=device, amp_dtype=amp_dtype, progress=progress, desc="validate"
+    )  # (N, num_classes)
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    return loss, float((logits.argmax(1) == labels).float().mean())

@@ -1,0 +1,102 @@
+"""Tests for transfer learning (imgcls.training.finetune and the fit steps around it) on
+EfficientNet-Lite0 with random weights given as a weights file (no download): the linear probe
+alone, and fine-tuning after the probe."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from imgcls.artifact import load_artifact
+from imgcls.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from imgcls.models import create_model
+from imgcls.report import read_history
+from imgcls.training.checkpoint import read_checkpoint
+from imgcls.training.finetune import resolve_strategy
+from imgcls.training.fit import fit
+from synth import make_split_folders
+
+ARCH = "efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def transfer_data(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+    """(data folder: 3 classes, 4 train and 2 valid images each; weights file of a fresh model)."""
+    base = tmp_path_factory.mktemp("transfer")
+    data = make_split_folders(base / "data", per_split={"train": 4, "valid": 2}, size=32, seed=4)
+    torch.manual_seed(0)
+    weights = base / "random_lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model(ARCH, num_classes=3).state_dict().items()}, str(weights))
+    return data, weights
+
+
+def transfer_cfg(data: pathlib.Path, weights: pathlib.Path, out: pathlib.Path, strategy: str, epochs: int | None = None) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(path=str(data), img_size=32, seed=0),
+        model=ModelConfig(name=ARCH, weights=str(weights), strategy=strategy),
+        train=TrainConfig(out=str(out), epochs=epochs, precision="fp32"),  # fp32: no precision trial, seconds saved
+    )
+
+
+def test_linear_probe_fits_only_the_head_in_one_history_row(transfer_data, tmp_path):
+    data, weights = transfer_data
+    lines: list[str] = []
+    run = fit(transfer_cfg(data, weights, tmp_path / "probe", "linear-probe"), progress=False, log=lines.append)
+    rows = read_history(run)
+    assert len(rows) == 1 and rows[0]["epoch"] == 1 and rows[0]["lr"] == 0.0  # the probe's row: no optimizer steps
+    assert 0.0 <= rows[0]["train_acc"] <= 1.0 and 0.0 <= rows[0]["val_acc"] <= 1.0
+    assert any(s.startswith("linear probe: L2") for s in lines) and not any(s.startswith("epoch ") for s in lines)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["strategy"] == "linear-probe" and meta["training"]["best_epoch"] == 1 and meta["training"]["epochs_run"] == 1
+    assert meta["metrics"]["val"]["num_samples"] == 6
+    model, _ = load_artifact(run)
+    start, kept = load_file(str(weights)), model.state_dict()
+    head = model.classifier_name + "."
+    assert all(torch.equal(kept[k], v) for k, v in start.items() if not k.startswith(head))  # frozen backbone, BN statistics too
+    assert not torch.equal(kept[head + "weight"], start[head + "weight"])  # the fitted head
+
+
+def test_fine_tune_trains_every_layer_after_the_probe(transfer_data, tmp_path):
+    data, weights = transfer_data
+    lines: list[str] = []
+    run = fit(transfer_cfg(data, weights, tmp_path / "ft", "fine-tune", epochs=2), progress=False, log=lines.append)
+    probe = next(i for i, s in enumerate(lines) if s.startswith("linear probe: L2"))
+    epochs = [i for i, s in enumerate(lines) if s.startswith("epoch ")]
+    assert len(epochs) == 2 and probe < epochs[0]  # the probe first, then the epochs
+    assert [r["epoch"] for r in read_history(run)] == [1, 2]  # the probe adds no row of its own to fine-tuning's
+    cfg, state = read_checkpoint(run)
+    assert state.epoch == 1 and cfg.model.strategy == "fine-tune"
+    with open(run / "model.json") as f:
+        meta = json.load(f)
+    assert meta["strategy"] == "fine-tune" and meta["training"]["epochs_run"] == 2
+    model, _ = load_artifact(run)
+    start = load_file(str(weights))
+    first_conv = next(k for k in start if k.endswith("weight") and start[k].ndim == 4)
+    assert not torch.equal(model.state_dict()[first_conv], start[first_conv])  # the backbone trained too, at its small rate
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_fine_tune_optimizer_has_discriminative_rates(transfer_data, tmp_path):
+    """The checkpoint's parameter groups: rates from lr / 100 up to lr at the head, no decay on 1-D tensors."""
+    from safetensors import safe_open
+
+    data, weights = transfer_data
+    cfg = transfer_cfg(data, weights, tmp_path / "ft1", "fine-tune", epochs=1)
+    run = fit(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-3)), progress=False, log=lambda _: None)
+    with safe_open(str(run / "checkpoint.safetensors"), framework="pt") as f:
+        groups = json.loads(f.metadata()["imgcls_checkpoint"])["param_groups"]
+    assert sorted({g["initial_lr"] for g in groups}) == pytest.approx([1e-5, 1e-3 / 100 ** (2 / 3), 1e-3 / 100 ** (1 / 3), 1e-3])
+    assert {g["weight_decay"] for g in groups} == {0.05, 0.0}
+
+
+def test_auto_strategy_from_the_dataset_size():
+    assert resolve_strategy("auto", pretrained=False, n_train=10) == "full"
+    assert resolve_strategy("auto", pretrained=True, n_train=10) == "linear-probe"
+    assert resolve_strategy("auto", pretrained=True, n_train=5000) == "fine-tune"
+    with pytest.raises(ValueError):
+        resolve_strategy("sideways", pretrained=True, n_train=10)
