@@ -152,7 +152,8 @@ def compile_check(cifar: Path, batch_size: int, steps: int) -> list[list[object]
 def run_imgcls(cifar: Path, budget: float, seed: int, extra: list[str]) -> dict:
     run = RESULTS / f"run-b{budget:g}-s{seed}"
     la0, waited, noisy = wait_for_quiet(max_wait_s=MAX_WAIT[0])
-    train_args = ["train", str(cifar), "--out", str(run), "--val-fraction", "0", "--time-budget", f"{budget:g}", "--seed", str(seed), "--quiet", *extra]
+    # --overwrite: a rerun of the benchmark replaces its earlier run of the same budget and seed
+    train_args = ["train", str(cifar), "--out", str(run), "--overwrite", "--val-fraction", "0", "--time-budget", f"{budget:g}", "--seed", str(seed), "--quiet", *extra]
     tr = run_timed(train_args)
     run.mkdir(parents=True, exist_ok=True)
     (run / "train.log").write_text(tr.stdout + tr.stderr)  # the planner's and each epoch's lines

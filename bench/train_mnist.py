@@ -30,7 +30,8 @@ RESULTS = OUT_DIR / "train_mnist"
 def run_one(mnist: Path, budget: float, seed: int) -> dict:
     run = RESULTS / f"run-b{budget:g}-s{seed}"
     la0, _, noisy = wait_for_quiet(max_wait_s=MAX_WAIT[0])
-    train_args = ["train", str(mnist), "--out", str(run), "--val-fraction", "0", "--img-size", "28", "--no-hflip", "--time-budget", f"{budget:g}", "--seed", str(seed), "--quiet"]
+    # --overwrite: a rerun of the benchmark replaces its earlier run of the same budget and seed
+    train_args = ["train", str(mnist), "--out", str(run), "--overwrite", "--val-fraction", "0", "--img-size", "28", "--no-hflip", "--time-budget", f"{budget:g}", "--seed", str(seed), "--quiet"]
     tr = run_timed(train_args)
     run.mkdir(parents=True, exist_ok=True)
     (run / "train.log").write_text(tr.stdout + tr.stderr)  # the planner's and each epoch's lines

@@ -1,4 +1,4 @@
-"""Tests for imgcls.batching.Batcher, the server's dynamic batcher, without a server or a model.
+"""Tests for imgcls.batching: the server's dynamic batcher and its admission limits, without a server or a model.
 
 `infer` here is a stand-in that records the batch sizes it sees and returns each image's id (its
 first pixel), so a test can tell which rows went back to which request. A `threading.Event` gate
@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from imgcls.batching import Batcher
+from imgcls.batching import Batcher, BudgetExhausted, ByteBudget, ClientLimits
 
 TIMEOUT = 10.0
 
@@ -152,3 +152,86 @@ def test_an_inference_error_reaches_every_request_of_its_batch():
 
     asyncio.run(main())
     assert infer.sizes == [1, 2, 1] and batcher.waiting == 0
+
+
+def test_full_is_a_peek_that_reserves_nothing():
+    batcher = Batcher(FakeInfer(), max_batch=8, wait_ms=0, queue_size=1)
+    assert not batcher.full and batcher.waiting == 0
+    assert batcher.admit() and batcher.full and batcher.waiting == 1
+    batcher.withdraw()
+    assert not batcher.full
+
+
+# ---------------------------------------------------------------------------------- ByteBudget
+
+
+def test_byte_budget_holds_waits_and_times_out():
+    budget = ByteBudget(100)
+    with budget.hold(60, timeout=0):
+        assert budget.in_use == 60
+        with pytest.raises(BudgetExhausted, match="50 bytes did not fit within 0.05 s"):
+            with budget.hold(50, timeout=0.05):
+                pass
+        assert budget.in_use == 60  # a refused hold takes nothing
+        with budget.hold(40, timeout=0):  # exactly full is fine
+            assert budget.in_use == 100
+    assert budget.in_use == 0 and budget.peak == 100
+
+
+def test_byte_budget_wakes_a_waiter_when_bytes_come_back():
+    budget = ByteBudget(100)
+    first_in, release, order = threading.Event(), threading.Event(), []
+
+    def first() -> None:
+        with budget.hold(80, timeout=TIMEOUT):
+            order.append("first in")
+            first_in.set()
+            assert release.wait(TIMEOUT)
+        order.append("first out")
+
+    def second() -> None:
+        with budget.hold(80, timeout=TIMEOUT):
+            order.append("second in")
+
+    a = threading.Thread(target=first)
+    a.start()
+    assert first_in.wait(TIMEOUT)
+    b = threading.Thread(target=second)
+    b.start()
+    b.join(0.1)
+    assert b.is_alive() and order == ["first in"]  # waiting: 80 + 80 > 100
+    release.set()
+    a.join(TIMEOUT)
+    b.join(TIMEOUT)
+    assert order == ["first in", "first out", "second in"] and budget.in_use == 0
+
+
+def test_byte_budget_runs_an_oversized_item_alone_and_releases_on_error():
+    budget = ByteBudget(100)
+    with budget.hold(10**9, timeout=0):  # larger than the budget: it takes it all, not forever
+        assert budget.in_use == 100
+    with pytest.raises(RuntimeError):
+        with budget.hold(30, timeout=0):
+            raise RuntimeError("decode failed")
+    assert budget.in_use == 0
+    with pytest.raises(ValueError):
+        ByteBudget(0)
+
+
+# ---------------------------------------------------------------------------------- ClientLimits
+
+
+def test_client_limits_count_each_address():
+    limits = ClientLimits(2)
+    assert limits.enter("10.0.0.1") and limits.enter("10.0.0.1")
+    assert not limits.enter("10.0.0.1")  # a third from the same address
+    assert limits.enter("10.0.0.2")  # another address is not affected
+    assert (limits.active("10.0.0.1"), limits.clients, limits.requests) == (2, 2, 3)
+    limits.leave("10.0.0.1")
+    assert limits.enter("10.0.0.1")
+    for _ in range(2):
+        limits.leave("10.0.0.1")
+    limits.leave("10.0.0.2")
+    assert (limits.clients, limits.requests) == (0, 0)
+    unlimited = ClientLimits(0)
+    assert all(unlimited.enter("10.0.0.1") for _ in range(1000))

@@ -131,6 +131,34 @@ def test_train_resume_without_checkpoint(capsys, tmp_path):
     assert not (tmp_path / "run" / "model.json").exists()
 
 
+def test_train_over_a_model_needs_overwrite(capsys, tmp_path):
+    a = make_class_folders(tmp_path / "a", per_class=4, size=16, seed=11)
+    b = make_class_folders(tmp_path / "b", classes=("cross", "ring"), per_class=4, size=16, seed=12)
+    run = tmp_path / "run"
+    common = ["--out", run, "--epochs", "1", "--img-size", "16", "--batch-size", "4", "--precision", "fp32", "--quiet"]
+    assert run_cli(capsys, "train", a, *common)[0] == 0
+    model_a = (run / "model.json").read_bytes()
+    code, _, err = run_cli(capsys, "train", b, *common)
+    assert code == 2 and err.startswith("imgcls: error:") and "Traceback" not in err
+    assert str(run) in err and "--resume" in err and "--overwrite" in err
+    assert (run / "model.json").read_bytes() == model_a
+    # --overwrite, and --exclude-from wired through: the audit marks one of B's files
+    audit = tmp_path / "audit.json"
+    audit.write_text(json.dumps({"root": str(b), "findings": {"label_issues": [{"paths": ["ring/000.png"], "exclude": ["ring/000.png"]}]}}))
+    code, out, err = run_cli(capsys, "train", b, *common, "--overwrite", "--exclude-from", audit)
+    assert code == 0, err
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["class_names"] == ["cross", "ring"] and meta["dataset"]["excluded"] == 1
+    assert "left out 1 file(s)" in out
+
+
+def test_train_deterministic_with_time_budget_is_a_clean_error(capsys, tmp_path):
+    data = make_class_folders(tmp_path / "data", per_class=2, size=16)
+    code, _, err = run_cli(capsys, "train", data, "--out", tmp_path / "run", "--deterministic", "--time-budget", "1", "--quiet")
+    assert code == 2 and "--time-budget" in err and "--epochs" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_on_a_missing_folder_is_a_clean_error(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", tmp_path / "nowhere", "--out", tmp_path / "run", "--epochs", "1", "--quiet")
     assert code == 2
@@ -214,9 +242,10 @@ def test_predict_json(capsys, trained_run, inputs):
     assert errors == [{"path": str(inputs["corrupt"]), "error": errors[0]["error"]}] and errors[0]["error"]
     for r in results:
         if "error" not in r:
-            assert set(r) == {"path", "label", "score", "top_k"}
-            assert r["label"] in CLASSES and 0 < r["score"] <= 1
-            assert len(r["top_k"]) == 2 and r["top_k"][0]["label"] == r["label"]
+            top = r.get("best_guess") or r  # label "unknown" (below the model's "unknown" threshold) comes with its best guess
+            assert set(r) == {"path", "label", "score", "top_k"} | ({"best_guess"} if "best_guess" in r else set())
+            assert top["label"] in CLASSES and 0 < r["score"] <= 1
+            assert len(r["top_k"]) == 2 and r["top_k"][0]["label"] == top["label"]
     assert "1 of 7" in err
 
 

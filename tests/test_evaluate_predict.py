@@ -8,6 +8,7 @@ import json
 import pathlib
 import pickle
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -265,6 +266,29 @@ def test_expand_inputs(tmp_path):
         str(tmp_path / "nope.png"),  # kept, so the caller reports it
         str(tmp_path / "z*.png"),  # a glob that matches nothing, likewise
     ]
+
+
+
+def test_expand_inputs_lists_each_file_once_and_never_follows_folder_links(tmp_path, monkeypatch):
+    """`ln -s . loop` made 'dir/**/*.png' list one file 41 times; two such links never finished."""
+    import os
+
+    d = tmp_path / "dir"
+    (d / "sub").mkdir(parents=True)
+    for rel in ("a.png", "sub/b.png"):
+        Image.new("RGB", (4, 4)).save(d / rel)
+    (d / "loop").symlink_to(".")
+    (d / "sub" / "up").symlink_to("..")
+    os.mkfifo(d / "pipe.png")  # not a regular file: a folder scan or a glob must not list it
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    assert expand_inputs(["dir/**/*.png"]) == ["dir/a.png", "dir/sub/b.png"]
+    assert expand_inputs(["dir/**"]) == ["dir/a.png", "dir/sub/b.png"]
+    assert expand_inputs(["dir"]) == ["dir/a.png", "dir/sub/b.png"]
+    # the same files reached again (through a link, a second argument) are listed once, at their first place
+    assert expand_inputs(["dir/sub/b.png", "dir", "dir/loop/a.png", "dir/*/*.png"]) == ["dir/sub/b.png", "dir/a.png"]
+    assert time.perf_counter() - start < 2.0
+    assert expand_inputs(["dir/pipe.png"]) == ["dir/pipe.png"]  # named on its own it is kept, for the decoder to refuse
 
 
 # ----------------------------------------------------------------------------- the artifact

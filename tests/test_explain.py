@@ -355,9 +355,8 @@ def test_server_adds_the_overlay_of_each_answer_only_when_asked(trained_run):
         with Image.open(io.BytesIO(base64.b64decode(x["overlay_png_base64"]))) as im:
             assert im.format == "PNG" and im.size == size
             overlay = np.asarray(im.convert("RGB")).astype(int)
-        expected = explainer.explain(data, p["label"]).overlay
-        expected.thumbnail((512, 512), Image.Resampling.BILINEAR)
-        assert np.abs(overlay - np.asarray(expected).astype(int)).max() <= 1  # `imgcls explain`'s overlay for that label
+        expected = explainer.explain(data, p["label"], max_side=512).overlay  # `imgcls explain`'s overlay for that label, 512 px
+        assert np.array_equal(overlay, np.asarray(expected).astype(int))
 
 
 def test_server_without_a_model_folder_says_it_cannot_explain(trained_run):
@@ -376,3 +375,34 @@ def test_server_without_a_model_folder_says_it_cannot_explain(trained_run):
         refused = httpx.post(f"{url}/v1/predict?explain=true", content=body, headers={"content-type": "image/png"}, timeout=30)
         assert refused.status_code == 501 and "model folder" in refused.json()["detail"]
         assert httpx.post(f"{url}/v1/predict", content=body, headers={"content-type": "image/png"}, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_max_side_shrinks_the_map_not_what_the_model_sees(trained_run, fmt):
+    import io
+
+    run, _ = trained_run
+    explainer = explain.Explainer.load(run)
+    buf = io.BytesIO()
+    draw_sample(1, 3, 64, np.random.default_rng(10)).resize((300, 200)).save(buf, format=fmt)
+    full = explainer.explain(buf.getvalue())
+    small = explainer.explain(buf.getvalue(), max_side=60)
+    assert full.map.shape == (200, 300) and small.map.shape == (40, 60) and small.overlay.size == (60, 40)
+    assert small.label == full.label and small.score == pytest.approx(full.score, abs=1e-6)  # the same model input
+    coarse = np.asarray(Image.fromarray(full.map).resize((60, 40), Image.Resampling.BILINEAR))
+    assert np.abs(coarse - small.map).mean() < 0.05  # the same map, drawn smaller
+
+
+def test_a_batch_explains_each_image_as_alone(trained_run):
+    run, _ = trained_run
+    explainer = explain.Explainer.load(run)
+    rng = np.random.default_rng(11)
+    images = [draw_sample(k % 3, 3, 30 + 6 * k, rng) for k in range(5)]  # different sizes: decoded one by one, batched for the model
+    targets = ["circle", None, 2, "square", None]
+    batch = explainer.explain_many(images, targets)
+    for img, t, b in zip(images, targets, batch):
+        one = explainer.explain(img, t)
+        assert (b.label, b.class_index) == (one.label, one.class_index) and b.score == pytest.approx(one.score, abs=1e-5)
+        assert b.map.shape == one.map.shape and np.abs(b.map - one.map).max() < 1e-4
+    with pytest.raises(ValueError, match="2 targets for 5 images"):
+        explainer.explain_many(images, ["circle", None])

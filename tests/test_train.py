@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import shutil
 
@@ -22,6 +23,7 @@ from badfiles import make_bad_files
 from imgcls.artifact import load_artifact
 from imgcls.config import DataConfig, RunConfig, TrainConfig
 from imgcls.report import HISTORY_FIELDS
+from imgcls.runtime import cpu_has_fast_bf16, default_threads
 from imgcls.training.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from imgcls.training.fit import fit
 from imgcls.training.schedule import lr_factor, steps_per_epoch
@@ -386,3 +388,96 @@ def test_fit_puts_torch_process_settings_back(tmp_path):
     before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     fit(make_cfg(data, tmp_path / "run", epochs=1, threads=1, deterministic=True), progress=False, log=lambda _: None)
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+
+
+# ----------------------------------------------------------------------------- --deterministic: nothing chosen from a timing
+
+
+def no_timing(*args, **kwargs):
+    raise AssertionError("a deterministic run timed something to decide")
+
+
+def test_deterministic_runs_time_nothing_and_train_identical_weights(tmp_path, monkeypatch):
+    import imgcls.training.build as build_mod
+    import imgcls.training.plan as plan_mod
+
+    # The precision trial (and any other timing a choice could come from) must not run at all; on
+    # a busy machine it picked bf16 in 11 and fp32 in 7 of 18 identical runs.
+    monkeypatch.setattr(build_mod, "faster_train_dtype", no_timing)
+    monkeypatch.setattr(plan_mod, "time_train_steps", no_timing)
+    monkeypatch.setattr(plan_mod, "time_eval", no_timing)
+    data = make_class_folders(tmp_path / "data", per_class=5, size=16, seed=4)
+    runs = [fit(make_cfg(data, tmp_path / name, epochs=2, batch_size=4, deterministic=True), progress=False, log=quiet) for name in "ab"]
+    a, b = (tensors(r / "model.safetensors") for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = meta_of(runs[0])
+    pinned = "bf16" if cpu_has_fast_bf16() else "fp32"
+    assert meta["config"]["train"]["precision"] == pinned  # recorded as the rule resolved it, not "auto"
+    assert meta["precision"] == ("bfloat16" if pinned == "bf16" else "float32")
+    assert meta["config"]["train"]["threads"] == meta["threads"] == default_threads()
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_deterministic_pins_precision_and_threads_by_rule(monkeypatch, fast_bf16):
+    import imgcls.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast_bf16)
+    cfg = make_cfg(pathlib.Path("d"), pathlib.Path("o"), deterministic=True, device="cpu")
+    pinned = fit_mod.pin_timed_choices(cfg, quiet)
+    assert pinned.train.precision == ("bf16" if fast_bf16 else "fp32") and pinned.train.threads == default_threads()
+    assert fit_mod.pin_timed_choices(pinned, quiet) == pinned  # a resumed run keeps what was pinned
+    explicit = make_cfg(pathlib.Path("d"), pathlib.Path("o"), deterministic=True, precision="fp32", threads=1)
+    assert fit_mod.pin_timed_choices(explicit, quiet).train == explicit.train  # what the user gave stays
+
+
+def test_deterministic_with_a_time_budget_is_refused_before_anything_is_written(tmp_path):
+    data = make_class_folders(tmp_path / "data", per_class=2, size=16)
+    cfg = make_cfg(data, tmp_path / "run", epochs=None, deterministic=True, time_budget=0.5)
+    with pytest.raises(ValueError, match="--time-budget"):
+        fit(cfg, progress=False, log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the data audit inside training
+
+
+def test_training_warns_about_duplicates_across_splits_and_labels(tmp_path):
+    data = make_split_folders(tmp_path / "data", per_split={"train": 4, "val": 2}, size=16, seed=5)
+    shutil.copy(data / "train" / "circle" / "000.png", data / "val" / "circle" / "leak.png")  # in train and val
+    shutil.copy(data / "train" / "circle" / "001.png", data / "train" / "square" / "twice.png")  # under two classes
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    lines: list[str] = []
+    fit(make_cfg(data, tmp_path / "run", epochs=1, batch_size=4, precision="fp32"), progress=False, log=lines.append)
+    leak = [m for m in lines if "more than one split" in m]
+    conflict = [m for m in lines if "more than one class" in m]
+    assert len(leak) == 1 and leak[0].startswith("warning: 1 images") and f"imgcls audit {data}" in leak[0]
+    assert len(conflict) == 1 and f"imgcls audit {data}" in conflict[0]
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing moved or deleted
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert "circle/leak.png" in [p.replace(os.sep, "/").split("/", 1)[1] for p in split["val"]]  # still trained/validated on
+
+
+def test_exclude_from_leaves_out_the_files_an_audit_marks(tmp_path):
+    data = make_class_folders(tmp_path / "data", per_class=5, size=16, seed=6)
+    audit = {
+        "root": str(data),
+        "findings": {
+            "label_issues": [{"paths": ["circle/001.png"], "exclude": ["circle/001.png"]}],
+            "exact_duplicates": [{"paths": ["square/000.png", "square/003.png"], "exclude": ["square/003.png"]}],
+            "outliers": [{"paths": ["triangle/002.png"], "exclude": []}],  # flagged, not marked: stays
+        },
+    }
+    audit_json = tmp_path / "audit.json"
+    audit_json.write_text(json.dumps(audit))
+    cfg = make_cfg(data, tmp_path / "run", epochs=1, batch_size=4, precision="fp32")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, exclude_from=str(audit_json)))
+    lines: list[str] = []
+    run = fit(cfg, progress=False, log=lines.append)
+    used = sorted(p for paths in json.loads((run / "split.json").read_text()).values() for p in paths)
+    assert len(used) == 13
+    assert os.path.join("circle", "001.png") not in used and os.path.join("square", "003.png") not in used
+    assert os.path.join("square", "000.png") in used and os.path.join("triangle", "002.png") in used
+    meta = meta_of(run)
+    assert meta["dataset"]["excluded"] == 2 and meta["config"]["data"]["exclude_from"] == str(audit_json)
+    assert any("left out 2 file(s)" in m for m in lines)
+    assert not [m for m in lines if "imgcls audit" in m]  # no duplicates left, balanced: no audit warning

@@ -224,7 +224,8 @@ def _is_int(value: Any) -> bool:
 
 
 # Optional fields that other modules read with .get(): each must have this JSON type when present.
-_OPTIONAL_OBJECTS = ("model_kwargs", "versions", "config", "dataset", "metrics", "training", "provenance")
+_OPTIONAL_OBJECTS = ("model_kwargs", "versions", "config", "dataset", "metrics", "training", "provenance",
+                     "calibration", "unknown", "conformal")  # the last three: inference.trust reads them
 
 
 def validate_meta(meta: Any, source: str | os.PathLike = META_FILE) -> None:

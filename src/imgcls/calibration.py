@@ -366,9 +366,18 @@ def fit_conformal(probs_val: Array, labels_val: Array, coverage: float = 0.9, ra
     every rank past k_reg. Fit and predict with the same options and the same kind of probabilities
     (after temperature scaling, if the model uses it).
     """
+    return conformal_quantile(conformal_scores(probs_val, labels_val, randomized, penalty, k_reg, seed), coverage)
+
+
+def conformal_quantile(scores: Array, coverage: float) -> float:
+    """qhat from calibration scores (N,) (any order): the ceil((N + 1) * coverage)-th smallest.
+
+    Kept scores (model.json's "conformal") give the qhat of any coverage later; a ValueError
+    names the number of images a coverage needs when there are too few.
+    """
     if not 0 < coverage < 1:
         raise ValueError(f"coverage must be in (0, 1), got {coverage}")
-    s = np.sort(conformal_scores(probs_val, labels_val, randomized, penalty, k_reg, seed))
+    s = np.sort(_np(scores).astype(np.float64))
     rank = math.ceil((len(s) + 1) * coverage - 1e-9)
     if rank > len(s):
         need = math.ceil(coverage / (1 - coverage) - 1e-9)

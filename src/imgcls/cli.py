@@ -11,7 +11,22 @@ import math
 import sys
 from typing import Any
 
-from imgcls.config import COMPILE_MODES, CROPS, OPTIMIZERS, PRECISIONS, RECIPES, RESIZE_MODES, SCHEDULES, STRATEGIES, TTA_CHOICES
+from imgcls.config import (
+    BACKENDS,
+    CLASS_BALANCE_MODES,
+    COMPILE_MODES,
+    CROPS,
+    IMBALANCE_RATIO_LIMIT,
+    OPTIMIZERS,
+    PRECISIONS,
+    RECIPES,
+    RESIZE_MODES,
+    SCHEDULES,
+    STRATEGIES,
+    TTA_CHOICES,
+    UNKNOWN_ACCEPT,
+    UNKNOWN_METHODS,
+)
 
 EPILOG = """examples:
   imgcls demo                                   train and evaluate on the bundled 8x8 digits, offline
@@ -54,6 +69,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", help="keep the decoded uint8 images in a memory-mapped cache here (reused by later runs and --resume)")
     g.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
     g.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE_ROOT_HELP)
+    g.add_argument("--exclude-from", metavar="AUDIT_JSON",
+                   help="leave out the files that an audit.json from `imgcls audit DATA` marks to exclude: unreadable files, "
+                        "extra copies of duplicates, likely label errors, blank images")
     g = p.add_argument_group("optimisation (unset flags take the recipe's value)")
     g.add_argument("--recipe", choices=RECIPES, default="auto",
                    help="fast: airbench-style recipe for small_cnn from scratch (patch whitening, Nesterov SGD, triangle schedule, lookahead EMA, TTA); "
@@ -73,16 +91,37 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32")
     g.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory layout (channels_last is faster with oneDNN and cuDNN)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training (inductor); pays off only for long runs, see bench/RESULTS.md")
-    g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms (same seed, same result)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="same seed, same weights: deterministic algorithms and no choice made from timings (precision auto becomes "
+                        "bf16 on CPUs with AMX/AVX512-BF16, else fp32, without a timed trial; the thread count is fixed); "
+                        "not with --time-budget")
     g.add_argument("--threads", type=int, help="torch intra-op threads (default: one per core)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its saved settings")
+    g.add_argument("--overwrite", action="store_true",
+                   help="--out holds a model: replace it, deleting what its run wrote there (model.*, checkpoint, metrics.csv, split.json, "
+                        "bad_files.csv, report/, evaluation/); without it such a folder is refused")
     g = p.add_argument_group("augmentation (applied to whole batches)")
     g.add_argument("--no-hflip", action="store_true", help="no random horizontal flips (use for text, digits, anything handed)")
     g.add_argument("--crop", choices=CROPS, default="auto", help="translate: pad and random-crop (small images); rrc: random-resized-crop (photos); none; auto: rrc from 96 px up, else translate")
     g.add_argument("--translate", type=float, default=0.0625, help="translate range as a fraction of the image size (default 0.0625 = 2 px at 32)")
     g.add_argument("--color-jitter", type=float, default=0.0, help="brightness/contrast/saturation jitter strength, 0 to 1 (default 0)")
+    g = p.add_argument_group("trust (imbalanced classes; the 'unknown' answer)")
+    g.add_argument("--class-balance", choices=CLASS_BALANCE_MODES, default="auto",
+                   help=f"weights: class-weighted loss; sampler: batches drawn with every class equally likely; none; auto: weights when the "
+                        f"largest class has over {IMBALANCE_RATIO_LIMIT:g}x the training images of the smallest, else none. While balancing, "
+                        "the best epoch is chosen on balanced accuracy (default auto)")
+    g.add_argument("--unknown-method", choices=UNKNOWN_METHODS, default="msp",
+                   help=f"the score of the 'unknown' answer, its threshold fitted to accept {UNKNOWN_ACCEPT * 100:.0f}%% of the validation images: "
+                        "msp (the calibrated top probability) or energy (logsumexp of the calibrated logits) (default msp)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+UNKNOWN_HELP = ("answer 'unknown' (with the best guess) below this score instead of model.json's threshold, in the units of the model's "
+                "'unknown' method (msp: the calibrated top probability, e.g. 0.5); 0 turns 'unknown' answers off "
+                f"(default: model.json's threshold, which accepts {UNKNOWN_ACCEPT * 100:.0f}%% of the validation images)")
+COVERAGE_HELP = ("add each image's prediction set: the classes that hold the true one with this probability (e.g. 0.9; split conformal "
+                 "on the validation images' scores in model.json)")
 
 
 def _run_config(a: argparse.Namespace) -> Any:
@@ -91,13 +130,13 @@ def _run_config(a: argparse.Namespace) -> Any:
 
     return RunConfig(
         data=DataConfig(path=a.data, img_size=a.img_size, resize_mode=a.resize_mode, val_fraction=a.val_fraction, seed=a.seed, cache_dir=a.cache_dir, workers=a.workers,
-                        allow_outside_root=a.allow_outside_root),
+                        allow_outside_root=a.allow_outside_root, exclude_from=a.exclude_from),
         model=ModelConfig(name=a.model, pretrained=a.pretrained, weights=a.weights, weights_sha256=a.weights_sha256, strategy=a.strategy),
         train=TrainConfig(
             out=a.out, epochs=a.epochs, time_budget=a.time_budget, recipe=a.recipe, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, momentum=a.momentum,
             weight_decay=a.weight_decay, schedule=a.schedule, warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing, grad_clip=a.grad_clip,
             precision=a.precision, channels_last=not a.no_channels_last, compile=a.compile, patience=a.patience, deterministic=a.deterministic,
-            threads=a.threads, device=a.device,
+            threads=a.threads, device=a.device, class_balance=a.class_balance, unknown_method=a.unknown_method,
             augment=AugmentSpec(hflip=not a.no_hflip, crop=a.crop, translate=a.translate, color_jitter=a.color_jitter),
         ),
     )
@@ -115,7 +154,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         if not (Path(a.out) / CHECKPOINT_FILE).exists():
             print(f"imgcls: no checkpoint in {a.out} to resume from", file=sys.stderr)
             return 2
-    fit(cfg, resume=a.resume, progress=not a.quiet)
+    fit(cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
     return 0
 
 
@@ -128,20 +167,34 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from imgcls.metrics import format_confusion_matrix
 
     m = evaluate(a.model, a.data, split=a.split, out_dir=a.out, batch_size=a.batch_size, tta=a.tta, compile=a.compile, allow_outside_root=a.allow_outside_root, progress=not (a.quiet or a.json),
-                 log=lambda s: print(s, file=sys.stderr))
+                 log=lambda s: print(s, file=sys.stderr), coverage=a.coverage, unknown_threshold=a.unknown_threshold)
     m.pop("predictions")
     if a.json:
         print(json.dumps(m, indent=2))
         return 0
     print(f"{m['num_samples']} images ({m['split']} split of {m['data']})")
-    for k in ("accuracy", "top5_accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece"):
+    for k in ("accuracy", "top5_accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece", "ece_uncalibrated", "temperature"):
         print(f"  {k:<18} {_fmt(m[k])}")
+    _print_trust(m)
     print(f"\n  {'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     for name, c in m["per_class"].items():
         print(f"  {name[:20]:<20} {c['precision']:>9.3f} {c['recall']:>9.3f} {c['f1']:>9.3f} {c['support']:>8d}")
     print("\n" + format_confusion_matrix(m["confusion_matrix"], list(m["per_class"])))
     print(f"\nreport: {m['report']}")
     return 0
+
+
+def _print_trust(m: dict[str, Any]) -> None:
+    """evaluate's "unknown" and prediction-set lines."""
+    u = m.get("unknown")
+    if u:
+        acc = _fmt(u["accuracy_accepted"]) if u["accuracy_accepted"] is not None else "n/a"
+        print(f"  {'accepted':<18} {_fmt(u['accepted'])}  ({u['num_accepted']} images with {u['method']} >= {u['threshold']:.4g}; "
+              f"the rest answered 'unknown')")
+        print(f"  {'accuracy_accepted':<18} {acc}")
+    if m.get("coverage_target") is not None:
+        print(f"  {'coverage':<18} {_fmt(m['coverage'])}  (prediction sets at target {m['coverage_target']:g})")
+        print(f"  {'mean_set_size':<18} {m['mean_set_size']:.2f}")
 
 
 def cmd_report(a: argparse.Namespace) -> int:
@@ -174,12 +227,15 @@ def _add_report_command(sub: Any) -> None:
 def cmd_predict(a: argparse.Namespace) -> int:
     from imgcls.predict import Classifier, expand_inputs
 
-    clf = Classifier.load(a.model, device=a.device, backend=a.backend, tta=a.tta, **({"compile": a.compile, "log": lambda s: print(s, file=sys.stderr)} if a.backend == "torch" else {}))
+    clf = Classifier.load(a.model, device=a.device, backend=a.backend, tta=a.tta, unknown_threshold=a.unknown_threshold,
+                          **({"compile": a.compile, "log": lambda s: print(s, file=sys.stderr)} if a.backend == "torch" else {}))
+    if a.coverage is not None:
+        clf.trust.qhat(a.coverage)  # a model without conformal scores fails before any image is read
     paths = expand_inputs(a.paths)
     if not paths:
         print("imgcls: no input images", file=sys.stderr)
         return 1
-    results = list(clf.iter_predict(paths, top_k=a.top_k, batch_size=a.batch_size, probabilities=False))
+    results = list(clf.iter_predict(paths, top_k=a.top_k, batch_size=a.batch_size, probabilities=False, coverage=a.coverage))
     n_ok = sum("error" not in r for r in results)
     if a.explain and n_ok:
         from imgcls.predict import write_explanations
@@ -192,22 +248,39 @@ def cmd_predict(a: argparse.Namespace) -> int:
     elif a.csv:
         import csv
 
-        w = csv.writer(sys.stdout)
-        w.writerow(["path", "label", "score", "top_k", "error"])
+        w = csv.writer(sys.stdout)  # an "unknown" row's best guess is the first of its top_k
+        w.writerow(["path", "label", "score", "top_k", "error"] + (["set"] if a.coverage is not None else []))
         for r in results:
             tk = ";".join(f"{t['label']}:{t['score']:.4f}" for t in r.get("top_k", []))
-            w.writerow([r["path"], r.get("label", ""), f"{r['score']:.6f}" if "score" in r else "", tk, r.get("error", "")])
+            row = [r["path"], r.get("label", ""), f"{r['score']:.6f}" if "score" in r else "", tk, r.get("error", "")]
+            w.writerow(row + ([";".join(r.get("set", []))] if a.coverage is not None else []))
     else:
-        width = min(60, max(len(r["path"]) for r in results))
-        for r in results:
-            if "error" in r:
-                print(f"{r['path']:<{width}}  ERROR: {r['error']}")
-            else:
-                rest = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top_k"][1:])
-                print(f"{r['path']:<{width}}  {r['label']:<16} {r['score']:.3f}" + (f"   ({rest})" if rest else ""))
+        _print_predictions(results)
+    _note_unknown(results, clf.trust)
     if n_ok < len(results):
         print(f"imgcls: {len(results) - n_ok} of {len(results)} inputs could not be read", file=sys.stderr)
     return 0 if n_ok else 1
+
+
+def _print_predictions(results: list[dict[str, Any]]) -> None:
+    """predict's table: path, label and score (or "unknown" and the best guess), the other top classes, the set."""
+    width = min(60, max(len(r["path"]) for r in results))
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']:<{width}}  ERROR: {r['error']}")
+            continue
+        guess = r.get("best_guess")
+        head = f"unknown (best guess: {guess['label']} {guess['score']:.3f})" if guess else f"{r['label']:<16} {r['score']:.3f}"
+        rest = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top_k"][1:])
+        tail = f"   set {{{', '.join(r['set'])}}}" if "set" in r else ""
+        print(f"{r['path']:<{width}}  {head}" + (f"   ({rest})" if rest else "") + tail)
+
+
+def _note_unknown(results: list[dict[str, Any]], trust: Any) -> None:
+    n = sum("best_guess" in r for r in results)
+    if n:
+        print(f"imgcls: {n} of {len(results)} images answered 'unknown': {trust.unknown_method} below {trust.unknown_threshold:.4g} "
+              "(--unknown-threshold sets another threshold, 0 turns this off)", file=sys.stderr)
 
 
 def cmd_models(a: argparse.Namespace) -> int:
@@ -241,11 +314,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     settings = ServeSettings(
         max_upload_mb=a.max_upload_mb, max_images=a.max_images, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms,
         queue_size=a.queue_size, batching=not a.no_batching, decode_workers=a.decode_workers,
+        body_timeout_s=a.body_timeout_s, max_client_requests=a.max_client_requests, max_decoded_mb=a.max_decoded_mb,
+        decode_budget_mb=a.decode_budget_mb, default_top_k=a.default_top_k,
     )
     if a.threads:
         set_threads(a.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    clf = Classifier.load(a.model, device=a.device, precision=a.precision, backend=a.backend)
+    clf = Classifier.load(a.model, device=a.device, precision=a.precision, backend=a.backend, unknown_threshold=a.unknown_threshold)
     run_server(clf, settings, host=a.host, port=a.port)
     return 0
 
@@ -256,10 +331,11 @@ def _add_serve_command(sub: Any) -> None:
     s.add_argument("model", help="model folder written by `imgcls train`, or 'imagenet' (or imagenet:ARCH)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
-    s.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="inference runtime")
+    s.add_argument("--backend", choices=BACKENDS, default="torch", help="inference runtime")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32")
     s.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: one per core)")
+    s.add_argument("--unknown-threshold", type=float, metavar="X", help=UNKNOWN_HELP)
     g = s.add_argument_group("limits and batching")
     g.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body; larger gets 413")
     g.add_argument("--max-images", type=int, default=16, help="most images per request; more gets 400")
@@ -268,6 +344,14 @@ def _add_serve_command(sub: Any) -> None:
     g.add_argument("--queue-size", type=int, default=64, help="requests waiting for the model; one more gets 503 at once")
     g.add_argument("--no-batching", action="store_true", help="one forward pass per request (the benchmark's baseline)")
     g.add_argument("--decode-workers", type=int, default=0, help="threads decoding uploads (0: min(4, cores))")
+    g.add_argument("--default-top-k", type=int, default=5, help="classes listed per image when a request gives no top_k")
+    g.add_argument("--body-timeout-s", type=float, default=20.0, help="seconds for a request's whole body to arrive; later gets 408")
+    g.add_argument("--max-client-requests", type=int, default=32,
+                   help="requests one client address may have in progress; more get 429 (0: no limit)")
+    g.add_argument("--max-decoded-mb", type=float, default=256.0,
+                   help="most memory decoding one image may take (from its header); more gets 413")
+    g.add_argument("--decode-budget-mb", type=float, default=512.0,
+                   help="memory all images being decoded at once may take; an image that does not fit waits briefly, then 503")
     s.set_defaults(func=cmd_serve)
 
 
@@ -392,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
     e.add_argument("--compile", choices=COMPILE_MODES, default="auto", help=COMPILE_HELP)
     e.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE_ROOT_HELP)
+    e.add_argument("--coverage", type=float, metavar="P", help=COVERAGE_HELP + "; reports their empirical coverage and mean size")
+    e.add_argument("--unknown-threshold", type=float, metavar="X", help=UNKNOWN_HELP + "; reports the share accepted and their accuracy")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 
@@ -400,16 +486,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     r.add_argument("--top-k", type=int, default=5, help="how many classes to list per image (default 5)")
     out = r.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true", help="print a JSON list: path, label, score, top_k (or path, error)")
+    out.add_argument("--json", action="store_true",
+                     help="print a JSON list: path, label, score, top_k (best_guess when label is 'unknown', set with --coverage), "
+                          "or path, error")
     out.add_argument("--csv", action="store_true", help="print CSV rows: path, label, score, top_k, error")
     r.add_argument("--batch-size", type=int, help="images per forward pass (default: by input size, 256 at 32 px, 8 at 224 px)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     r.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
     r.add_argument("--compile", choices=COMPILE_MODES, default="auto", help=COMPILE_HELP + "; torch backend only")
-    r.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+    r.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch, or onnx: onnxruntime on the CPU; MODEL is then a .onnx file or a folder with model.onnx from `imgcls export MODEL` (default torch)")
     r.add_argument("--explain", metavar="DIR",
                    help="also write a Grad-CAM overlay per image to DIR, for its predicted label (as `imgcls explain` writes them)")
+    r.add_argument("--coverage", type=float, metavar="P", help=COVERAGE_HELP)
+    r.add_argument("--unknown-threshold", type=float, metavar="X", help=UNKNOWN_HELP)
     r.set_defaults(func=cmd_predict)
 
     m = sub.add_parser("models", help="list the available architectures")

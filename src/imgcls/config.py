@@ -20,6 +20,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 TTA_MODES = ("none", "flip", "translate", "flip-translate")
 TTA_CHOICES = ("auto", *TTA_MODES)  # auto: the mode the model was trained to expect (model.json "tta")
 COMPILE_MODES = ("auto", "on", "off")
+BACKENDS = ("torch", "onnx")  # inference runtimes: torch, or onnxruntime on an `imgcls export`ed model
 CROPS = ("auto", "translate", "rrc", "none")
 RESIZE_MODES = ("crop", "squash", "pad")
 # Largest image (width x height) any decoder accepts; larger is refused from the header, before decoding.
@@ -29,6 +30,15 @@ OOD_METHODS = ("msp", "energy", "mahalanobis", "knn")
 CLASS_WEIGHT_MODES = ("none", "inverse", "effective")
 # Largest / smallest class count above which training should rebalance (the usual "more than about 3x").
 IMBALANCE_RATIO_LIMIT = 3.0
+# --class-balance: auto rebalances (with loss weights) only above IMBALANCE_RATIO_LIMIT; weights and
+# sampler always do; none never (see imgcls.training.balance).
+CLASS_BALANCE_MODES = ("auto", "none", "weights", "sampler")
+# The OOD_METHODS training fits its "unknown" threshold with: those that read logits only (the
+# feature scores need the pooled features carried through every runner; bench/trust.py measures them).
+UNKNOWN_METHODS = ("msp", "energy")
+UNKNOWN_ACCEPT = 0.95  # share of in-distribution validation images the "unknown" threshold accepts
+CONFORMAL_COVERAGE = 0.9  # the prediction-set coverage model.json's "conformal" qhat is given for
+CONFORMAL_MAX_SCORES = 2000  # validation conformity scores kept in model.json (a random subset beyond)
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,9 @@ class DataConfig:
     workers: int = 0  # decode processes; 0 = one per core
     max_pixels: int = DEFAULT_MAX_PIXELS
     allow_outside_root: bool = False  # let a CSV manifest name files outside its folder (../x.png, /abs, links out); see data.index_dataset
+    # An audit.json from `imgcls audit`: the files it marks "exclude" are left out before splitting
+    # and decoding (imgcls.audit.quick.excluded_paths); model.json records how many.
+    exclude_from: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -171,6 +184,8 @@ class TrainConfig:
     threads: int | None = None
     device: str = "auto"
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    class_balance: str = "auto"  # CLASS_BALANCE_MODES
+    unknown_method: str = "msp"  # UNKNOWN_METHODS: the score the "unknown" threshold is fitted on
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -203,6 +218,10 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
+        if self.class_balance not in CLASS_BALANCE_MODES:
+            raise ValueError(f"class_balance must be one of {CLASS_BALANCE_MODES}, got {self.class_balance!r}")
+        if self.unknown_method not in UNKNOWN_METHODS:
+            raise ValueError(f"unknown_method must be one of {UNKNOWN_METHODS}, got {self.unknown_method!r}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from imgcls.atomic import atomic_path
+
 
 def write_digits(root: Path, test_fraction: float = 0.2, seed: int = 0) -> Path:
     """Write the digits as DATA/{train,test}/<digit>/NNNN.png (8x8 greyscale); return DATA."""
@@ -31,7 +33,8 @@ def write_digits(root: Path, test_fraction: float = 0.2, seed: int = 0) -> Path:
             d.mkdir(parents=True, exist_ok=True)
             path = d / f"{i:04d}.png"
             if not path.exists():
-                Image.fromarray(images[i], mode="L").save(path)
+                with atomic_path(path) as tmp:  # a run killed mid-write leaves no half PNG that `exists()` would keep
+                    Image.fromarray(images[i], mode="L").save(tmp, format="PNG")
     return root
 
 
@@ -55,7 +58,7 @@ def run_demo(out: str | Path = "imgcls-demo", epochs: int = 20, progress: bool =
         # size and schedule are the default recipe's (small_cnn from scratch: "fast").
         train=TrainConfig(out=str(out / "model"), epochs=epochs, augment=AugmentSpec(hflip=False, crop="translate", translate=0.125)),
     )
-    run = fit(cfg, progress=progress, log=log)
+    run = fit(cfg, progress=progress, log=log, overwrite=True)  # OUT/model is the demo's own: a second demo replaces it
     m = evaluate(run, data, split="test", progress=progress, log=log)
     log(f"\ntest split: {m['num_samples']} images  accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}")
     clf = Classifier.load(run)

@@ -7,11 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from imgcls.artifact import load_artifact, resolve_artifact_dir, spec_of
 from imgcls.config import DEFAULT_MAX_PIXELS
 from imgcls.data import DatasetError, DatasetIndex, index_dataset, load_split
+from imgcls.inference.answer import postprocess
+from imgcls.inference.trust import Trust, trust_metrics
 from imgcls.metrics import classification_metrics
 from imgcls.report import Predictions, read_history, read_probe_sweep, write_report
 from imgcls.runtime import (
@@ -45,6 +45,19 @@ def _check_classes(data_path: str | os.PathLike, class_names: list[str], allow_o
         raise DatasetError(f"{data_path}: classes not known to the model: {', '.join(unknown[:10])} (the model has {len(class_names)}: {', '.join(class_names[:10])}{'...' if len(class_names) > 10 else ''})")
 
 
+def data_name(data_path: str | os.PathLike) -> str:
+    """The data's folder (or manifest) name, of the resolved path: `imgcls evaluate run ..` names
+    the parent folder, not '..'; "data" for the file-system root."""
+    return Path(data_path).resolve().name or "data"
+
+
+def default_out_dir(model_dir: Path, data_path: str | os.PathLike) -> Path:
+    """MODEL/evaluation/<data name>: one folder inside MODEL/evaluation whatever the data path (a
+    resolved path's name is never '.', '..' or empty, and holds no separator). The name as given was
+    used before: for '..' that was MODEL itself, whose files the report then overwrote."""
+    return model_dir / "evaluation" / data_name(data_path)
+
+
 def evaluate(
     model_path: str | os.PathLike,
     data_path: str | os.PathLike,
@@ -62,15 +75,23 @@ def evaluate(
     log: Callable[[str], None] = print,
     report_file: str | os.PathLike | None = None,
     audit: str | os.PathLike | None = None,
+    coverage: float | None = None,
+    unknown_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Metrics of the model in `model_path` on `data_path` (any dataset layout).
+
+    Probabilities are calibrated with the model's temperature (`inference.trust`), as predict's
+    are: "ece" is after it, "ece_uncalibrated" before. With an "unknown" threshold (model.json's,
+    or unknown_threshold; 0: off), "unknown" gives the share of images accepted and the accuracy
+    on them; accuracy and the other metrics count every image by its top class. coverage (e.g.
+    0.9): the conformal prediction sets' empirical "coverage" and "mean_set_size".
 
     Images go through the model's saved preprocessing. tta="auto" uses the test-time augmentation
     that model.json recommends (as predict does), or give none/flip/translate/flip-translate.
     compile: torch.compile the model when the pass is long enough to pay ("auto"), "on" or "off"
     (`runtime.CompiledForward`). allow_outside_root: a CSV manifest may name files outside its
     folder (see `data.index_dataset`). Writes metrics.json, confusion matrix
-    (text and PNG), training curves and report.html to `out_dir` (default MODEL/evaluation/<data>);
+    (text and PNG), training curves and report.html to `out_dir` (default `default_out_dir`);
     report_file: write only the self-contained report page, to this path (`imgcls report`).
     audit: an audit.json to summarise in the report (default MODEL/audit.json when there is one).
     The report's gallery shows the `top_losses` worst mistakes.
@@ -78,6 +99,9 @@ def evaluate(
     model_dir = resolve_artifact_dir(model_path)
     dev = resolve_device(device)
     model, meta = load_artifact(model_dir, device=dev)
+    trust = Trust.from_meta(meta, unknown_threshold)
+    if coverage is not None:
+        trust.qhat(coverage)  # a model without conformal scores fails before any image is decoded
     class_names = meta["class_names"]
     spec = spec_of(meta)
     _check_classes(data_path, class_names, allow_outside_root)
@@ -93,16 +117,16 @@ def evaluate(
     forward = CompiledForward(model, compile, log)
     forward.expect(len(decoded.images) * tta_view_count(tta_mode))
     logits = batched_logits(model, decoded.images, spec, batch_size=batch_size, device=dev, amp_dtype=amp_dtype, progress=progress, tta=tta_mode, forward=forward)
-    probs = torch.softmax(logits, 1).numpy()
-    metrics = classification_metrics(probs, labels, class_names)
+    probs = postprocess(logits, trust).probs  # (N, C) calibrated, as predict answers
+    metrics = {**classification_metrics(probs, labels, class_names), **trust_metrics(logits, labels, trust, coverage)}
     metrics.update(split=name, data=str(data_path), model=str(model_dir), skipped_files=len(decoded.failures), tta=tta_mode)
 
     pred = Predictions(probs, labels, decoded.paths)
-    out = Path(out_dir) if out_dir else model_dir / "evaluation" / (Path(data_path).name or "data")
+    out = Path(out_dir) if out_dir else default_out_dir(model_dir, data_path)
     facts = {"model": f"{meta['arch']} ({model_dir})", "data": f"{data_path} ({name} split)", "TTA": tta_mode,
              "skipped files": len(decoded.failures) or None}
     report = write_report(
-        out, metrics, class_names, read_history(model_dir), title=f"{meta['arch']} on {Path(data_path).name} ({name})", predictions=pred,
+        out, metrics, class_names, read_history(model_dir), title=f"{meta['arch']} on {data_name(data_path)} ({name})", predictions=pred,
         model_dir=model_dir, probe_sweep=read_probe_sweep(model_dir), audit=audit, top_losses=top_losses, facts=facts,
         html_path=report_file, files=report_file is None, log=log,
     )

@@ -1,11 +1,12 @@
 """Export: a model folder -> a self-describing ONNX file, checked against torch on real images.
 
 The graph takes the normalised float32 batch (B, 3, H, W) named "input" (B dynamic) and returns
-"logits"; class names, the preprocessing spec, arch, imgcls version and any calibration and TTA
-mode live in the ONNX metadata, so a .onnx file alone is enough to predict
-(`inference.runners.OnnxRunner`, which also runs the parity check here). This module only
-exports; loading a model for prediction never calls it. onnx and onnxruntime are the optional
-extra `imgcls[onnx]` and are imported only inside functions.
+"logits"; class names, the preprocessing spec, arch, imgcls version, the calibration
+("calibration", "unknown", "conformal": `inference.trust`) and the TTA mode live in the ONNX
+metadata, so a .onnx file alone is enough to predict (`inference.runners.OnnxRunner`, which also
+runs the parity check here). This module only exports; loading a model for prediction never
+calls it. onnx and onnxruntime are the optional extra `imgcls[onnx]` and are imported only
+inside functions.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
     """model.json -> the ONNX metadata_props (strings; JSON for JSON_KEYS) that make a .onnx self-describing."""
     keep = {"arch": meta["arch"], "class_names": list(meta["class_names"]), "preprocess": spec_of(meta).to_dict(),
             "imgcls_version": imgcls.__version__}
-    for key in ("calibration", "tta"):  # temperature etc., and the TTA mode predict applies by default
+    for key in ("calibration", "unknown", "conformal", "tta"):  # temperature, "unknown" rule, conformal scores; the default TTA mode
         if meta.get(key) is not None:
             keep[key] = meta[key]
     return {"format": ONNX_FORMAT, **{k: json.dumps(v) if k in JSON_KEYS else str(v) for k, v in keep.items()}}

@@ -3,8 +3,9 @@
 Every input goes through the same two steps as the evaluation cache (`io.load_image`, then
 `transforms.resize_image`), a backend's runner (`inference.runners`: torch through
 `runtime.batched_logits`, or onnxruntime) with the same test-time augmentation on top
-(`runtime.tta_logits`), and `inference.answer` (probabilities -> the answer dict the CLI and the
-server return too), so predict on a validation image gives what evaluation gave.
+(`runtime.tta_logits`), and `inference.answer` (the model's temperature and "unknown" rule, then
+the answer dict the CLI and the server return too), so predict on a validation image gives what
+evaluation gave.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import torch
 from torch import nn
 
 from imgcls.artifact import load_artifact, spec_of
+from imgcls.config import BACKENDS
 from imgcls.inference.answer import answer, error_answer, postprocess
 from imgcls.inference.runners import Runner, TorchRunner, load_onnx_runner
+from imgcls.inference.trust import Outputs, Trust
 from imgcls.io import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, is_image_path, load_image
 from imgcls.models import create_model, get_entry
 from imgcls.runtime import prepare_inference_model, resolve_device, resolve_precision, resolve_tta, tta_logits, tta_view_count
@@ -30,7 +33,6 @@ from imgcls.transforms import PreprocessSpec, resize_image
 
 PRETRAINED_PREFIX = "imagenet"
 DEFAULT_IMAGENET_MODEL = "efficientnet_lite0"
-BACKENDS = ("torch", "onnx")
 DECODE_CHUNK = 64  # inputs decoded ahead of the model in iter_predict
 
 
@@ -49,12 +51,15 @@ class Classifier:
     compile="auto" compiles the torch model with torch.compile when a `predict`/`iter_predict`
     call over a list is long enough for that to pay (1.5 minutes of work or more, see
     `runtime.CompiledForward`); "on" always, "off" never. `log` receives such notices.
+    `trust` (`inference.trust.Trust`, from model.json) holds the temperature the probabilities are
+    calibrated with, the "unknown" rule and the conformal scores; unknown_threshold overrides the
+    rule's threshold (in its method's units, a probability for msp; 0 turns "unknown" answers off).
     """
 
     def __init__(
         self, model: nn.Module | None, meta: dict[str, Any], device: str = "auto", precision: str = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS, runner: Runner | None = None, tta: str = "auto", compile: str = "auto",
-        log: Callable[[str], None] | None = None,
+        log: Callable[[str], None] | None = None, unknown_threshold: float | None = None,
     ) -> None:
         if runner is None and model is None:
             raise ValueError("Classifier needs a model or a runner")
@@ -62,6 +67,7 @@ class Classifier:
         self.class_names: list[str] = list(meta["class_names"])
         self.spec: PreprocessSpec = spec_of(meta)
         self.max_pixels = max_pixels
+        self.trust = Trust.from_meta(meta, unknown_threshold)
         self.tta = resolve_tta(tta, meta)  # "auto": model.json's recommendation, as `imgcls evaluate` uses
         if runner is not None:  # onnxruntime runs on the CPU in float32
             self.device, self.amp_dtype, self.model, self.runner = torch.device("cpu"), None, model, runner
@@ -123,34 +129,42 @@ class Classifier:
 
     # ------------------------------------------------------------------ inference
 
-    def predict_arrays(self, arrays: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """uint8 (N, S, S, 3) prepared images -> probabilities (N, num_classes): the runner, the
-        TTA views on top (`runtime.tta_logits`), then `inference.answer.postprocess`. batch_size
-        None: the cache-friendly size for the model's input (`runtime.inference_batch_size`)."""
+    def infer_arrays(self, arrays: np.ndarray, batch_size: int | None = None, trust: Trust | None = None) -> Outputs:
+        """uint8 (N, S, S, 3) prepared images -> `Outputs`: calibrated probabilities (N, num_classes)
+        and the "unknown" verdicts (N,). The runner, the TTA views on top (`runtime.tta_logits`),
+        then `inference.answer.postprocess` with `trust` (default: the model's). batch_size None:
+        the cache-friendly size for the model's input (`runtime.inference_batch_size`)."""
         logits = tta_logits(lambda a: self.runner(a, batch_size), arrays, self.tta)  # (N, C)
-        return postprocess(logits)
+        return postprocess(logits, trust or self.trust)
+
+    def predict_arrays(self, arrays: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """uint8 (N, S, S, 3) prepared images -> calibrated probabilities (N, num_classes) (`infer_arrays`)."""
+        return self.infer_arrays(arrays, batch_size).probs
 
     def predict(
         self, images: ImageSource | list[ImageSource], top_k: int = 5, batch_size: int | None = None, errors: str = "raise",
-        workers: int = 0,
+        workers: int = 0, coverage: float | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """Label, score, top-k and every class probability for one input or a list of them.
 
         An input is a path, bytes, a PIL image or a NumPy array. One input gives one dict, a list
-        gives a list. errors="raise" raises `ImageDecodeError` for an unreadable input;
-        errors="report" returns {"path", "error"} in its place instead.
+        gives a list. An input the model's "unknown" rule turns away gets label "unknown" and its
+        "best_guess"; coverage (e.g. 0.9) adds each input's prediction "set". errors="raise" raises
+        `ImageDecodeError` for an unreadable input; errors="report" returns {"path", "error"} in its
+        place instead.
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        results = list(self.iter_predict(items, top_k=top_k, batch_size=batch_size, errors=errors, workers=workers))
+        results = list(self.iter_predict(items, top_k=top_k, batch_size=batch_size, errors=errors, workers=workers, coverage=coverage))
         return results[0] if single else results
 
     def iter_predict(
         self, items: Iterable[ImageSource], top_k: int = 5, batch_size: int | None = None, errors: str = "report", workers: int = 0,
-        probabilities: bool = True,
+        probabilities: bool = True, coverage: float | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Stream results in input order (for large folders); probabilities=False leaves out the
-        per-class "probabilities" dict (label, score and top_k stay).
+        per-class "probabilities" dict (label, score and top_k stay). coverage: add each answer's
+        conformal prediction "set" at this coverage (ValueError if the model has no conformal scores).
 
         Inputs are decoded DECODE_CHUNK at a time by `workers` threads (Pillow releases the GIL
         while decoding and resizing), the next chunk while the model runs on the current one, so
@@ -158,6 +172,7 @@ class Classifier:
         """
         if errors not in ("raise", "report"):
             raise ValueError("errors must be 'raise' or 'report'")
+        qhat = None if coverage is None else self.trust.qhat(coverage)  # before any image is read
         workers = workers or min(4, os.cpu_count() or 1)
         if hasattr(items, "__len__"):  # a long job may compile the model
             self.runner.expect(len(items) * tta_view_count(self.tta))  # type: ignore[arg-type]
@@ -170,21 +185,24 @@ class Classifier:
                 offset += len(chunk)
                 submitted = (names, [pool.submit(self._prepare_or_error, x, n) for x, n in zip(chunk, names)])
                 if pending is not None:
-                    yield from self._finish_chunk(*pending, top_k, batch_size, errors, probabilities)
+                    yield from self._finish_chunk(*pending, top_k, batch_size, errors, probabilities, qhat)
                 pending = submitted
             if pending is not None:
-                yield from self._finish_chunk(*pending, top_k, batch_size, errors, probabilities)
+                yield from self._finish_chunk(*pending, top_k, batch_size, errors, probabilities, qhat)
 
     def _finish_chunk(
-        self, names: list[str], futures: list[Future], top_k: int, batch_size: int | None, errors: str, probabilities: bool
+        self, names: list[str], futures: list[Future], top_k: int, batch_size: int | None, errors: str, probabilities: bool,
+        qhat: float | None,
     ) -> Iterator[dict[str, Any]]:
         prepared = [f.result() for f in futures]
         ok = [i for i, a in enumerate(prepared) if not isinstance(a, ImageDecodeError)]
-        probs = self.predict_arrays(np.stack([prepared[i] for i in ok]), batch_size) if ok else np.zeros((0, len(self.class_names)))
-        row = dict(zip(ok, probs))
+        out = self.infer_arrays(np.stack([prepared[i] for i in ok]), batch_size) if ok else Outputs.of(np.zeros((0, len(self.class_names))))
+        sets = self.trust.sets(out.probs, qhat) if qhat is not None else [None] * len(out)
+        row = {i: j for j, i in enumerate(ok)}
         for i, name in enumerate(names):
             if i in row:
-                yield answer(row[i], self.class_names, top_k, name, probabilities)
+                j = row[i]
+                yield answer(out.probs[j], self.class_names, top_k, name, probabilities, known=bool(out.known[j]), set_indices=sets[j])
             else:
                 err = prepared[i]
                 if errors == "raise":
@@ -198,7 +216,8 @@ def write_explanations(model: str | os.PathLike, results: list[dict[str, Any]], 
     from imgcls.inference.explain import Explainer, explain_files
 
     ok = [r for r in results if "error" not in r]
-    return explain_files(Explainer.load(model), [r["path"] for r in ok], out_dir, labels=[r["label"] for r in ok])
+    labels = [(r.get("best_guess") or r)["label"] for r in ok]  # an "unknown" answer is explained for its best guess
+    return explain_files(Explainer.load(model), [r["path"] for r in ok], out_dir, labels=labels)
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -215,19 +234,50 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def expand_inputs(args: list[str]) -> list[str]:
     """Files, folders (recursively, image files only) and glob patterns -> a list of paths.
 
-    A name that matches nothing is kept, so the caller reports it as an error.
+    A name that matches nothing is kept, so the caller reports it as an error. Each file is listed
+    once, at its first place, however many ways it is reached (a link to a folder, `ln -s . loop`,
+    overlapping arguments); `**` and folder scans do not follow links to folders, and only
+    regular files (or links to them) come out of a folder or a glob.
     """
     out: list[str] = []
+    seen: set[str] = set()
+
+    def add(path: str) -> None:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            out.append(path)
+
     for a in args:
         p = Path(a).expanduser()
         if p.is_dir():
-            files = (f for f in p.rglob("*") if f.is_file() and is_image_path(f))
-            out += sorted(str(f) for f in files if not any(part.startswith(".") for part in f.relative_to(p).parts))
+            for f in _image_files(p, "**/*"):
+                add(f)
         elif p.exists():
-            out.append(str(p))
+            add(str(p))
         elif glob.has_magic(a):
-            matches = sorted(m for m in glob.glob(os.path.expanduser(a), recursive=True) if os.path.isfile(m) and is_image_path(m))
-            out += matches or [a]
+            matches = _glob_images(os.path.expanduser(a))
+            for m in matches:
+                add(m)
+            if not matches:
+                out.append(a)
         else:
             out.append(a)
     return out
+
+
+def _glob_images(pattern: str) -> list[str]:
+    """Image files matching a glob pattern, sorted; `**` spans folders."""
+    # pathlib's glob, not glob.glob: glob.glob follows folder links inside `**`, so a link loop
+    # (`ln -s . loop`) listed one file 41 times, and two such links never finished.
+    parts = Path(pattern).parts
+    first_magic = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:first_magic]) if first_magic else Path(".")
+    rest = Path(*parts[first_magic:]).as_posix()
+    return _image_files(root, rest + "/*" if parts[-1] == "**" else rest)  # pathlib's `dir/**` lists folders only
+
+
+def _image_files(root: Path, pattern: str) -> list[str]:
+    """Regular image files under `root` matching `pattern`, sorted; names hidden below `root` are skipped."""
+    found = (f for f in root.glob(pattern) if f.is_file() and is_image_path(f))
+    return sorted(str(f) for f in found if not any(part.startswith(".") for part in f.relative_to(root).parts))

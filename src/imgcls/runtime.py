@@ -75,9 +75,14 @@ def prepare_inference_model(model: nn.Module, device: torch.device, amp_dtype: t
     return model, amp_dtype
 
 
+def default_threads() -> int:
+    """torch intra-op threads when none are asked for: one per core (2 on the machines here)."""
+    return max(1, os.cpu_count() or 1)
+
+
 def set_threads(threads: int | None) -> None:
-    """Use every core for intra-op work unless told otherwise (2 on the machines here)."""
-    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+    """Use every core for intra-op work unless told otherwise (`default_threads`)."""
+    torch.set_num_threads(threads or default_threads())
 
 
 def resolve_tta(tta: str | None, meta: dict) -> str:

@@ -44,6 +44,7 @@ from imgcls.artifact import WEIGHTS_FILE
 from imgcls.batching import Batcher, BudgetExhausted, ByteBudget, ClientLimits
 from imgcls.inference.answer import answer
 from imgcls.inference.explain import UNAVAILABLE, UploadExplainer
+from imgcls.inference.trust import Outputs
 from imgcls.io import ImageDecodeError, read_header
 from imgcls.predict import Classifier
 from imgcls.uploads import UPLOAD_FIELD, ClientGone, RequestError, parse_top_k, read_uploads
@@ -54,7 +55,8 @@ log = logging.getLogger("imgcls.serve")
 DECODE_ERROR_STATUS = {"unsupported": 415, "too_large": 413, "corrupt": 400, "unreadable": 400}
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 # How long an image waits for room in the decode memory budget before its request gets 503: a
-# decode of the largest image allowed takes about a second, so waiting longer means overload.
+# decode of the largest image the default limit allows takes a second or two on a CPU core, so a
+# longer wait means the server is overloaded.
 DECODE_WAIT_S = 2.0
 CLIENT_CLOSED = 499  # nginx's "client closed request": written to the access log, never sent
 
@@ -147,13 +149,15 @@ def model_version(meta: dict[str, Any]) -> str:
     return h.hexdigest()[:12]
 
 
-def _prediction(probs: np.ndarray, class_names: list[str], top_k: int, filename: str | None) -> dict[str, Any]:
+def _prediction(
+    probs: np.ndarray, class_names: list[str], top_k: int, filename: str | None, known: bool = True, set_indices: list[int] | None = None
+) -> dict[str, Any]:
     """`inference.answer.answer` for one upload's probability row, without the per-class dict.
 
     "path" is the upload's filename (None for a raw body), as `Classifier.predict` names its
     inputs; "filename" repeats it because that is the HTTP API's documented name for it.
     """
-    return {**answer(probs, class_names, top_k, filename, probabilities=False), "filename": filename}
+    return {**answer(probs, class_names, top_k, filename, probabilities=False, known=known, set_indices=set_indices), "filename": filename}
 
 
 # ---------------------------------------------------------------------------------- the app
@@ -175,6 +179,8 @@ class Prediction(BaseModel):
     score: float
     top_k: list[LabelScore]
     filename: str | None  # the same as path: the name this API gave it before answers were unified
+    best_guess: LabelScore | None = None  # only when label is "unknown": the top class and its probability
+    set: list[str] | None = None  # only with ?coverage=: the conformal prediction set, most probable first
     explanation: Explanation | None = None  # only with ?explain=true
 
 class ModelRef(BaseModel):
@@ -195,8 +201,9 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving `classifier`: /v1/predict, /v1/health, /v1/model, /docs and the page at /.
 
-    `infer` replaces the batched forward `classifier.predict_arrays` (uint8 (N, S, S, 3) ->
-    probabilities (N, C)); tests pass a wrapper that counts or blocks calls.
+    `infer` replaces the batched forward `classifier.infer_arrays` (uint8 (N, S, S, 3) ->
+    `inference.trust.Outputs`, or plain probabilities (N, C), which answer no image "unknown");
+    tests pass a wrapper that counts or blocks calls.
     """
     import imgcls
 
@@ -204,7 +211,7 @@ def create_app(
     meta = classifier.meta
     class_names = list(classifier.class_names)
     model_ref = {"name": str(meta.get("arch", "model")), "version": model_version(meta)}
-    infer = infer or (lambda x: classifier.predict_arrays(x, batch_size=s.max_batch))
+    infer = infer or (lambda x: classifier.infer_arrays(x, batch_size=s.max_batch))
     batcher = Batcher(infer, s.max_batch, s.batch_wait_ms, s.queue_size, s.batching)
     decode_workers = s.decode_workers or min(4, os.cpu_count() or 1)
     budget = ByteBudget(s.decode_budget_bytes)  # decoding memory across the decode threads
@@ -298,15 +305,24 @@ def create_app(
 
     top_k_query = Query(None, ge=1, description=f"classes per image (default {s.default_top_k})")
     explain_query = Query(False, description="add `explanation` to each answer: a Grad-CAM overlay of its label (~0.3 s per 224 px image)")
+    coverage_query = Query(None, gt=0, lt=1, description="add `set` to each answer: the classes that hold the true one with this "
+                                                         "probability (split conformal on the model's validation scores), e.g. 0.9")
 
     @app.post(
         "/v1/predict", response_model=PredictResponse, responses=errors, openapi_extra={"requestBody": predict_body}, tags=["predict"],
         response_model_exclude_unset=True,  # "explanation" only when asked for
     )
-    async def predict(request: Request, top_k: int | None = top_k_query, explain: bool = explain_query) -> dict[str, Any]:
-        """Label, score and top-k classes for each image: multipart field `file` (repeatable) or a raw image body."""
+    async def predict(
+        request: Request, top_k: int | None = top_k_query, explain: bool = explain_query, coverage: float | None = coverage_query
+    ) -> dict[str, Any]:
+        """Label, score and top-k classes for each image: multipart field `file` (repeatable) or a raw image body.
+        An image the model's "unknown" rule turns away is answered label "unknown" with its `best_guess`."""
         if explain and not explainer.available:
             raise RequestError(501, UNAVAILABLE)
+        try:
+            qhat = None if coverage is None else classifier.trust.qhat(coverage)
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
         # Refusals that cost nothing come first, before a byte of the body is read.
         if batcher.full:
             raise RequestError(503, f"server busy: {batcher.capacity} requests already waiting; retry shortly", {"Retry-After": "1"})
@@ -326,12 +342,14 @@ def create_app(
             finally:
                 if future is None:
                     batcher.withdraw()
-            probs = await future  # (n, num_classes)
-            answers = [_prediction(p, class_names, k, fn) for p, (fn, _) in zip(probs, uploads)]
+            out = Outputs.of(await future)  # probabilities (n, num_classes), "unknown" verdicts (n,)
+            sets = classifier.trust.sets(out.probs, qhat) if qhat is not None else [None] * len(out)
+            answers = [_prediction(p, class_names, k, fn, bool(ok), st) for p, ok, st, (fn, _) in zip(out.probs, out.known, sets, uploads)]
             if explain:  # off the event loop and outside the batching queue, one image at a time in the explanation thread
                 loop = asyncio.get_running_loop()
                 for a, (_, data) in zip(answers, uploads):
-                    a["explanation"] = await loop.run_in_executor(runtime["explain"], explainer, data, a["label"])
+                    target = (a.get("best_guess") or a)["label"]  # an "unknown" answer is explained for its best guess
+                    a["explanation"] = await loop.run_in_executor(runtime["explain"], explainer, data, target)
         finally:
             clients.leave(client)
         return {"model": model_ref, "predictions": answers}
@@ -359,6 +377,7 @@ def create_app(
             "class_names": class_names,
             "preprocess": classifier.spec.to_dict(),
             "metrics": meta.get("metrics", {}),
+            "calibration": classifier.trust.describe(),  # temperature, "unknown" rule, conformal scores (for ?coverage=)
             "training": meta.get("training", {}),
             "versions": meta.get("versions", {}),
             "runtime": {

@@ -71,6 +71,7 @@ async def read_uploads(
 
 
 def parse_top_k(value: Any) -> int | None:
+    """A form's top_k text -> a positive int, None when absent; 422 otherwise."""
     if value is None or value == "":
         return None
     try:

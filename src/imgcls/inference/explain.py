@@ -1,9 +1,12 @@
 """Grad-CAM explanations: which parts of an image made the model choose a class.
 
 `explain_image(model, meta_or_spec, image)` returns an `Explanation` whose `map` is an (H, W)
-float32 array in [0, 1] at the ORIGINAL image's size, and whose `overlay` is the image with the
-map drawn over it; `Explainer.load(MODEL)` does the same from a model folder, and
-`explain_files` writes overlay PNGs (and the raw maps as .npy) for `imgcls explain`.
+float32 array in [0, 1] at the ORIGINAL image's size (or at most `max_side` pixels a side), and
+whose `overlay` is the image with the map drawn over it; `explain_images` does a batch in one
+forward and backward pass (the report's top losses). `Explainer.load(MODEL)` does the same from
+a model folder; `explain_files` writes overlay PNGs (and the raw maps as .npy) for `imgcls
+explain` and `imgcls predict --explain`; `UploadExplainer` builds the "explanation" field of
+the server's answers (POST /v1/predict?explain=true).
 
 Grad-CAM (Selvaraju et al., 2017) reads the activation A (C, h, w) of a target layer and the
 gradient g of the class's logit with respect to it, and keeps relu(sum_c w_c A_c) with a weight
@@ -103,23 +106,26 @@ def _activation_and_logits(model: nn.Module, x: torch.Tensor, layer: str | None)
     return captured[0], logits
 
 
-def class_activation_map(
-    model: nn.Module, x: torch.Tensor, target: int | None = None, layer: str | None = None
+def class_activation_maps(
+    model: nn.Module, x: torch.Tensor, targets: Sequence[int | None] | None = None, layer: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM++ of one normalised input x (1, 3, S, S) -> (cam (h, w) float32 >= 0, probabilities).
+    """Grad-CAM++ of normalised inputs x (N, 3, S, S) -> (cams (N, h, w) float32 >= 0, probabilities (N, K)).
 
-    target None explains the top class; layer None reads `forward_features`' output. The model
-    must be in fp32; it runs in eval mode with autocast off and its weights untouched (the
-    gradient goes to the activation only, never to a parameter's .grad).
+    targets: a class index per image, None (in the list or for all) for its top class. layer None
+    reads `forward_features`' output. The model must be in fp32; it runs in eval mode with
+    autocast off and its weights untouched (the gradient goes to the activation only, never to a
+    parameter's .grad). One forward and one backward for the batch: in eval mode every image's
+    logits depend on that image alone, so the gradient of their sum is each image's own.
     """
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             x = x.clone()  # a tensor made under a caller's inference_mode cannot enter autograd
-            act, logits = _activation_and_logits(model, x, layer)  # (1, C, h, w), (1, K)
-            k = int(logits[0].argmax()) if target is None else target
-            (grad,) = torch.autograd.grad(logits[0, k], act)  # (1, C, h, w)
+            act, logits = _activation_and_logits(model, x, layer)  # (N, C, h, w), (N, K)
+            top = logits.detach().argmax(1)  # (N,)
+            k = torch.tensor([int(top[i]) if t is None else t for i, t in enumerate(targets or [None] * len(x))], device=x.device)
+            (grad,) = torch.autograd.grad(logits.gather(1, k[:, None]).sum(), act)  # (N, C, h, w)
     finally:
         model.train(was_training)
     act = act.detach().float()
@@ -131,12 +137,20 @@ def class_activation_map(
     # 4 px: 97-98 % against 72-78 %), 90-92 % against 78-87 % at 64 px, 30-38 % against 3-7 % at
     # 32 px; one narrower model of six runs favoured Grad-CAM (87 % against 67 %).
     g2 = grad.pow(2)
-    denom = 2 * g2 + act.sum(dim=(2, 3), keepdim=True) * grad.pow(3)  # (1, C, h, w)
+    denom = 2 * g2 + act.sum(dim=(2, 3), keepdim=True) * grad.pow(3)  # (N, C, h, w)
     alpha = torch.where((grad != 0) & (denom > 0), g2 / denom.clamp_min(1e-12), torch.zeros_like(g2))
-    weights = (alpha * torch.relu(grad)).sum(dim=(2, 3), keepdim=True)  # (1, C, 1, 1)
-    cam = torch.relu((weights * act).sum(dim=1))[0]  # (h, w)
-    probs = torch.softmax(logits.detach()[0].float(), dim=0)  # (K,)
-    return cam.cpu().numpy(), probs.cpu().numpy()
+    weights = (alpha * torch.relu(grad)).sum(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
+    cams = torch.relu((weights * act).sum(dim=1))  # (N, h, w)
+    probs = torch.softmax(logits.detach().float(), dim=1)  # (N, K)
+    return cams.cpu().numpy(), probs.cpu().numpy()
+
+
+def class_activation_map(
+    model: nn.Module, x: torch.Tensor, target: int | None = None, layer: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`class_activation_maps` of one input x (1, 3, S, S) -> (cam (h, w), probabilities (K,))."""
+    cams, probs = class_activation_maps(model, x, [target], layer)
+    return cams[0], probs[0]
 
 
 # ----------------------------------------------------------------------------- geometry: model input -> original image
@@ -211,20 +225,29 @@ def overlay_heatmap(image: Image.Image, heat: np.ndarray, seen: np.ndarray | Non
 # ----------------------------------------------------------------------------- one image
 
 
-def _decode_pair(source: ImageSource, spec: PreprocessSpec, max_pixels: int) -> tuple[Image.Image, Image.Image]:
-    """(full-size image, the image `Classifier.prepare` would resize): the same JPEG draft
-    (DCT-scaled decoding), so the model sees the pixels `imgcls predict` sees."""
-    full = load_image(source, max_pixels=max_pixels)
+def _decode_pair(
+    source: ImageSource, spec: PreprocessSpec, max_pixels: int, max_side: int | None = None
+) -> tuple[Image.Image, Image.Image]:
+    """(the image to draw the map on, the image `Classifier.prepare` would resize): the latter
+    with the same JPEG draft (DCT-scaled decoding), so the model sees the pixels `imgcls predict`
+    sees. The former is the full image, or with max_side at most that many pixels a side (a JPEG
+    is then decoded at a reduced scale as well), so a large photo costs no full-size map."""
+    full = load_image(source, max_pixels=max_pixels, draft_size=max_side)
+    seen = full
     if isinstance(source, (str, os.PathLike)):
         with open_image_file(source) as f:
             head = f.read(3)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         head = bytes(source[:3])
     else:  # a PIL image or an array is used as it is, never drafted
-        return full, full
-    if head != b"\xff\xd8\xff":  # not a JPEG: no draft, the full image is what predict resizes
-        return full, full
-    return full, load_image(source, max_pixels=max_pixels, draft_size=spec.cache_size)
+        head = b""
+    if head == b"\xff\xd8\xff":  # a JPEG: predict decodes it drafted
+        seen = load_image(source, max_pixels=max_pixels, draft_size=spec.cache_size)
+    if max_side is not None and max(full.size) > max_side:
+        scale = max_side / max(full.size)
+        size = (max(1, round(full.width * scale)), max(1, round(full.height * scale)))
+        full = full.resize(size, Image.Resampling.BILINEAR)  # a new image: `seen` (maybe the same object) is left as it is
+    return full, seen
 
 
 def _spec_and_names(model: nn.Module, meta_or_spec: dict[str, Any] | PreprocessSpec) -> tuple[PreprocessSpec, list[str]]:
@@ -247,29 +270,47 @@ def resolve_target(target: int | str | None, class_names: Sequence[str]) -> int 
     return int(target)
 
 
-def explain_image(
-    model: nn.Module, meta_or_spec: dict[str, Any] | PreprocessSpec, image: ImageSource, target: int | str | None = None,
-    layer: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Explanation:
-    """Grad-CAM++ for one image (path, bytes, PIL image or array) and one class.
+def explain_images(
+    model: nn.Module, meta_or_spec: dict[str, Any] | PreprocessSpec, images: Sequence[ImageSource],
+    targets: Sequence[int | str | None] | None = None, layer: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None, batch_size: int = 16,
+) -> list[Explanation]:
+    """Grad-CAM++ for images (paths, bytes, PIL images or arrays), each for its class.
 
     meta_or_spec: the model folder's metadata (class names, preprocessing) or a bare
-    PreprocessSpec (labels are then the class indices as strings). target: a label, an index or
-    None for the predicted class. layer: a module name to read instead of the default target
-    (see `default_target_layer`). Raises io.ImageDecodeError for an unreadable image.
+    PreprocessSpec (labels are then the class indices as strings). targets: a label, an index or
+    None (the predicted class) per image; None for all. layer: a module name to read instead of
+    the default target (see `default_target_layer`). max_side: the map and overlay at most this
+    many pixels a side instead of at the image's size (the model's input is the same).
+    batch_size images share one forward and backward pass. Raises io.ImageDecodeError for an
+    unreadable image.
     """
     spec, class_names = _spec_and_names(model, meta_or_spec)
-    index = resolve_target(target, class_names)
+    indices = [resolve_target(t, class_names) for t in (targets if targets is not None else [None] * len(images))]
+    if len(indices) != len(images):
+        raise ValueError(f"{len(indices)} targets for {len(images)} images")
     param = next(model.parameters())
     if param.dtype != torch.float32:
         raise ValueError(f"explain needs the model in float32, got {param.dtype} (load it with artifact.load_artifact)")
-    full, seen_by_model = _decode_pair(image, spec, max_pixels)
-    x = eval_transform(to_batch([resize_image(seen_by_model, spec)]), spec).to(param.device)  # (1, 3, S, S)
-    cam, probs = class_activation_map(model, x, index, layer if layer is not None else default_target_layer(model))
-    k = int(probs.argmax()) if index is None else index
-    width, height = full.size
-    heat, seen = map_to_image(cam, input_box(*seen_by_model.size, spec), width, height)
-    return Explanation(class_names[k], float(probs[k]), k, heat, overlay_heatmap(full, heat, seen))
+    layer = layer if layer is not None else default_target_layer(model)
+    out = []
+    for start in range(0, len(images), batch_size):
+        pairs = [_decode_pair(img, spec, max_pixels, max_side) for img in images[start : start + batch_size]]
+        x = eval_transform(to_batch([resize_image(seen, spec) for _, seen in pairs]), spec).to(param.device)  # (n, 3, S, S)
+        cams, probs = class_activation_maps(model, x, indices[start : start + batch_size], layer)  # (n, h, w), (n, K)
+        for (full, seen_by_model), cam, p, index in zip(pairs, cams, probs, indices[start : start + batch_size]):
+            k = int(p.argmax()) if index is None else index
+            heat, seen = map_to_image(cam, input_box(*seen_by_model.size, spec), *full.size)
+            out.append(Explanation(class_names[k], float(p[k]), k, heat, overlay_heatmap(full, heat, seen)))
+    return out
+
+
+def explain_image(
+    model: nn.Module, meta_or_spec: dict[str, Any] | PreprocessSpec, image: ImageSource, target: int | str | None = None,
+    layer: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None,
+) -> Explanation:
+    """Grad-CAM++ for one image and one class: `explain_images` of [image] (see there)."""
+    return explain_images(model, meta_or_spec, [image], [target], layer, max_pixels, max_side)[0]
 
 
 class Explainer:
@@ -304,8 +345,15 @@ class Explainer:
         """Check a label up front (before any image is read); None stays None."""
         return resolve_target(label, self.class_names)
 
-    def explain(self, image: ImageSource, target: int | str | None = None) -> Explanation:
-        return explain_image(self.model, self.meta, image, target, max_pixels=self.max_pixels)
+    def explain(self, image: ImageSource, target: int | str | None = None, max_side: int | None = None) -> Explanation:
+        """`explain_image` with this model: the map and overlay at the image's size, or at most max_side px a side."""
+        return explain_image(self.model, self.meta, image, target, max_pixels=self.max_pixels, max_side=max_side)
+
+    def explain_many(
+        self, images: Sequence[ImageSource], targets: Sequence[int | str | None] | None = None, max_side: int | None = None
+    ) -> list[Explanation]:
+        """`explain_images` with this model: a batch per forward and backward pass."""
+        return explain_images(self.model, self.meta, images, targets, max_pixels=self.max_pixels, max_side=max_side)
 
 
 # ----------------------------------------------------------------------------- the server's answers
@@ -350,7 +398,7 @@ class UploadExplainer:
         return self._explainer
 
     def __call__(self, image: ImageSource, label: str) -> dict[str, Any]:
-        png, (width, height) = overlay_png(self._load().explain(image, label).overlay)
+        png, (width, height) = overlay_png(self._load().explain(image, label, max_side=OVERLAY_MAX_SIDE).overlay)
         return {"target": label, "overlay_png_base64": base64.b64encode(png).decode("ascii"), "width": width, "height": height}
 
 

@@ -31,7 +31,9 @@ from imgcls.transforms import PreprocessSpec, eval_transform
 ONNX_FILE = "model.onnx"  # a model folder's graph, as `imgcls export MODEL` writes it
 ONNX_FORMAT = "imgcls-onnx"  # metadata "format" of an imgcls export
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-JSON_KEYS = ("class_names", "preprocess", "calibration")  # metadata values stored as JSON; the rest are plain strings
+# Metadata values stored as JSON (the rest are plain strings); calibration, unknown and conformal
+# are model.json's sections that `inference.trust.Trust` applies, so the onnx backend answers as torch does.
+JSON_KEYS = ("class_names", "preprocess", "calibration", "unknown", "conformal")
 
 
 class BackendError(ValueError):

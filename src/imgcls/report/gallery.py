@@ -137,24 +137,26 @@ class Thumbnails:
 
 
 def loss_cards(
-    losses: Sequence[dict[str, Any]], thumbs: Thumbnails, explain: Callable[[str, str], Image.Image] | None,
+    losses: Sequence[dict[str, Any]], thumbs: Thumbnails, explain: Callable[[list[str], list[str]], list[Image.Image]] | None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Each top loss with "image" (thumbnail URI) and "overlay" (the Grad-CAM of the predicted
-    class over the image, as a thumbnail URI; None without `explain` or when it fails).
+    class over the image, as a thumbnail URI; None without `explain` or for a file it cannot read).
 
-    explain(path, label) -> the overlay image (`inference.explain.Explainer.explain(...).overlay`).
+    explain(paths, labels) -> the overlay images, in one batch (`inference.explain.Explainer.explain_many`).
     """
     from imgcls.io import ImageDecodeError
 
-    cards = []
-    for t in losses:
-        overlay = None
-        if explain is not None:
-            try:
-                overlay = jpeg_uri(thumbnail(explain(t["path"], t["predicted"]), thumbs.size))
-            except (ImageDecodeError, OSError) as e:
-                if log is not None:
-                    log(f"report: no Grad-CAM for {t['path']}: {e}")
-        cards.append({**t, "image": thumbs(t["path"]), "overlay": overlay})
-    return cards
+    overlays: list[Image.Image | None] = [None] * len(losses)
+    if explain is not None and losses:
+        try:
+            overlays = list(explain([t["path"] for t in losses], [t["predicted"] for t in losses]))
+        except (ImageDecodeError, OSError):  # a file gone or changed since it was evaluated: one at a time, without it
+            for i, t in enumerate(losses):
+                try:
+                    overlays[i] = explain([t["path"]], [t["predicted"]])[0]
+                except (ImageDecodeError, OSError) as e:
+                    if log is not None:
+                        log(f"report: no Grad-CAM for {t['path']}: {e}")
+    return [{**t, "image": thumbs(t["path"]), "overlay": jpeg_uri(thumbnail(o, thumbs.size)) if o is not None else None}
+            for t, o in zip(losses, overlays)]

@@ -83,8 +83,10 @@ footer{max-width:1120px;margin:0 auto;padding:0 24px 28px;font-size:13px;color:v
  section{border:0;border-radius:0;padding:0;margin:0 0 10mm}
  figure,.card,.pair,.kpi,tr,.strip figure{break-inside:avoid}
  h2,h3{break-after:avoid}
+ #losses,#pairs{break-before:page}
  .cards{grid-template-columns:repeat(3,1fr)}
- .two{grid-template-columns:1fr 1fr}
+ .two,.sides{grid-template-columns:1fr 1fr}
+ .strip figure{width:76px}.strip img{width:76px;height:76px}
  a{color:inherit;text-decoration:none}
 }
 """

@@ -54,8 +54,8 @@ def _figure(name: str, fig: Any, out: Path | None) -> dict[str, Any] | None:
     return {"uri": gallery.png_uri(data), "file": file}
 
 
-def _explainer(model_dir: Path | None, log: Callable[[str], None]) -> Callable[[str, str], Any] | None:
-    """explain(path, label) -> Grad-CAM overlay, from the model folder (fp32 on the CPU); None without one."""
+def _explainer(model_dir: Path | None, log: Callable[[str], None]) -> Callable[[list[str], list[str]], list[Any]] | None:
+    """explain(paths, labels) -> Grad-CAM overlays, from the model folder (fp32 on the CPU); None without one."""
     if model_dir is None:
         return None
     from imgcls.inference.explain import Explainer
@@ -65,7 +65,8 @@ def _explainer(model_dir: Path | None, log: Callable[[str], None]) -> Callable[[
     except (OSError, ValueError) as err:  # a model folder that does not load: the report goes on without Grad-CAM
         log(f"report: no Grad-CAM ({err})")
         return None
-    return lambda path, label: explainer.explain(path, label).overlay
+    # drawn at thumbnail size: a large photo costs no full-size map
+    return lambda paths, labels: [x.overlay for x in explainer.explain_many(paths, labels, max_side=gallery.THUMB_PX)]
 
 
 def _audit(audit: str | os.PathLike | None, model_dir: Path | None, log: Callable[[str], None]) -> dict[str, Any] | None:

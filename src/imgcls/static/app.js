@@ -3,6 +3,8 @@
 "use strict";
 
 const TOP_K = 5;
+// Open the page as /?coverage=0.9 to have each answer's prediction set shown too.
+const COVERAGE = new URLSearchParams(window.location.search).get("coverage");
 const $ = (id) => document.getElementById(id);
 
 function setStatus(text, isError = false) {
@@ -73,7 +75,12 @@ function render(p, ms) {
   const label = $("prediction");
   label.textContent = p.label;
   label.dataset.label = p.label;
-  $("score").textContent = pct(p.score);
+  // "unknown": the model's "unknown" rule turned the image away; its best guess is still shown.
+  const guess = p.best_guess;
+  $("score").textContent = guess ? `(best guess: ${guess.label} ${pct(guess.score)})` : pct(p.score);
+  const set = $("pred-set");
+  set.hidden = !p.set;
+  set.textContent = p.set ? `${pct(Number(COVERAGE))} prediction set: ${p.set.join(", ")}` : "";
   const bars = $("bars");
   bars.replaceChildren(...p.top_k.map((t) => {
     const row = document.createElement("li");
@@ -101,7 +108,8 @@ function render(p, ms) {
 async function post(file, explain) {
   const body = new FormData();
   body.append("file", file, file.name);
-  const res = await fetch(`/v1/predict?top_k=${TOP_K}${explain ? "&explain=true" : ""}`, { method: "POST", body });
+  const coverage = COVERAGE ? `&coverage=${encodeURIComponent(COVERAGE)}` : "";
+  const res = await fetch(`/v1/predict?top_k=${TOP_K}${explain ? "&explain=true" : ""}${coverage}`, { method: "POST", body });
   const data = await res.json().catch(() => ({}));
   return { res, data };
 }

@@ -14,6 +14,7 @@ from torch import nn
 
 from imgcls.config import ModelConfig, RunConfig
 from imgcls.models import create_model, get_entry
+from imgcls.training.balance import ClassBalance, resolve_class_balance
 from imgcls.training.checkpoint import TrainState
 from imgcls.training.finetune import resolve_strategy
 from imgcls.training.loop import StepOptions, TrainData
@@ -77,9 +78,10 @@ def build_trainable(bp: Blueprint, model_kwargs: dict[str, Any], log: Log | None
     return model, build_optimizer(bp.recipe, param_groups(model, bp.recipe, bp.strategy))
 
 
-def build_loss(recipe: Recipe) -> nn.Module:
-    """The training loss: cross-entropy with the recipe's label smoothing."""
-    return nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+def build_loss(recipe: Recipe, class_weights: torch.Tensor | None = None) -> nn.Module:
+    """The training loss: cross-entropy with the recipe's label smoothing, weighted per class when
+    `class_weights` (C,) are given (--class-balance, `balance.ClassBalance.loss_weights`)."""
+    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=recipe.label_smoothing)
 
 
 def choose_train_dtype(
@@ -116,6 +118,7 @@ class Setup:
     options: StepOptions  # of the training steps; options.amp_dtype may differ from Evaluation's
     model_kwargs: dict[str, Any]  # builder arguments beyond num_classes, recorded in model.json
     trial_step_s: float | None = None  # seconds per step the precision trial measured (a time budget's first plan uses them)
+    class_balance: ClassBalance | None = None  # --class-balance resolved; None: none
 
     @property
     def recipe(self) -> Recipe:
@@ -168,8 +171,12 @@ def build_setup(
     bp = Blueprint(cfg.model, len(data.class_names), recipe, strategy, spec, device, t_cfg.channels_last, data.train.images, weights_cache)
     model_kwargs = saved.model_kwargs if saved is not None else {}
     model, optimizer = build_trainable(bp, model_kwargs, log)
-    loss_fn = build_loss(recipe)
-    train_data = TrainData(data.train.images, data.train.labels, spec, aug, min(recipe.batch_size, n_train))
+    balance = resolve_class_balance(t_cfg.class_balance, data.train.labels, len(data.class_names))
+    log(balance.describe())
+    loss_weights = balance.loss_weights()
+    loss_fn = build_loss(recipe, None if loss_weights is None else loss_weights.to(device))
+    batch = min(recipe.batch_size, n_train)
+    train_data = TrainData(data.train.images, data.train.labels, spec, aug, batch, balance.sample_weights(data.train.labels))
     eval_options = StepOptions(device, amp_dtype, t_cfg.channels_last)
     trial = saved is None and strategy != "linear-probe"
     train_dtype, trial_step_s = choose_train_dtype(model, optimizer, loss_fn, train_data, eval_options, t_cfg.precision, trial, log)
@@ -184,4 +191,4 @@ def build_setup(
         f"model {cfg.model.name} ({millions:.2f}M parameters), strategy {strategy}, recipe {recipe.name}, {spec.img_size} px, "
         f"{precision} on {device}, {recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch_size}{tta}"
     )
-    return Setup(bp, model, optimizer, loss_fn, train_data, options, model_kwargs, trial_step_s)
+    return Setup(bp, model, optimizer, loss_fn, train_data, options, model_kwargs, trial_step_s, balance)

@@ -56,10 +56,11 @@ class TrainState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def record_epoch(self, epoch: int, row: dict[str, float], has_val: bool) -> bool:
+    def record_epoch(self, epoch: int, row: dict[str, float], has_val: bool, key: str = "val_acc") -> bool:
         """Add `epoch`'s metrics.csv row; True when its weights are the best so far: the higher
-        validation accuracy, the lower validation loss on a tie; every epoch without validation."""
-        val_loss, val_acc = row["val_loss"], row["val_acc"]
+        validation accuracy (row[key]: "val_balanced_acc" while classes are rebalanced), the lower
+        validation loss on a tie; every epoch without validation."""
+        val_loss, val_acc = row["val_loss"], row[key]
         improved = not has_val or val_acc > self.best_acc or (val_acc == self.best_acc and val_loss < self.best_loss)
         self.history.append(row)
         if improved:
@@ -133,9 +134,11 @@ class RunFolder:
     meta: dict[str, Any]  # model.json's common part: arch, class names, preprocess, config, dataset...
     config: dict[str, Any]  # RunConfig.to_dict(), stored in the checkpoint for --resume
 
-    def save_model(self, model: nn.Module, training: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
+    def save_model(self, model: nn.Module, training: dict[str, Any], metrics: dict[str, Any] | None = None,
+                   sections: dict[str, Any] | None = None) -> None:
+        """model.safetensors + model.json: `meta`, `sections` (the final save's calibration...), metrics, training."""
         extra = {"metrics": metrics} if metrics is not None else {}
-        save_artifact(self.path, model, {**self.meta, **extra, "training": training})
+        save_artifact(self.path, model, {**self.meta, **(sections or {}), **extra, "training": training})
 
     def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
         save_checkpoint(self.path / CHECKPOINT_FILE, model, optimizer, state, self.config)

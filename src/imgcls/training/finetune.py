@@ -68,7 +68,7 @@ def extract_features(
 
 
 def _lbfgs_logreg(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, reg: float, bias: bool, max_iter: int
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, reg: float, bias: bool, max_iter: int, class_weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
     b = torch.zeros(num_classes, requires_grad=True) if bias else None
@@ -78,7 +78,7 @@ def _lbfgs_logreg(
     def closure() -> torch.Tensor:
         opt.zero_grad()
         logits = x @ w.T + (b if bias else 0)
-        loss = nn.functional.cross_entropy(logits, y) + 0.5 * reg * (w * w).sum()
+        loss = nn.functional.cross_entropy(logits, y, weight=class_weights) + 0.5 * reg * (w * w).sum()
         loss.backward()
         return loss
 
@@ -95,13 +95,15 @@ def fit_linear_head(
     regs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1),
     max_iter: int = 200,
     log: Callable[[str], None] = print,
+    class_weights: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Fit `head` (in place) as an L2-regularised logistic regression on features.
 
     Features are standardised for a well-conditioned problem and the scaling is folded back into
     the weights, so the model's own forward gives the fitted probabilities. The L2 strength is
     the one with the best validation accuracy (lowest validation loss on ties); without a
-    validation set, 1e-3.
+    validation set, 1e-3. class_weights (C,): a weighted cross-entropy (--class-balance), and the
+    L2 strength is then chosen on balanced accuracy.
     """
     has_bias = head.bias is not None
     mean = x_train.mean(0) if has_bias else torch.zeros(x_train.shape[1])
@@ -111,7 +113,7 @@ def fit_linear_head(
     best: dict[str, Any] | None = None
     sweep = []  # every candidate's numbers, for the report's L2 plot
     for reg in candidates:
-        w, b = _lbfgs_logreg(z_train, y_train, head.out_features, reg, has_bias, max_iter)
+        w, b = _lbfgs_logreg(z_train, y_train, head.out_features, reg, has_bias, max_iter, class_weights)
         row: dict[str, Any] = {"reg": reg, "w": w, "b": b}
         logits = z_train @ w.T + (b if has_bias else 0)
         row["train_loss"] = float(nn.functional.cross_entropy(logits, y_train))
@@ -120,14 +122,16 @@ def fit_linear_head(
             vl = ((x_val - mean) / std) @ w.T + (b if has_bias else 0)
             row["val_loss"] = float(nn.functional.cross_entropy(vl, y_val))
             row["val_acc"] = float((vl.argmax(1) == y_val).float().mean())
+            row["val_balanced_acc"] = _balanced_accuracy(vl, y_val)
             log(
                 f"  linear probe  L2 {reg:g}: train acc {row['train_acc']:.4f}  "
                 f"val acc {row['val_acc']:.4f}  val loss {row['val_loss']:.4f}"
             )
         else:
-            row["val_loss"] = row["val_acc"] = math.nan
+            row["val_loss"] = row["val_acc"] = row["val_balanced_acc"] = math.nan
         sweep.append({k: v for k, v in row.items() if k not in ("w", "b")})
-        if best is None or (row["val_acc"], -row["val_loss"]) > (best["val_acc"], -best["val_loss"]):
+        key = "val_acc" if class_weights is None else "val_balanced_acc"
+        if best is None or (row[key], -row["val_loss"]) > (best[key], -best["val_loss"]):
             best = row
     assert best is not None
     with torch.no_grad():  # fold the standardisation: W' = W / std, b' = b - W' @ mean
@@ -136,6 +140,14 @@ def fit_linear_head(
         if has_bias:
             head.bias.copy_((best["b"] - w_fold @ mean).to(head.bias.dtype))
     return {**{k: v for k, v in best.items() if k not in ("w", "b")}, "sweep": sweep}
+
+
+def _balanced_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean recall over the classes present in y."""
+    right = logits.argmax(1) == y
+    counts = torch.bincount(y, minlength=logits.shape[1])
+    hits = torch.bincount(y[right], minlength=logits.shape[1])
+    return float((hits[counts > 0] / counts[counts > 0]).mean())
 
 
 def linear_probe(
@@ -147,10 +159,12 @@ def linear_probe(
     amp_dtype: torch.dtype | None,
     progress: bool,
     log: Callable[[str], None],
+    class_weights: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Fit the classifier of `model` on its frozen features of `train`, the L2 strength chosen on
-    `val`; return the probe's metrics.csv row (epoch 1), with "probe_sweep": every L2 strength
-    tried (`fit_linear_head`'s "sweep"), which metrics.csv leaves out."""
+    `val` (class_weights: weighted, chosen on balanced accuracy, see `fit_linear_head`); return the
+    probe's metrics.csv row (epoch 1), with "probe_sweep": every L2 strength tried
+    (`fit_linear_head`'s "sweep"), which metrics.csv leaves out."""
     t0 = time.perf_counter()
     x_tr = extract_features(model, train.images.numpy(), spec, device, amp_dtype, progress=progress)
     x_va = (
@@ -161,7 +175,8 @@ def linear_probe(
     t_feat = time.perf_counter() - t0
     n_img = len(x_tr) + (len(x_va) if x_va is not None else 0)
     log(f"features: {n_img} images in {t_feat:.1f}s ({n_img / max(t_feat, 1e-9):.0f} img/s)")
-    fit = fit_linear_head(classifier_of(model), x_tr, train.labels, x_va, val.labels if x_va is not None else None, log=log)
+    y_va = val.labels if x_va is not None and val is not None else None
+    fit = fit_linear_head(classifier_of(model), x_tr, train.labels, x_va, y_va, log=log, class_weights=class_weights)
     seconds = time.perf_counter() - t0
     log(f"linear probe: L2 {fit['reg']:g}, train acc {fit['train_acc']:.4f}, val acc {fit['val_acc']:.4f} ({seconds:.1f}s)")
     return {
@@ -170,6 +185,7 @@ def linear_probe(
         "train_acc": fit["train_acc"],
         "val_loss": fit["val_loss"],
         "val_acc": fit["val_acc"],
+        "val_balanced_acc": fit["val_balanced_acc"],
         "lr": 0.0,
         "epoch_time_s": seconds,
         "images_per_s": n_img / max(t_feat, 1e-9),

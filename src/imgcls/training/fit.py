@@ -8,16 +8,21 @@
    resumed, as the `TrainState` the loop starts from, and the `Schedule`;
 4. the linear probe first (`probe_first`), for --strategy linear-probe and fine-tune;
 5. the epochs (`train_epochs`): train (loop.py), validate, keep the best weights, checkpoint;
-6. finish (`finish_run`): evaluate the kept weights, the final model.json, the report.
+6. finish (`finish_run`): calibrate the kept weights on validation (temperature, "unknown"
+   threshold, conformal scores: inference.trust.fit_trust), evaluate them, the final model.json,
+   the report.
 
 The run folder RUN_DIR is also the artifact: model.safetensors + model.json (the best epoch),
 checkpoint.safetensors (the last epoch, with optimizer state, for --resume), metrics.csv (one row
 per epoch), split.json, bad_files.csv and report/ (plots and report.html on the validation split).
+A folder that already holds a model is refused unless the run resumes it or overwrites it
+(prepare.check_run_folder, clear_run_folder).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from datetime import datetime, timezone
@@ -29,25 +34,39 @@ from torch import nn
 
 from imgcls.artifact import package_versions
 from imgcls.config import RunConfig, TrainConfig
+from imgcls.inference.answer import postprocess
+from imgcls.inference.trust import Trust, describe_fit, fit_trust, trust_metrics, uncalibrated
 from imgcls.metrics import classification_metrics
 from imgcls.report import Predictions, read_probe_sweep, write_probe_sweep, write_report
-from imgcls.runtime import batched_logits, prepare_inference_model, resolve_device, resolve_precision, set_threads
+from imgcls.runtime import (
+    batched_logits,
+    default_threads,
+    prepare_inference_model,
+    resolve_device,
+    resolve_precision,
+    set_threads,
+)
 from imgcls.training.build import Evaluation, Log, Setup, build_setup, dtype_name
 from imgcls.training.checkpoint import RunFolder, TrainState, read_checkpoint
 from imgcls.training.finetune import linear_probe
 from imgcls.training.loop import EpochStats, train_one_epoch, validate
 from imgcls.training.plan import build_schedule, plan_run
-from imgcls.training.prepare import SPLIT_FILE, RunData, SplitData, prepare_run, resolve_spec
+from imgcls.training.prepare import SPLIT_FILE, RunData, SplitData, check_run_folder, prepare_run, resolve_spec
 from imgcls.training.recipes import Lookahead, whiten_bias_trains
 from imgcls.training.schedule import Schedule
 from imgcls.transforms import PreprocessSpec
 
 
-def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Log = print) -> Path:
+def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Log = print, overwrite: bool = False) -> Path:
     """Train a model as `cfg` says; return the run folder, which is the model artifact.
 
     resume=True continues the run in cfg.train.out from its last checkpoint, with the config
     stored there (the flags that started it), and gives the same result as an uninterrupted run.
+    A folder that already holds a model is a `prepare.RunFolderError` unless resume=True or
+    overwrite=True, which deletes what the earlier run wrote there once DATA has decoded
+    (`prepare.clear_run_folder`).
+    overwrite is an argument, not a TrainConfig field: it says what to do with the folder, not how
+    to train, so it does not belong in model.json, nor in the checkpoint config a --resume reloads.
     torch's process-wide settings that a run changes (threads, deterministic algorithms) are put
     back afterwards, so calling fit from a program leaves the program as it was.
     """
@@ -57,24 +76,27 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Log = 
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     try:
-        return _fit(cfg, resume, progress, log)
+        return _fit(cfg, resume, overwrite, progress, log)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Log) -> Path:
+def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log) -> Path:
     run_dir = Path(cfg.train.out)
     saved: TrainState | None = None
     if resume:
         cfg, saved = read_checkpoint(run_dir)
         log(f"resuming {run_dir} with its saved configuration")
+    if cfg.train.deterministic:
+        cfg = pin_timed_choices(cfg, log)
+    check_run_folder(run_dir, resume, overwrite)  # at once; the folder is cleared only once DATA has decoded
     run_dir.mkdir(parents=True, exist_ok=True)
     device, amp_dtype = start_process(cfg.train, cfg.data.seed)
     spec = resolve_spec(cfg)
     t_start = time.perf_counter()
 
-    data = prepare_run(cfg, spec, run_dir, progress, log)  # 1
+    data = prepare_run(cfg, spec, run_dir, progress, log, resume, overwrite)  # 1
     setup = build_setup(cfg, data, spec, device, amp_dtype, saved, log)  # 2
     ev = Evaluation(spec, device, amp_dtype, setup.recipe.tta, data.val, final_splits(data, cfg.train), progress)
     state, setup, final_eval_s = plan_run(cfg.train, setup, ev, data, saved, t_start, log)  # 3
@@ -91,9 +113,36 @@ def _fit(cfg: RunConfig, resume: bool, progress: bool, log: Log) -> Path:
         "epochs_run": state.epoch + 1,
         "stopped_early": stopped_early,
     }
-    metrics = finish_run(folder, ev, training, t_start)  # 6
+    metrics = finish_run(folder, ev, training, t_start, log, cfg.train.unknown_method)  # 6
     report_run(run_dir, metrics, data, state.history, cfg.model.name, log, ev)
     return run_dir
+
+
+def pin_timed_choices(cfg: RunConfig, log: Log) -> RunConfig:
+    """--deterministic: the config with every choice a run would make from a timing fixed by a rule
+    instead, so that it is what model.json's "config" records (and what a --resume reloads).
+
+    - precision "auto" trains in bf16 or fp32, whichever a timed trial of two steps found faster
+      (measure.faster_train_dtype); on a busy machine 11 of 18 identical runs chose bf16 and 7 fp32,
+      with different weights. Pinned to what "auto" means without the trial: bf16 on a CPU with
+      AMX or AVX512-BF16 (runtime.cpu_has_fast_bf16; and on CUDA), else fp32. That keeps bf16's
+      2-4x speed where the CPU has it; --precision fp32 remains the choice for bit-identical
+      results across machines with and without bf16 units.
+    - threads: the count set_threads picks by default (one per core), written down, since the
+      order of a reduction, and so its rounding, can depend on how many threads share it.
+    - a time budget picks the number of epochs (and small_cnn's width) from timed steps: refused.
+    """
+    t = cfg.train
+    if t.time_budget is not None:
+        raise ValueError("--deterministic and --time-budget do not combine: a time budget chooses the number of epochs "
+                         "from timed training steps; give --epochs instead, or drop --deterministic")
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16" if resolve_precision("auto", resolve_device(t.device)) is not None else "fp32"
+    threads = t.threads or default_threads()
+    if (precision, threads) != (t.precision, t.threads):
+        log(f"deterministic: precision {precision}, {threads} threads (fixed, not timed)")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, precision=precision, threads=threads))
 
 
 def start_process(t_cfg: TrainConfig, seed: int) -> tuple[torch.device, torch.dtype | None]:
@@ -131,20 +180,24 @@ def artifact_meta(cfg: RunConfig, data: RunData, setup: Setup, spec: PreprocessS
             "layout": index.layout,
             "fingerprint": data.fingerprint,
             "bad_files": len(data.failures),
+            "excluded": data.excluded,  # left out as --exclude-from's audit.json asked (config.data.exclude_from)
             "ignored": dict(index.ignored),
         },
         "versions": package_versions(),
         "device": str(device),
         "precision": dtype_name(setup.options.amp_dtype),  # of the training steps
+        "threads": torch.get_num_threads(),
         "recipe": setup.recipe.to_dict(),
         "tta": setup.recipe.tta,  # what `imgcls evaluate` and `predict` use unless told otherwise (--tta)
+        "class_balance": setup.class_balance.to_dict() if setup.class_balance else None,  # --class-balance as resolved
     }
 
 
 def probe_first(setup: Setup, data: RunData, ev: Evaluation, state: TrainState, folder: RunFolder, log: Log) -> None:
     """Step 4: fit the classifier on frozen features (finetune.linear_probe) and keep the model.
     For linear-probe that is the whole training (one history row); fine-tune goes on from it."""
-    row = linear_probe(setup.model, data.train, data.val, ev.spec, ev.device, ev.amp_dtype, ev.progress, log)
+    weights = setup.class_balance.probe_weights() if setup.class_balance else None
+    row = linear_probe(setup.model, data.train, data.val, ev.spec, ev.device, ev.amp_dtype, ev.progress, log, weights)
     write_probe_sweep(folder.path, row.pop("probe_sweep"))  # probe.csv: the report's L2 sweep
     if setup.strategy == "linear-probe":
         state.history.append(row)
@@ -204,9 +257,9 @@ def record_epoch(
     best so far; the row, and whether they were."""
     val = ev.val
     if val is not None and len(val.paths):
-        val_loss, val_acc = validate(setup.model, val.images, val.labels, ev.spec, ev.device, ev.amp_dtype, ev.progress)
+        val_loss, val_acc, val_bal = validate(setup.model, val.images, val.labels, ev.spec, ev.device, ev.amp_dtype, ev.progress)
     else:
-        val_loss, val_acc = math.nan, math.nan
+        val_loss, val_acc, val_bal = math.nan, math.nan, math.nan
     row = {
         "epoch": epoch + 1,
         "train_loss": stats.loss,
@@ -216,8 +269,10 @@ def record_epoch(
         "lr": setup.optimizer.param_groups[0]["lr"],
         "epoch_time_s": stats.seconds,
         "images_per_s": stats.images / max(stats.seconds, 1e-9),
+        "val_balanced_acc": val_bal,  # kept in the checkpoint's history; metrics.csv writes HISTORY_FIELDS only
     }
-    improved = state.record_epoch(epoch, row, has_val=val is not None)
+    key = "val_balanced_acc" if setup.class_balance and setup.class_balance.on else "val_acc"  # rebalanced: judged on every class alike
+    improved = state.record_epoch(epoch, row, has_val=val is not None, key=key)
     folder.write_history(state.history)
     if improved:
         folder.save_model(setup.model, {"best_epoch": epoch + 1, "epochs_run": epoch + 1})
@@ -236,12 +291,13 @@ def replan_budget(schedule: Schedule, state: TrainState, epoch: int, full_epoch:
     state.planned_epochs, state.total_steps = schedule.epochs, schedule.total_steps
 
 
-def finish_run(folder: RunFolder, ev: Evaluation, training: dict[str, Any], t_start: float) -> dict[str, Any]:
-    """Step 6, once the best weights are kept: evaluate them on the final splits and write the
-    final model.json (with `training` and the run's wall time); return the metrics per split.
-
-    Post-training steps on the kept weights belong here, before the final save (e.g. fitting a
-    calibration temperature on the validation split).
+def finish_run(
+    folder: RunFolder, ev: Evaluation, training: dict[str, Any], t_start: float, log: Log = print, unknown_method: str = "msp"
+) -> dict[str, Any]:
+    """Step 6, once the best weights are kept: calibrate them on the validation split
+    (`inference.trust.fit_trust`: temperature, "unknown" threshold, conformal scores), evaluate
+    them on the final splits with that calibration, and write the final model.json (with the
+    calibration, `training` and the run's wall time); return the metrics per split.
     """
     from imgcls.artifact import load_artifact
 
@@ -249,10 +305,10 @@ def finish_run(folder: RunFolder, ev: Evaluation, training: dict[str, Any], t_st
     # prepare_inference_model converts a model to bf16 in place where bf16 pays, so it gets a copy:
     # `best` stays as trained, for the artifact saved below.
     best_eval, eval_dtype = prepare_inference_model(copy.deepcopy(best), ev.device, ev.amp_dtype)  # what evaluate and predict run
-    metrics: dict[str, Any] = {}
+    logits, labels = {}, {}
     for name, split in ev.final_splits.items():
         if split is not None and len(split.paths):
-            logits = batched_logits(
+            logits[name] = batched_logits(
                 best_eval,
                 split.images.numpy(),
                 ev.spec,
@@ -261,14 +317,23 @@ def finish_run(folder: RunFolder, ev: Evaluation, training: dict[str, Any], t_st
                 progress=ev.progress,
                 desc=f"evaluate {name}",
                 tta=ev.tta,
-            )
-            metrics[name] = classification_metrics(torch.softmax(logits, 1).numpy(), split.labels.numpy(), folder.meta["class_names"])
+            )  # (N, num_classes)
+            labels[name] = split.labels.numpy()
+    # Calibrated on the logits evaluate and predict compute (the kept weights, their precision, the TTA).
+    sections = fit_trust(logits["val"], labels["val"], unknown_method) if "val" in logits else uncalibrated("no validation split")
+    log(describe_fit(sections))
+    trust = Trust.from_meta(sections)
+    metrics: dict[str, Any] = {
+        name: {**classification_metrics(postprocess(z, trust).probs, labels[name], folder.meta["class_names"]),
+               **trust_metrics(z, labels[name], trust)}
+        for name, z in logits.items()
+    }
     training = {
         **training,
         "wall_time_s": round(time.perf_counter() - t_start, 2),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    folder.save_model(best, training, metrics)
+    folder.save_model(best, training, metrics, sections)
     return metrics
 
 
@@ -285,9 +350,10 @@ def report_run(
         from imgcls.artifact import load_artifact
 
         s = data.splits[split]
-        model, dtype = prepare_inference_model(load_artifact(run_dir, device=ev.device)[0], ev.device, ev.amp_dtype)
+        model, meta = load_artifact(run_dir, device=ev.device)
+        model, dtype = prepare_inference_model(model, ev.device, ev.amp_dtype)
         logits = batched_logits(model, s.images.numpy(), ev.spec, device=ev.device, amp_dtype=dtype, progress=False, tta=ev.tta)
-        pred = Predictions(torch.softmax(logits, 1).numpy(), s.labels.numpy(), s.paths)
+        pred = Predictions(postprocess(logits, Trust.from_meta(meta)).probs, s.labels.numpy(), s.paths)  # calibrated, as the metrics
         write_report(run_dir / "report", metrics[split], data.class_names, history, title=f"{arch} on {split} ({data.index.root.name})",
                      predictions=pred, model_dir=run_dir, probe_sweep=read_probe_sweep(run_dir),
                      facts={"model": f"{arch} ({run_dir})", "data": f"{data.index.root} ({split} split)", "TTA": ev.tta}, log=log)

@@ -24,6 +24,7 @@ class TrainData:
     spec: PreprocessSpec
     aug: AugmentSpec
     batch_size: int
+    sample_weights: torch.Tensor | None = None  # (N,) drawing weights (--class-balance sampler); None: a permutation
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,17 @@ class EpochStats:
     steps: int = 0
 
 
-def epoch_order(num_images: int, generator: torch.Generator) -> torch.Tensor:
+def epoch_order(num_images: int, generator: torch.Generator, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The epoch's random order of sample indices, from the epoch's own generator.
 
-    The distributed seam: a multi-process run would shard this order here (each rank taking
-    order[rank::world_size], as torch's DistributedSampler does), with every rank drawing the
-    same order from the same per-epoch seed.
+    weights (N,): num_images indices drawn with replacement in proportion to them (the balanced
+    sampler of --class-balance sampler), else a permutation. The distributed seam: a
+    multi-process run would shard this order here (each rank taking order[rank::world_size], as
+    torch's DistributedSampler does), with every rank drawing the same order from the same
+    per-epoch seed.
     """
+    if weights is not None:
+        return torch.multinomial(weights.double(), num_images, replacement=True, generator=generator)
     return torch.randperm(num_images, generator=generator)
 
 
@@ -89,7 +94,7 @@ def train_one_epoch(
 
     model.train()
     n, bs = len(data.images), data.batch_size
-    order = epoch_order(n, generator)
+    order = epoch_order(n, generator, data.sample_weights)
     n_batches = steps_per_epoch(n, bs)
     if schedule is not None:
         n_batches = min(n_batches, schedule.total_steps - first_step)
@@ -141,10 +146,15 @@ def validate(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     progress: bool = False,
-) -> tuple[float, float]:
-    """(loss, accuracy) of `model` on uint8 images (N, S, S, 3), in eval mode, without TTA."""
+) -> tuple[float, float, float]:
+    """(loss, accuracy, balanced accuracy) of `model` on uint8 images (N, S, S, 3), in eval mode,
+    without TTA. Balanced accuracy is the mean recall over the classes present in `labels`."""
     logits = batched_logits(
         model, images.numpy(), spec, device=device, amp_dtype=amp_dtype, progress=progress, desc="validate"
     )  # (N, num_classes)
     loss = nn.functional.cross_entropy(logits, labels).item()
-    return loss, float((logits.argmax(1) == labels).float().mean())
+    right = logits.argmax(1) == labels  # (N,)
+    counts = torch.bincount(labels, minlength=logits.shape[1])  # (C,)
+    hits = torch.bincount(labels[right], minlength=logits.shape[1])
+    present = counts > 0
+    return loss, float(right.float().mean()), float((hits[present] / counts[present]).mean())

@@ -1,6 +1,8 @@
-"""Prepare a run's data: index DATA, decode every split once (the uint8 cache), split off
-validation when DATA has none, and write what the run folder records about it (split.json,
-bad_files.csv) with the dataset fingerprint for model.json."""
+"""Prepare a run: the run folder (refused when it holds another model, cleared of an earlier
+run's files) and the data: index DATA (less the files an audit marked, --exclude-from), decode every split once
+(the uint8 cache), split off validation when DATA has none, warn about duplicates across splits,
+conflicting labels and imbalance (the audit's quick checks), and write what the run folder records
+about it (split.json, bad_files.csv) with the dataset fingerprint for model.json."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +19,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from imgcls.artifact import META_FILE, WEIGHTS_FILE
 from imgcls.atomic import atomic_write_text
+from imgcls.audit.quick import drop_excluded, excluded_paths, quick_checks
 from imgcls.config import RunConfig
 from imgcls.data import DatasetIndex, dataset_fingerprint, index_dataset, load_split, stratified_split
 from imgcls.models import get_entry
+from imgcls.report import HISTORY_FILE, PROBE_FILE
+from imgcls.training.checkpoint import CHECKPOINT_FILE
 from imgcls.transforms import PreprocessSpec
 
 BAD_FILES = "bad_files.csv"
 SPLIT_FILE = "split.json"
+MODEL_FILES = (META_FILE, WEIGHTS_FILE, CHECKPOINT_FILE)  # a folder with any of them holds a model
+# What imgcls writes into a run folder: training's files, and `imgcls export`'s model.onnx and
+# model.int8.onnx (model.*), which would describe the earlier model. Not audit.json: it describes
+# the data, and `imgcls audit DATA --out RUN` may have put it there for this run's report.
+RUN_FILES = ("model.*", "checkpoint.*", HISTORY_FILE, PROBE_FILE, SPLIT_FILE, BAD_FILES)
+RUN_DIRS = ("report", "evaluation")  # training's report, `imgcls evaluate`'s default output
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot take the run as asked (it holds another model)."""
 
 
 @dataclass
@@ -45,6 +62,7 @@ class RunData:
     failures: list[tuple[str, str]]  # (path, reason) of the files that could not be decoded
     split_info: dict[str, Any]  # model.json "split": method, seed, counts...
     fingerprint: str
+    excluded: int = 0  # files left out because --exclude-from's audit.json marked them
 
     @property
     def train(self) -> SplitData:
@@ -74,11 +92,72 @@ def resolve_spec(cfg: RunConfig) -> PreprocessSpec:
     return spec.replace(**changes) if changes else spec
 
 
-def prepare_run(cfg: RunConfig, spec: PreprocessSpec, run_dir: Path, progress: bool, log: Callable[[str], None]) -> RunData:
-    """Index and decode DATA, write RUN_DIR/split.json (and bad_files.csv when files were left out)."""
+def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse RUN_DIR when it holds a model (MODEL_FILES) and the run neither resumes it (`resume`)
+    nor replaces it (`overwrite`): a new run would overwrite it epoch by epoch, and one killed after
+    its first epoch would leave a one-epoch model of other data in its place."""
+    if resume and overwrite:
+        raise RunFolderError(f"{run_dir}: resume continues the run there and overwrite replaces it; choose one")
+    held = [n for n in MODEL_FILES if os.path.lexists(run_dir / n)]
+    if held and not (resume or overwrite):
+        raise RunFolderError(
+            f"{run_dir} already holds a model ({', '.join(held)}); train into another folder, continue that run with --resume, "
+            f"or replace it with --overwrite (deletes its model, checkpoint, metrics, report and evaluations)"
+        )
+
+
+def clear_run_folder(run_dir: Path, resume: bool, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Before the run's first write: a new run (not resumed) removes what an earlier run left under
+    the RUN_FILES names (bad_files.csv of a run that had bad files, a stale model.onnx...), and with
+    `overwrite` the RUN_DIRS too, so the folder holds nothing its new model.json does not describe.
+    Links are removed, never followed; a link planted at RUN_DIRS is removed in every case (writing
+    into it would write wherever it points)."""
+    check_run_folder(run_dir, resume, overwrite)
+    removed = [] if resume else remove_run_files(run_dir, with_dirs=overwrite)
+    for name in RUN_DIRS:
+        if (run_dir / name).is_symlink():
+            (run_dir / name).unlink()
+            removed.append(name)
+    if removed:
+        log(f"removed from {run_dir} (left by an earlier run): {', '.join(sorted(set(removed)))}")
+
+
+def remove_run_files(run_dir: Path, with_dirs: bool) -> list[str]:
+    """Delete the files named by RUN_FILES in RUN_DIR (links themselves, not their targets), their
+    atomic writes' temp files left by a killed run, and with `with_dirs` the RUN_DIRS; the names removed."""
+    if not run_dir.is_dir():
+        return []
+    removed = []
+    for pattern in RUN_FILES:
+        for p in [*run_dir.glob(pattern), *run_dir.glob(f".{pattern}.*.tmp")]:  # imgcls.atomic's temp names
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+                removed.append(p.name)
+    for name in RUN_DIRS if with_dirs else ():
+        p = run_dir / name
+        if p.is_symlink():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)  # removes links inside it, never what they point to
+        else:
+            continue
+        removed.append(name + "/")
+    return removed
+
+
+def prepare_run(
+    cfg: RunConfig, spec: PreprocessSpec, run_dir: Path, progress: bool, log: Callable[[str], None], resume: bool = False,
+    overwrite: bool = False,
+) -> RunData:
+    """Index and decode DATA, clear RUN_DIR of an earlier run's files (`clear_run_folder`), write
+    RUN_DIR/split.json (and bad_files.csv when files were left out)."""
     index = index_dataset(cfg.data.path, allow_outside_root=cfg.data.allow_outside_root)
     log(index.summary())
+    excluded = leave_out_excluded(index, cfg.data.exclude_from, log) if cfg.data.exclude_from else 0
     splits, failures, split_info = decode_splits(cfg, index, spec, progress, log)
+    # Only now that DATA indexed and decoded: a typo in DATA or --exclude-from must not cost the earlier model.
+    clear_run_folder(run_dir, resume, overwrite, log)
+    warn_quick_checks(index, splits, log)
     if failures:
         buf = io.StringIO()
         csv.writer(buf).writerows([("path", "reason"), *failures])
@@ -91,7 +170,36 @@ def prepare_run(cfg: RunConfig, spec: PreprocessSpec, run_dir: Path, progress: b
     all_paths = [p for s in splits.values() for p in s.paths]
     all_labels = [int(y) for s in splits.values() for y in s.labels]
     fingerprint = dataset_fingerprint(all_paths, all_labels, [h for s in splits.values() for h in s.hashes], index.class_names, root)
-    return RunData(index, splits, failures, split_info, fingerprint)
+    return RunData(index, splits, failures, split_info, fingerprint, excluded)
+
+
+def leave_out_excluded(index: DatasetIndex, audit_json: str, log: Callable[[str], None]) -> int:
+    """Drop from `index` (in place, before splitting and decoding) the files `audit_json` marks
+    "exclude" (imgcls.audit.quick.excluded_paths); how many were dropped."""
+    try:
+        excluded = excluded_paths(audit_json)
+    except (KeyError, TypeError, AttributeError) as e:  # JSON, but not an audit's (a missing file or bad JSON says so itself)
+        raise ValueError(f"{audit_json}: not an audit.json from `imgcls audit` ({type(e).__name__}: {e})") from None
+    total = 0
+    for name, rows in index.splits.items():
+        index.splits[name], dropped = drop_excluded(rows, excluded)
+        total += dropped
+    log(f"left out {total} file(s) that {audit_json} marks to exclude ({len(excluded)} listed)")
+    if not any(index.splits.values()):
+        raise ValueError(f"{index.root}: no images left after leaving out the files {audit_json} lists")
+    return total
+
+
+def warn_quick_checks(index: DatasetIndex, splits: dict[str, SplitData], log: Callable[[str], None]) -> None:
+    """Log the audit's cheap checks (duplicates across splits, one image under two classes, class
+    imbalance) on the splits as the run uses them: a validation split cut from DATA counts as a split,
+    so a duplicate that lands in train and val is caught. Uses the decode step's content hashes;
+    nothing is changed or left out."""
+    as_run = DatasetIndex(index.root, index.layout, index.class_names,
+                          {name: list(zip(s.paths, s.labels.tolist())) for name, s in splits.items()})
+    hashes = {p: h for s in splits.values() for p, h in zip(s.paths, s.hashes)}
+    for warning in quick_checks(as_run, hashes):
+        log(f"warning: {warning}")
 
 
 def decode_splits(
