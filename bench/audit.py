@@ -109,9 +109,12 @@ def score_labels(report: dict, flipped: set[str]) -> dict:
     top = ranked[: 2 * len(flipped)]
     hit_top, hit_all = sum(p in flipped for p in top), sum(p in flipped for p in ranked)
     return {
-        "flipped": len(flipped), "flagged": len(ranked),
-        "top2x_recall": round(hit_top / max(1, len(flipped)), 3), "top2x_precision": round(hit_top / max(1, len(top)), 3),
-        "flagged_recall": round(hit_all / max(1, len(flipped)), 3), "flagged_precision": round(hit_all / max(1, len(ranked)), 3),
+        "flipped": len(flipped),
+        "flagged": len(ranked),
+        "top2x_recall": round(hit_top / max(1, len(flipped)), 3),
+        "top2x_precision": round(hit_top / max(1, len(top)), 3),
+        "flagged_recall": round(hit_all / max(1, len(flipped)), 3),
+        "flagged_precision": round(hit_all / max(1, len(ranked)), 3),
     }
 
 
@@ -165,11 +168,21 @@ def main() -> int:
     write_report(report, out)
     print(format_summary(report))
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_summary(), "set": a.set,
-        "images": len(rows), "per_class": a.per_class, "flip_fraction": a.flip_fraction, "plant_copies": a.plant_copies,
-        "features": report["settings"]["features"], "feature_size": None if a.no_features else a.feature_size,
-        "seconds": round(seconds, 1), "timings": report["timings"], "load_start": round(load_start, 2), "load_end": round(load1(), 2),
-        "probe_accuracy": report["probe_accuracy"], "counts": {k: len(v) for k, v in report["findings"].items()},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_summary(),
+        "set": a.set,
+        "images": len(rows),
+        "per_class": a.per_class,
+        "flip_fraction": a.flip_fraction,
+        "plant_copies": a.plant_copies,
+        "features": report["settings"]["features"],
+        "feature_size": None if a.no_features else a.feature_size,
+        "seconds": round(seconds, 1),
+        "timings": report["timings"],
+        "load_start": round(load_start, 2),
+        "load_end": round(load1(), 2),
+        "probe_accuracy": report["probe_accuracy"],
+        "counts": {k: len(v) for k, v in report["findings"].items()},
         "labels": score_labels(report, flipped) if flipped and not a.no_features else None,
         "copies": score_copies(report, planted) if planted else None,
     }

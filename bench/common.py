@@ -72,6 +72,7 @@ def cpu_busy(seconds: float = 2.0) -> float:
 
     The load average trails by about a minute; this sees a neighbour that has just started.
     """
+
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:]]
@@ -87,7 +88,9 @@ def cpu_busy(seconds: float = 2.0) -> float:
     return 1.0 - (i1 - i0) / max(1, t1 - t0)
 
 
-def wait_for_quiet(threshold: float = 1.5, poll_s: float = 15.0, max_wait_s: float = 600.0, log=print, max_busy: float | None = None) -> tuple[float, float, bool]:
+def wait_for_quiet(
+    threshold: float = 1.5, poll_s: float = 15.0, max_wait_s: float = 600.0, log=print, max_busy: float | None = None
+) -> tuple[float, float, bool]:
     """Wait until the 1-minute load average is below `threshold` (and, with `max_busy`, until at
     most that share of the cores is busy right now: the load average trails by a minute).
 
@@ -102,9 +105,17 @@ def wait_for_quiet(threshold: float = 1.5, poll_s: float = 15.0, max_wait_s: flo
         if la < threshold and (max_busy is None or busy <= max_busy):
             return la, waited, False
         if waited >= max_wait_s:
-            log(f"  load {la:.2f}" + (f", {busy:.0%} busy" if max_busy is not None else "") + f" after {waited:.0f}s: going on anyway (noisy)")
+            log(
+                f"  load {la:.2f}"
+                + (f", {busy:.0%} busy" if max_busy is not None else "")
+                + f" after {waited:.0f}s: going on anyway (noisy)"
+            )
             return la, waited, True
-        log(f"  load {la:.2f} (wait for < {threshold})" + (f", cores {busy:.0%} busy (wait for <= {max_busy:.0%})" if max_busy is not None else "") + f": waiting ({waited:.0f}s so far)")
+        log(
+            f"  load {la:.2f} (wait for < {threshold})"
+            + (f", cores {busy:.0%} busy (wait for <= {max_busy:.0%})" if max_busy is not None else "")
+            + f": waiting ({waited:.0f}s so far)"
+        )
         time.sleep(poll_s)
 
 
@@ -140,6 +151,7 @@ def run_timed(args: list[str], echo: bool = True) -> Timed:
 
 def shell_line(args: list[str]) -> str:
     """The command as a user would type it (`imgcls ...`), paths relative to the cwd when shorter."""
+
     def short(a: str) -> str:
         if os.path.isabs(a):
             try:

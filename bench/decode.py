@@ -53,7 +53,11 @@ def main() -> int:
     flowers = unpack(DATASETS_DIR / "oxford17-flowers.tar.gz")
     sets = [
         ("CIFAR-10 test JPEGs, 32x32", [p for p, _ in index_dataset(cifar / "test").splits["all"]], get_entry("small_cnn").default_spec),
-        ("Oxford-17 flower photos, ~500x666", [p for p, _ in index_dataset(flowers).splits["all"]], get_entry("efficientnet_lite0").default_spec),
+        (
+            "Oxford-17 flower photos, ~500x666",
+            [p for p, _ in index_dataset(flowers).splits["all"]],
+            get_entry("efficientnet_lite0").default_spec,
+        ),
     ]
     rows = []
     for name, paths, spec in sets:
@@ -64,7 +68,17 @@ def main() -> int:
         t_img = imgcls_decode(paths, spec)
         la1 = load1()
         n = len(paths)
-        rows.append([name, n, spec.cache_size, f"{n / t_pil:.0f}", f"{n / t_img:.0f}", f"{t_pil / t_img:.1f}x", f"{la0:.2f} / {la1:.2f}" + (" (noisy)" if noisy else "")])
+        rows.append(
+            [
+                name,
+                n,
+                spec.cache_size,
+                f"{n / t_pil:.0f}",
+                f"{n / t_img:.0f}",
+                f"{t_pil / t_img:.1f}x",
+                f"{la0:.2f} / {la1:.2f}" + (" (noisy)" if noisy else ""),
+            ]
+        )
         print(f"{name}: Pillow {n / t_pil:.0f}/s, imgcls {n / t_img:.0f}/s", flush=True)
     print()
     print(markdown_table(["images", "n", "to px", "Pillow loop img/s", "imgcls decode_images img/s", "speed-up", "load start/end"], rows))

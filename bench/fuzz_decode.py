@@ -164,9 +164,11 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     rows = [[status, detail or "-", n] for (status, detail), n in sorted(out["results"].items())]
     print(markdown_table(["outcome", "error kind", "cases"], rows))
-    print(f"\n{a.cases} cases ({len(FORMATS)} formats x {len(MUTATIONS)} mutations), {seconds:.1f} s; "
-          f"crashes {len(out['crashes'])}, hangs (> {a.case_timeout:g} s) {len(out['hangs'])}; "
-          f"decoder process peak RSS {out['start_mb'] + out['peak_mb']:.0f} MB ({out['peak_mb']:.0f} MB above its start)")
+    print(
+        f"\n{a.cases} cases ({len(FORMATS)} formats x {len(MUTATIONS)} mutations), {seconds:.1f} s; "
+        f"crashes {len(out['crashes'])}, hangs (> {a.case_timeout:g} s) {len(out['hangs'])}; "
+        f"decoder process peak RSS {out['start_mb'] + out['peak_mb']:.0f} MB ({out['peak_mb']:.0f} MB above its start)"
+    )
     for c in out["crashes"][:10]:
         print("crash:", c)
     for h in out["hangs"][:10]:

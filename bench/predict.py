@@ -81,7 +81,11 @@ def latency_rows(arch: str, calls: int, sample_path: str) -> list[list[object]]:
     entry = get_entry(arch)
     pretrained = arch != "small_cnn"
     model = create_model(arch, num_classes=entry.pretrained_classes if pretrained else 10, pretrained=pretrained).eval()
-    meta = {"arch": arch, "class_names": [str(i) for i in range(entry.pretrained_classes if pretrained else 10)], "preprocess": entry.default_spec.to_dict()}
+    meta = {
+        "arch": arch,
+        "class_names": [str(i) for i in range(entry.pretrained_classes if pretrained else 10)],
+        "preprocess": entry.default_spec.to_dict(),
+    }
     clf = Classifier(copy.deepcopy(model), meta)
     x = clf.prepare(sample_path)[None]  # (1, S, S, 3) uint8
     cpu = torch.device("cpu")
@@ -118,7 +122,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--naive-images", type=int, default=300, help="files per set for the naive loop (default 300)")
     p.add_argument("--latency-calls", type=int, default=200)
-    p.add_argument("--sets", nargs="+", choices=["cifar10", "flowers"], default=["cifar10", "flowers"], help="image sets for the throughput table (default both)")
+    p.add_argument(
+        "--sets",
+        nargs="+",
+        choices=["cifar10", "flowers"],
+        default=["cifar10", "flowers"],
+        help="image sets for the throughput table (default both)",
+    )
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for load < 1.5 before each measurement (default 600)")
@@ -133,8 +143,10 @@ def main() -> int:
     torch.set_num_threads(2)
     cifar = unpack(DATASETS_DIR / "cifar10-jpg.tar.gz")
     flowers = unpack(DATASETS_DIR / "oxford17-flowers.tar.gz")
-    sets = [("CIFAR-10 test (32x32 JPEG)", [p for p, _ in index_dataset(cifar / "test").splits["all"]]),
-            ("Oxford-17 flowers (~500x666 JPEG)", [p for p, _ in index_dataset(flowers).splits["all"]])]
+    sets = [
+        ("CIFAR-10 test (32x32 JPEG)", [p for p, _ in index_dataset(cifar / "test").splits["all"]]),
+        ("Oxford-17 flowers (~500x666 JPEG)", [p for p, _ in index_dataset(flowers).splits["all"]]),
+    ]
     chosen = [name for key, (name, _) in zip(("cifar10", "flowers"), sets) if key in a.sets]
     if not a.skip_throughput:
         from imgcls.models import create_model
@@ -157,13 +169,41 @@ def main() -> int:
             la1 = load1()
             slow = len(naive) / t_naive
             for mode, (fast, t_fast) in rates.items():
-                rows.append([name, len(paths), mode, f"{fast:.1f}", f"{t_fast:.1f}", len(naive), f"{slow:.1f}", f"{fast / slow:.1f}x",
-                             f"{la0:.2f} / {la1:.2f}" + (" (noisy)" if noisy else "")])
+                rows.append(
+                    [
+                        name,
+                        len(paths),
+                        mode,
+                        f"{fast:.1f}",
+                        f"{t_fast:.1f}",
+                        len(naive),
+                        f"{slow:.1f}",
+                        f"{fast / slow:.1f}x",
+                        f"{la0:.2f} / {la1:.2f}" + (" (noisy)" if noisy else ""),
+                    ]
+                )
                 print(f"{name}: iter_predict compile={mode} {fast:.1f} img/s, naive {slow:.1f} img/s", flush=True)
         print()
-        print(markdown_table(["images (efficientnet_lite0, 224 px)", "n", "compile", "iter_predict img/s", "s", "naive n", "naive img/s", "speed-up", "load start/end"], rows))
+        print(
+            markdown_table(
+                [
+                    "images (efficientnet_lite0, 224 px)",
+                    "n",
+                    "compile",
+                    "iter_predict img/s",
+                    "s",
+                    "naive n",
+                    "naive img/s",
+                    "speed-up",
+                    "load start/end",
+                ],
+                rows,
+            )
+        )
     if not a.skip_latency:
-        rows = latency_rows("efficientnet_lite0", a.latency_calls, sets[1][1][0]) + latency_rows("small_cnn", a.latency_calls, sets[0][1][0])
+        rows = latency_rows("efficientnet_lite0", a.latency_calls, sets[1][1][0]) + latency_rows(
+            "small_cnn", a.latency_calls, sets[0][1][0]
+        )
         print()
         print(markdown_table(["model", "batch-1 forward (prepared image)", "p50 ms", "p99 ms", "note", "load start/end"], rows))
     return 0

@@ -73,6 +73,7 @@ def photo_jpeg(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
 
 def deep_png(width: int, height: int) -> bytes:
     """A real 16-bit greyscale PNG of zeros: tiny on the wire, width x height x 2 bytes decoded."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -216,11 +217,16 @@ def part_slow(model: Path, out: Path, a: argparse.Namespace, blob: bytes) -> lis
     for st in result["slow"]:
         ended[st["status"]] = ended.get(st["status"], 0) + 1
     after = [st["after"] for st in result["slow"] if st["status"] == 408]
-    return [[
-        f"{a.slow_clients} slow clients x {a.slow_seconds:g} s", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
-        pct(latencies, 50), pct(latencies, 99), ", ".join(f"{k}: {v}" for k, v in sorted(ended.items(), key=str)),
-        f"{np.median(after):.1f}" if after else "-",
-    ]]
+    return [
+        [
+            f"{a.slow_clients} slow clients x {a.slow_seconds:g} s",
+            ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+            pct(latencies, 50),
+            pct(latencies, 99),
+            ", ".join(f"{k}: {v}" for k, v in sorted(ended.items(), key=str)),
+            f"{np.median(after):.1f}" if after else "-",
+        ]
+    ]
 
 
 # ---------------------------------------------------------------------------------- (b) overload
@@ -232,11 +238,13 @@ async def closed_loop(url: str, blob: bytes, concurrency: int, seconds: float) -
 
     done, end = 0, time.monotonic() + seconds
     async with httpx.AsyncClient(timeout=30.0, limits=httpx.Limits(max_connections=concurrency)) as client:
+
         async def worker() -> None:
             nonlocal done
             while time.monotonic() < end:
                 r = await client.post(f"{url}/v1/predict", content=blob, headers={"content-type": "image/jpeg"})
                 done += r.status_code == 200
+
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return done / (time.perf_counter() - t0)
@@ -249,6 +257,7 @@ async def open_loop(url: str, blob: bytes, rate: float, seconds: float, max_in_f
     results: list[tuple[int, float]] = []
     skipped = 0
     async with httpx.AsyncClient(timeout=60.0, limits=httpx.Limits(max_connections=max_in_flight)) as client:
+
         async def one() -> None:
             t0 = time.perf_counter()
             try:
@@ -312,8 +321,20 @@ def part_overload(model: Path, out: Path, a: argparse.Namespace, blob: bytes) ->
         offset = log.stat().st_size
         poll_out, blob_path = out / "poll.json", out / "probe.jpg"
         blob_path.write_bytes(blob)
-        poller = subprocess.Popen([sys.executable, __file__, "--poll", server.url, "--poll-seconds", str(a.overload_seconds),
-                                   "--poll-out", str(poll_out), "--poll-image", str(blob_path)])
+        poller = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--poll",
+                server.url,
+                "--poll-seconds",
+                str(a.overload_seconds),
+                "--poll-out",
+                str(poll_out),
+                "--poll-image",
+                str(blob_path),
+            ]
+        )
         watch = RssWatch(server.proc.pid)
         r = asyncio.run(open_loop(server.url, blob, 4 * capacity, a.overload_seconds))
         mem = watch.stop()
@@ -330,13 +351,18 @@ def part_overload(model: Path, out: Path, a: argparse.Namespace, blob: bytes) ->
     ok = [ms for status, ms in r["results"] if status == 200]
     polled = json.loads(poll_out.read_text())
     answers = ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())) + (f", not sent: {r['skipped']}" if r["skipped"] else "")
-    return rows, [[
-        f"{4 * capacity:.0f} req/s for {a.overload_seconds:g} s", answers, f"{pct(inside, 50)} / {pct(inside, 99)}",
-        f"{pct(at_client, 50)} / {pct(at_client, 99)}", f"{pct(ok, 50)} / {pct(ok, 99)}",
-        f"{pct(polled['health'], 50)} / {pct(polled['health'], 99)}",
-        ", ".join(f"{k}: {len(v)}, {pct(v, 50)} / {pct(v, 99)}" for k, v in sorted(polled.items()) if k != "health"),
-        f"{mem.start:.0f} / {mem.peak:.0f} / {mem.end:.0f}",
-    ]]
+    return rows, [
+        [
+            f"{4 * capacity:.0f} req/s for {a.overload_seconds:g} s",
+            answers,
+            f"{pct(inside, 50)} / {pct(inside, 99)}",
+            f"{pct(at_client, 50)} / {pct(at_client, 99)}",
+            f"{pct(ok, 50)} / {pct(ok, 99)}",
+            f"{pct(polled['health'], 50)} / {pct(polled['health'], 99)}",
+            ", ".join(f"{k}: {len(v)}, {pct(v, 50)} / {pct(v, 99)}" for k, v in sorted(polled.items()) if k != "health"),
+            f"{mem.start:.0f} / {mem.peak:.0f} / {mem.end:.0f}",
+        ]
+    ]
 
 
 # ---------------------------------------------------------------------------------- (c) memory bombs
@@ -349,8 +375,11 @@ def part_bombs(model: Path, out: Path, a: argparse.Namespace) -> list[list[objec
     png = deep_png(side, side)
     webp = lossless_webp(16383, 6000) if not a.quick else lossless_webp(8000, 6000)
     webp_size = "16383x6000" if not a.quick else "8000x6000"
-    cases = [(f"16-bit PNG {side}x{side} ({len(png) // 1024} kB)", [png]), (f"lossless WebP {webp_size} ({len(webp)} B)", [webp]),
-             (f"4 of the PNGs in one request ({4 * len(png) // 1024} kB)", [png] * 4)]
+    cases = [
+        (f"16-bit PNG {side}x{side} ({len(png) // 1024} kB)", [png]),
+        (f"lossless WebP {webp_size} ({len(webp)} B)", [webp]),
+        (f"4 of the PNGs in one request ({4 * len(png) // 1024} kB)", [png] * 4),
+    ]
     server = start_server(model, [], out / "server-bombs.log")
     rows = []
     try:
@@ -363,8 +392,17 @@ def part_bombs(model: Path, out: Path, a: argparse.Namespace) -> list[list[objec
             seconds = time.perf_counter() - t0
             mem = watch.stop()
             detail = r.json().get("detail", "") if r.status_code != 200 else ""
-            rows.append([name, r.status_code, f"{seconds * 1000:.0f}", f"{mem.start:.0f}", f"{mem.peak:.0f}", f"{mem.peak - mem.start:.0f}",
-                         detail[:100]])
+            rows.append(
+                [
+                    name,
+                    r.status_code,
+                    f"{seconds * 1000:.0f}",
+                    f"{mem.start:.0f}",
+                    f"{mem.peak:.0f}",
+                    f"{mem.peak - mem.start:.0f}",
+                    detail[:100],
+                ]
+            )
             print(f"  {name}: {r.status_code} in {seconds:.2f} s, RSS {mem.start:.0f} -> peak {mem.peak:.0f} MB", flush=True)
     finally:
         server.stop()
@@ -394,8 +432,14 @@ def main() -> int:
     if a.poll:
         poll(a.poll, a.poll_seconds, a.poll_out, a.poll_image)
         return 0
-    defaults = {"slow_clients": (66, 8), "slow_seconds": (20.0, 5.0), "slow_grace": (10.0, 3.0), "body_timeout_s": (None, 3.0),
-                "capacity_seconds": (5.0, 1.0), "overload_seconds": (30.0, 3.0)}
+    defaults = {
+        "slow_clients": (66, 8),
+        "slow_seconds": (20.0, 5.0),
+        "slow_grace": (10.0, 3.0),
+        "body_timeout_s": (None, 3.0),
+        "capacity_seconds": (5.0, 1.0),
+        "overload_seconds": (30.0, 3.0),
+    }
     for name, (full, quick) in defaults.items():
         if getattr(a, name) is None:
             setattr(a, name, quick if a.quick else full)
@@ -407,19 +451,38 @@ def main() -> int:
     if "a" in a.parts:
         print("(a) slow clients", flush=True)
         rows = part_slow(model, a.out, a, blob)
-        text += ["", "(a) slow clients (each from its own 127.0.0.x) while a normal client sends a 640x480 JPEG after another",
-                 markdown_table(["scenario", "normal client: answers", "p50 ms", "p99 ms", "slow clients ended with",
-                                 "408 after s (median)"], rows)]
+        text += [
+            "",
+            "(a) slow clients (each from its own 127.0.0.x) while a normal client sends a 640x480 JPEG after another",
+            markdown_table(
+                ["scenario", "normal client: answers", "p50 ms", "p99 ms", "slow clients ended with", "408 after s (median)"], rows
+            ),
+        ]
     if "b" in a.parts:
         print("(b) overload", flush=True)
         capacity, rows = part_overload(model, a.out, a, blob)
-        text += ["", "(b) capacity (closed loop)", markdown_table(["concurrency", "req/s (200)"], capacity), "",
-                 "(b) overload at 4x capacity, open loop (latencies p50 / p99 ms; server RSS MB)",
-                 markdown_table(["load", "answers", "503 inside server", "503 at load client", "200 at load client",
-                                 "/v1/health (probe process)", "predict (probe process): status: n, p50 / p99",
-                                 "RSS start / peak / end"], rows),
-                 "The load client is itself overloaded on a small machine (its latencies include its own event loop's lag); "
-                 "the probe process sends one health check and one image every 50 ms."]
+        text += [
+            "",
+            "(b) capacity (closed loop)",
+            markdown_table(["concurrency", "req/s (200)"], capacity),
+            "",
+            "(b) overload at 4x capacity, open loop (latencies p50 / p99 ms; server RSS MB)",
+            markdown_table(
+                [
+                    "load",
+                    "answers",
+                    "503 inside server",
+                    "503 at load client",
+                    "200 at load client",
+                    "/v1/health (probe process)",
+                    "predict (probe process): status: n, p50 / p99",
+                    "RSS start / peak / end",
+                ],
+                rows,
+            ),
+            "The load client is itself overloaded on a small machine (its latencies include its own event loop's lag); "
+            "the probe process sends one health check and one image every 50 ms.",
+        ]
     if "c" in a.parts:
         print("(c) memory bombs", flush=True)
         rows = part_bombs(model, a.out, a)

@@ -45,7 +45,12 @@ def build_model(out: Path) -> Path:
         return out
     entry = get_entry(ARCH)
     model = create_model(ARCH, num_classes=1000, pretrained=True)
-    meta = {"arch": ARCH, "class_names": imagenet_class_names(), "preprocess": entry.default_spec.to_dict(), "weights": entry.pretrained_source}
+    meta = {
+        "arch": ARCH,
+        "class_names": imagenet_class_names(),
+        "preprocess": entry.default_spec.to_dict(),
+        "weights": entry.pretrained_source,
+    }
     return save_artifact(out, model, meta)
 
 
@@ -145,14 +150,27 @@ async def load(url: str, blobs: list[bytes], n: int, concurrency: int, deadline:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     lat = np.array(latencies) * 1000
-    return {"n": len(lat), "wall": wall, "rps": len(lat) / wall, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)), "errors": errors}
+    return {
+        "n": len(lat),
+        "wall": wall,
+        "rps": len(lat) / wall,
+        "p50": float(np.percentile(lat, 50)),
+        "p99": float(np.percentile(lat, 99)),
+        "errors": errors,
+    }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=200, help="requests per concurrency level (default 200)")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32], help="concurrencies (default 1 8 32)")
-    p.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["auto", "bf16", "fp32"], help="server precisions to compare (default bf16 fp32)")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=["bf16", "fp32"],
+        choices=["auto", "bf16", "fp32"],
+        help="server precisions to compare (default bf16 fp32)",
+    )
     p.add_argument("--max-batch", type=int, default=16, help="server --max-batch for the batched runs (default 16)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="server --batch-wait-ms (default 5)")
     p.add_argument("--threads", type=int, default=0, help="server --threads (0: one per core)")
@@ -170,8 +188,26 @@ def main() -> int:
     for precision in a.precision:
         # Both servers run side by side (an idle one costs no CPU) and the levels alternate between
         # them, so a change in the machine's load hits both columns of a ratio alike.
-        flags = ["--precision", precision, "--queue-size", "512", "--threads", str(a.threads), "--max-batch", str(a.max_batch), "--batch-wait-ms", str(a.batch_wait_ms)]
-        servers = {batching: Server(model, flags + ([] if batching else ["--no-batching"]), a.out / f"server-{precision}-{'batched' if batching else 'unbatched'}.log") for batching in (True, False)}
+        flags = [
+            "--precision",
+            precision,
+            "--queue-size",
+            "512",
+            "--threads",
+            str(a.threads),
+            "--max-batch",
+            str(a.max_batch),
+            "--batch-wait-ms",
+            str(a.batch_wait_ms),
+        ]
+        servers = {
+            batching: Server(
+                model,
+                flags + ([] if batching else ["--no-batching"]),
+                a.out / f"server-{precision}-{'batched' if batching else 'unbatched'}.log",
+            )
+            for batching in (True, False)
+        }
         try:
             for server in servers.values():
                 server.wait_ready()
@@ -189,8 +225,25 @@ def main() -> int:
                     cpu[(precision, batching, c)] = cpu_ms
                     capped = " (time cap)" if r["n"] < a.requests else ""
                     err = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "0"
-                    rows.append([name, c, f"{r['n']}{capped}", f"{r['rps']:.1f}", f"{r['p50']:.0f}", f"{r['p99']:.0f}", f"{per_forward:.1f}", f"{cpu_ms:.1f}", err, f"{load1():.1f}"])
-                    print(f"  {name:<16} c={c:<3} {r['rps']:7.1f} req/s  p50 {r['p50']:6.0f} ms  p99 {r['p99']:6.0f} ms  {per_forward:4.1f} img/forward  {cpu_ms:5.1f} server CPU ms/req  errors {err}  load {load1():.1f}", flush=True)
+                    rows.append(
+                        [
+                            name,
+                            c,
+                            f"{r['n']}{capped}",
+                            f"{r['rps']:.1f}",
+                            f"{r['p50']:.0f}",
+                            f"{r['p99']:.0f}",
+                            f"{per_forward:.1f}",
+                            f"{cpu_ms:.1f}",
+                            err,
+                            f"{load1():.1f}",
+                        ]
+                    )
+                    print(
+                        f"  {name:<16} c={c:<3} {r['rps']:7.1f} req/s  p50 {r['p50']:6.0f} ms  p99 {r['p99']:6.0f} ms  "
+                        f"{per_forward:4.1f} img/forward  {cpu_ms:5.1f} server CPU ms/req  errors {err}  load {load1():.1f}",
+                        flush=True,
+                    )
         finally:
             for server in servers.values():
                 server.stop()
@@ -198,16 +251,40 @@ def main() -> int:
     for precision in a.precision:
         for c in a.levels:
             if (precision, True, c) in rps and (precision, False, c) in rps:
-                ratios.append([precision, c, f"{rps[(precision, True, c)] / rps[(precision, False, c)]:.2f}x", f"{cpu[(precision, False, c)] / max(1e-9, cpu[(precision, True, c)]):.2f}x"])
+                ratios.append(
+                    [
+                        precision,
+                        c,
+                        f"{rps[(precision, True, c)] / rps[(precision, False, c)]:.2f}x",
+                        f"{cpu[(precision, False, c)] / max(1e-9, cpu[(precision, True, c)]):.2f}x",
+                    ]
+                )
     cpu = os.cpu_count()
-    text = "\n".join([
-        f"`imgcls serve` {ARCH} 224 px, {a.requests} requests per level, JPEG photos, client on the same {cpu}-core machine; "
-        f"batched: --max-batch {a.max_batch} --batch-wait-ms {a.batch_wait_ms:g}. Load average {load_start:.2f} at start, {load1():.2f} at end{' (noisy)' if noisy else ''}.",
-        "",
-        markdown_table(["server", "concurrency", "requests", "req/s", "p50 ms", "p99 ms", "images/forward", "server CPU ms/request", "errors", "load after"], rows),
-        "",
-        markdown_table(["precision", "concurrency", "batched / unbatched req/s", "unbatched / batched server CPU per request"], ratios),
-    ])
+    text = "\n".join(
+        [
+            f"`imgcls serve` {ARCH} 224 px, {a.requests} requests per level, JPEG photos, client on the same {cpu}-core machine; "
+            f"batched: --max-batch {a.max_batch} --batch-wait-ms {a.batch_wait_ms:g}. Load average "
+            f"{load_start:.2f} at start, {load1():.2f} at end{' (noisy)' if noisy else ''}.",
+            "",
+            markdown_table(
+                [
+                    "server",
+                    "concurrency",
+                    "requests",
+                    "req/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "images/forward",
+                    "server CPU ms/request",
+                    "errors",
+                    "load after",
+                ],
+                rows,
+            ),
+            "",
+            markdown_table(["precision", "concurrency", "batched / unbatched req/s", "unbatched / batched server CPU per request"], ratios),
+        ]
+    )
     print("\n" + text)
     (a.out / "results.md").write_text(text + "\n")
     return 0

@@ -93,8 +93,15 @@ def reference_images_per_s(cifar: Path, steps: int, warmup: int, batch_size: int
     model = create_model("small_cnn", 10, widths=widths)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.85, nesterov=True, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
-    loader = torch.utils.data.DataLoader(JpegFolder(cifar / "train", train=True), batch_size=batch_size, shuffle=True, num_workers=2,
-                                         drop_last=True, persistent_workers=True, worker_init_fn=_worker_init)
+    loader = torch.utils.data.DataLoader(
+        JpegFolder(cifar / "train", train=True),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=2,
+        drop_last=True,
+        persistent_workers=True,
+        worker_init_fn=_worker_init,
+    )
     model.train()
     it = iter(loader)
     t0 = None
@@ -107,7 +114,13 @@ def reference_images_per_s(cifar: Path, steps: int, warmup: int, batch_size: int
         opt.step()
         opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    return {"steps": steps, "batch_size": batch_size, "seconds": seconds, "images_per_s": steps * batch_size / seconds, "widths": list(widths)}
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "seconds": seconds,
+        "images_per_s": steps * batch_size / seconds,
+        "widths": list(widths),
+    }
 
 
 def compile_check(cifar: Path, batch_size: int, steps: int) -> list[list[object]]:
@@ -135,9 +148,15 @@ def compile_check(cifar: Path, batch_size: int, steps: int) -> list[list[object]
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85, nesterov=True)
         run = torch.compile(model) if name != "eager" else model
         g = torch.Generator().manual_seed(0)
-        loss_fn, aug, options = nn.CrossEntropyLoss(label_smoothing=0.2), AugmentSpec().resolve(32), StepOptions(torch.device("cpu"), torch.bfloat16)
+        loss_fn, aug, options = (
+            nn.CrossEntropyLoss(label_smoothing=0.2),
+            AugmentSpec().resolve(32),
+            StepOptions(torch.device("cpu"), torch.bfloat16),
+        )
         t0 = time.perf_counter()
-        train_one_epoch(run, opt, loss_fn, TrainData(images[:batch_size], labels[:batch_size], spec, aug, batch_size), g, options)  # first step: compiles
+        train_one_epoch(
+            run, opt, loss_fn, TrainData(images[:batch_size], labels[:batch_size], spec, aug, batch_size), g, options
+        )  # first step: compiles
         first = time.perf_counter() - t0
         la0 = load1()
         stats = train_one_epoch(run, opt, loss_fn, TrainData(images, labels, spec, aug, batch_size), g, options)
@@ -153,7 +172,21 @@ def run_imgcls(cifar: Path, budget: float, seed: int, extra: list[str]) -> dict:
     run = RESULTS / f"run-b{budget:g}-s{seed}"
     la0, waited, noisy = wait_for_quiet(max_wait_s=MAX_WAIT[0])
     # --overwrite: a rerun of the benchmark replaces its earlier run of the same budget and seed
-    train_args = ["train", str(cifar), "--out", str(run), "--overwrite", "--val-fraction", "0", "--time-budget", f"{budget:g}", "--seed", str(seed), "--quiet", *extra]
+    train_args = [
+        "train",
+        str(cifar),
+        "--out",
+        str(run),
+        "--overwrite",
+        "--val-fraction",
+        "0",
+        "--time-budget",
+        f"{budget:g}",
+        "--seed",
+        str(seed),
+        "--quiet",
+        *extra,
+    ]
     tr = run_timed(train_args)
     run.mkdir(parents=True, exist_ok=True)
     (run / "train.log").write_text(tr.stdout + tr.stderr)  # the planner's and each epoch's lines
@@ -170,13 +203,25 @@ def run_imgcls(cifar: Path, budget: float, seed: int, extra: list[str]) -> dict:
     images, train_s = history_images(run)
     epochs = round(images / n_train, 2)  # the last epoch of a budgeted run may be partial
     return {
-        "budget_min": budget, "seed": seed, "accuracy": m["accuracy"], "tta": m.get("tta"), "epochs": epochs,
+        "budget_min": budget,
+        "seed": seed,
+        "accuracy": m["accuracy"],
+        "tta": m.get("tta"),
+        "epochs": epochs,
         "widths": meta.get("model_kwargs", {}).get("widths", FULL_WIDTHS),  # a time budget may narrow the network
-        "train_wall_s": tr.seconds, "eval_wall_s": ev.seconds, "total_wall_s": tr.seconds + ev.seconds,
-        "loop_images_per_s": images / train_s, "e2e_images_per_s": images / (tr.seconds + ev.seconds),
+        "train_wall_s": tr.seconds,
+        "eval_wall_s": ev.seconds,
+        "total_wall_s": tr.seconds + ev.seconds,
+        "loop_images_per_s": images / train_s,
+        "e2e_images_per_s": images / (tr.seconds + ev.seconds),
         "fit_test_accuracy": meta.get("metrics", {}).get("test", {}).get("accuracy"),
-        "load_start": round(la0, 2), "load_end": round(la1, 2), "waited_s": round(waited), "noisy": noisy,
-        "commands": [shell_line(train_args), shell_line(eval_args)], "extra": extra, "machine": machine_summary(),
+        "load_start": round(la0, 2),
+        "load_end": round(la1, 2),
+        "waited_s": round(waited),
+        "noisy": noisy,
+        "commands": [shell_line(train_args), shell_line(eval_args)],
+        "extra": extra,
+        "machine": machine_summary(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -202,14 +247,46 @@ def tables(rows: list[dict]) -> str:
     out = []
     ref_by_widths = {tuple(r.get("widths", FULL_WIDTHS)): r["images_per_s"] for r in refs}  # the latest per network
     if runs:
-        out.append(markdown_table(
-            ["budget", "seed", "widths", "test acc", "TTA", "epochs", "train wall s", "evaluate wall s", "total s", "train-loop img/s", "end-to-end img/s", "load start/end"],
-            [[f"{r['budget_min']:g} min", r["seed"], "/".join(map(str, r.get("widths", FULL_WIDTHS))), f"{r['accuracy']:.4f}", r["tta"], r["epochs"], f"{r['train_wall_s']:.0f}", f"{r['eval_wall_s']:.0f}",
-              f"{r['total_wall_s']:.0f}", f"{r['loop_images_per_s']:.0f}", f"{r['e2e_images_per_s']:.0f}",
-              f"{r['load_start']:.2f} / {r['load_end']:.2f}" + (" (noisy)" if r["noisy"] else "")]
-             for r in runs + earlier]))
+        out.append(
+            markdown_table(
+                [
+                    "budget",
+                    "seed",
+                    "widths",
+                    "test acc",
+                    "TTA",
+                    "epochs",
+                    "train wall s",
+                    "evaluate wall s",
+                    "total s",
+                    "train-loop img/s",
+                    "end-to-end img/s",
+                    "load start/end",
+                ],
+                [
+                    [
+                        f"{r['budget_min']:g} min",
+                        r["seed"],
+                        "/".join(map(str, r.get("widths", FULL_WIDTHS))),
+                        f"{r['accuracy']:.4f}",
+                        r["tta"],
+                        r["epochs"],
+                        f"{r['train_wall_s']:.0f}",
+                        f"{r['eval_wall_s']:.0f}",
+                        f"{r['total_wall_s']:.0f}",
+                        f"{r['loop_images_per_s']:.0f}",
+                        f"{r['e2e_images_per_s']:.0f}",
+                        f"{r['load_start']:.2f} / {r['load_end']:.2f}" + (" (noisy)" if r["noisy"] else ""),
+                    ]
+                    for r in runs + earlier
+                ],
+            )
+        )
         if earlier:
-            out.append(f"\nThe last {len(earlier)} row(s) are earlier runs of the same budget and seed, replaced by the re-run above them in the summary.")
+            out.append(
+                f"\nThe last {len(earlier)} row(s) are earlier runs of the same "
+                "budget and seed, replaced by the re-run above them in the summary."
+            )
         summary = []
         for b in sorted({r["budget_min"] for r in runs}):
             rs = [r for r in runs if r["budget_min"] == b]
@@ -218,19 +295,54 @@ def tables(rows: list[dict]) -> str:
             e2e = statistics.mean(r["e2e_images_per_s"] for r in rs)
             nets = {tuple(r.get("widths", FULL_WIDTHS)) for r in rs}
             ref = ref_by_widths.get(next(iter(nets))) if len(nets) == 1 else None  # like for like: the same network
-            summary.append([f"{b:g} min", len(rs), f"{statistics.mean(acc):.4f}", f"{statistics.stdev(acc):.4f}" if len(acc) > 1 else "n/a",
-                            f"{min(acc):.4f} - {max(acc):.4f}", f"{statistics.mean(r['total_wall_s'] for r in rs):.0f}",
-                            f"{loop:.0f}", f"{e2e:.0f}", f"{loop / ref:.1f}x / {e2e / ref:.1f}x" if ref else "n/a"])
+            summary.append(
+                [
+                    f"{b:g} min",
+                    len(rs),
+                    f"{statistics.mean(acc):.4f}",
+                    f"{statistics.stdev(acc):.4f}" if len(acc) > 1 else "n/a",
+                    f"{min(acc):.4f} - {max(acc):.4f}",
+                    f"{statistics.mean(r['total_wall_s'] for r in rs):.0f}",
+                    f"{loop:.0f}",
+                    f"{e2e:.0f}",
+                    f"{loop / ref:.1f}x / {e2e / ref:.1f}x" if ref else "n/a",
+                ]
+            )
         out.append("")
-        out.append(markdown_table(["budget", "seeds", "mean test acc", "std", "min - max", "mean total s", "train-loop img/s", "end-to-end img/s",
-                                   "vs reference (loop / end-to-end)"], summary))
+        out.append(
+            markdown_table(
+                [
+                    "budget",
+                    "seeds",
+                    "mean test acc",
+                    "std",
+                    "min - max",
+                    "mean total s",
+                    "train-loop img/s",
+                    "end-to-end img/s",
+                    "vs reference (loop / end-to-end)",
+                ],
+                summary,
+            )
+        )
     if refs:
         latest = {tuple(r.get("widths", FULL_WIDTHS)): r for r in refs}
         out.append("")
-        out.append(markdown_table(["pipeline", "small_cnn widths", "images/s", "steps x batch", "load start/end"],
-                                  [["reference: DataLoader(2 workers) + PIL per image + NumPy transforms, fp32", "/".join(map(str, w)), f"{r['images_per_s']:.0f}",
-                                    f"{r['steps']} x {r['batch_size']}", f"{r['load_start']:.2f} / {r['load_end']:.2f}" + (" (noisy)" if r["noisy"] else "")]
-                                   for w, r in latest.items()]))
+        out.append(
+            markdown_table(
+                ["pipeline", "small_cnn widths", "images/s", "steps x batch", "load start/end"],
+                [
+                    [
+                        "reference: DataLoader(2 workers) + PIL per image + NumPy transforms, fp32",
+                        "/".join(map(str, w)),
+                        f"{r['images_per_s']:.0f}",
+                        f"{r['steps']} x {r['batch_size']}",
+                        f"{r['load_start']:.2f} / {r['load_end']:.2f}" + (" (noisy)" if r["noisy"] else ""),
+                    ]
+                    for w, r in latest.items()
+                ],
+            )
+        )
     return "\n".join(out)
 
 
@@ -242,7 +354,11 @@ def main() -> int:
     p.add_argument("--reference-only", action="store_true")
     p.add_argument("--ref-steps", type=int, default=20, help="timed reference steps after 3 warm-up steps (default 20)")
     p.add_argument("--ref-batch", type=int, default=512, help="reference batch size (default 512, as imgcls's fast recipe)")
-    p.add_argument("--ref-widths", default="64/256/256", help="small_cnn widths of the reference (default the full 64/256/256; 32/128/128 to match a run a time budget narrowed)")
+    p.add_argument(
+        "--ref-widths",
+        default="64/256/256",
+        help="small_cnn widths of the reference (default the full 64/256/256; 32/128/128 to match a run a time budget narrowed)",
+    )
     p.add_argument("--table-only", action="store_true", help="print the tables from bench/out/train_cifar10/runs.jsonl")
     p.add_argument("--extra", default="", help="extra flags for imgcls train, e.g. '--batch-size 256'")
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for load < 1.5 before each run (default 600)")
@@ -254,7 +370,12 @@ def main() -> int:
     if a.compile_check:
         cifar = unpack(DATASETS_DIR / "cifar10-jpg.tar.gz")
         wait_for_quiet(max_wait_s=a.max_wait)
-        print(markdown_table(["small_cnn training step (batch 256, bf16, 40 steps)", "first step s (compile)", "steady img/s", "load start/end"], compile_check(cifar, 256, 40)))
+        print(
+            markdown_table(
+                ["small_cnn training step (batch 256, bf16, 40 steps)", "first step s (compile)", "steady img/s", "load start/end"],
+                compile_check(cifar, 256, 40),
+            )
+        )
         return 0
     if not a.table_only:
         cifar = unpack(DATASETS_DIR / "cifar10-jpg.tar.gz")
@@ -263,7 +384,14 @@ def main() -> int:
             print("reference pipeline ...", flush=True)
             la0, _, noisy = wait_for_quiet(max_wait_s=MAX_WAIT[0])
             r = reference_images_per_s(cifar, a.ref_steps, 3, a.ref_batch, [int(w) for w in a.ref_widths.split("/")])
-            r.update(kind="reference", load_start=round(la0, 2), load_end=round(load1(), 2), noisy=noisy, time=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_summary())
+            r.update(
+                kind="reference",
+                load_start=round(la0, 2),
+                load_end=round(load1(), 2),
+                noisy=noisy,
+                time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                machine=machine_summary(),
+            )
             print(f"  {r['images_per_s']:.0f} images/s", flush=True)
             log.write(json.dumps(r) + "\n")
             log.flush()

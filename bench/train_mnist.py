@@ -31,7 +31,23 @@ def run_one(mnist: Path, budget: float, seed: int) -> dict:
     run = RESULTS / f"run-b{budget:g}-s{seed}"
     la0, _, noisy = wait_for_quiet(max_wait_s=MAX_WAIT[0])
     # --overwrite: a rerun of the benchmark replaces its earlier run of the same budget and seed
-    train_args = ["train", str(mnist), "--out", str(run), "--overwrite", "--val-fraction", "0", "--img-size", "28", "--no-hflip", "--time-budget", f"{budget:g}", "--seed", str(seed), "--quiet"]
+    train_args = [
+        "train",
+        str(mnist),
+        "--out",
+        str(run),
+        "--overwrite",
+        "--val-fraction",
+        "0",
+        "--img-size",
+        "28",
+        "--no-hflip",
+        "--time-budget",
+        f"{budget:g}",
+        "--seed",
+        str(seed),
+        "--quiet",
+    ]
     tr = run_timed(train_args)
     run.mkdir(parents=True, exist_ok=True)
     (run / "train.log").write_text(tr.stdout + tr.stderr)  # the planner's and each epoch's lines
@@ -48,9 +64,21 @@ def run_one(mnist: Path, budget: float, seed: int) -> dict:
     images = sum(float(r["images_per_s"]) * float(r["epoch_time_s"]) for r in hist)
     n_train = meta["split"]["counts"]["train"]
     epochs = round(images / n_train, 2)  # the last epoch of a budgeted run may be partial
-    return {"budget_min": budget, "seed": seed, "accuracy": m["accuracy"], "tta": m.get("tta"), "epochs": epochs, "train_wall_s": tr.seconds, "eval_wall_s": ev.seconds,
-            "loop_images_per_s": images / sum(float(r["epoch_time_s"]) for r in hist), "load_start": round(la0, 2), "load_end": round(load1(), 2),
-            "noisy": noisy, "commands": [shell_line(train_args), shell_line(eval_args)], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "budget_min": budget,
+        "seed": seed,
+        "accuracy": m["accuracy"],
+        "tta": m.get("tta"),
+        "epochs": epochs,
+        "train_wall_s": tr.seconds,
+        "eval_wall_s": ev.seconds,
+        "loop_images_per_s": images / sum(float(r["epoch_time_s"]) for r in hist),
+        "load_start": round(la0, 2),
+        "load_end": round(load1(), 2),
+        "noisy": noisy,
+        "commands": [shell_line(train_args), shell_line(eval_args)],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def main() -> int:
@@ -73,16 +101,45 @@ def main() -> int:
                 print(f"  accuracy {r['accuracy']:.4f}, {r['epochs']} epochs, {r['train_wall_s'] + r['eval_wall_s']:.0f} s", flush=True)
                 log.write(json.dumps(r) + "\n")
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    print(markdown_table(["budget", "seed", "test acc", "TTA", "epochs", "train wall s", "evaluate wall s", "total s", "train-loop img/s", "load start/end"],
-                         [[f"{r['budget_min']:g} min", r["seed"], f"{r['accuracy']:.4f}", r["tta"], r["epochs"], f"{r['train_wall_s']:.0f}", f"{r['eval_wall_s']:.0f}",
-                           f"{r['train_wall_s'] + r['eval_wall_s']:.0f}", f"{r['loop_images_per_s']:.0f}",
-                           f"{r['load_start']:.2f} / {r['load_end']:.2f}" + (" (noisy)" if r["noisy"] else "")] for r in rows]))
+    print(
+        markdown_table(
+            [
+                "budget",
+                "seed",
+                "test acc",
+                "TTA",
+                "epochs",
+                "train wall s",
+                "evaluate wall s",
+                "total s",
+                "train-loop img/s",
+                "load start/end",
+            ],
+            [
+                [
+                    f"{r['budget_min']:g} min",
+                    r["seed"],
+                    f"{r['accuracy']:.4f}",
+                    r["tta"],
+                    r["epochs"],
+                    f"{r['train_wall_s']:.0f}",
+                    f"{r['eval_wall_s']:.0f}",
+                    f"{r['train_wall_s'] + r['eval_wall_s']:.0f}",
+                    f"{r['loop_images_per_s']:.0f}",
+                    f"{r['load_start']:.2f} / {r['load_end']:.2f}" + (" (noisy)" if r["noisy"] else ""),
+                ]
+                for r in rows
+            ],
+        )
+    )
     for b in sorted({r["budget_min"] for r in rows}):
         acc = [r["accuracy"] for r in rows if r["budget_min"] == b]
         wall = [r["train_wall_s"] + r["eval_wall_s"] for r in rows if r["budget_min"] == b]
-        print(f"\n{b:g} min budget, {len(acc)} seeds: test accuracy mean {statistics.mean(acc):.4f}"
-              + (f" (std {statistics.stdev(acc):.4f}, min {min(acc):.4f}, max {max(acc):.4f})" if len(acc) > 1 else "")
-              + f", mean wall time {statistics.mean(wall):.0f} s")
+        print(
+            f"\n{b:g} min budget, {len(acc)} seeds: test accuracy mean {statistics.mean(acc):.4f}"
+            + (f" (std {statistics.stdev(acc):.4f}, min {min(acc):.4f}, max {max(acc):.4f})" if len(acc) > 1 else "")
+            + f", mean wall time {statistics.mean(wall):.0f} s"
+        )
     return 0
 
 

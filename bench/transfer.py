@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATASETS_DIR, DATA_DIR, OUT_DIR, load1, machine_summary, markdown_table, run_timed, shell_line, unpack, wait_for_quiet  # noqa: E402
+from common import DATA_DIR, DATASETS_DIR, OUT_DIR, load1, machine_summary, markdown_table, run_timed, shell_line, unpack, wait_for_quiet  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 SHORT = {"linear-probe": "lp", "fine-tune": "ft", "full": "full"}
@@ -115,7 +115,10 @@ def train_and_measure(name: str, data: Path, args: list[str], opts: argparse.Nam
             raise SystemExit(f"{name}: imgcls evaluate failed with exit code {e.returncode}")
         m = json.loads(e.stdout)
         row.update(test_acc=m["accuracy"], test_images=m["num_samples"], eval_wall_s=round(e.seconds, 1), eval_cmd=shell_line(eval_args))
-    print(f"  -> val {row['val_acc']}, test {row.get('test_acc')}, {row['train_wall_s']}s, load {load_start:.2f} -> {load_end:.2f}", flush=True)
+    print(
+        f"  -> val {row['val_acc']}, test {row.get('test_acc')}, {row['train_wall_s']}s, load {load_start:.2f} -> {load_end:.2f}",
+        flush=True,
+    )
     return record(row)
 
 
@@ -128,7 +131,16 @@ def flowers_runs(opts: argparse.Namespace) -> list[dict]:
         rows.append(train_and_measure("flowers-lp-224", data, ["--strategy", "linear-probe", *split], opts, False, None))
     if "fine-tune" in opts.strategies:
         e = opts.flowers_ft_epochs
-        rows.append(train_and_measure(f"flowers-ft-224-e{e}{opts.tag}", data, ["--strategy", "fine-tune", "--epochs", str(e), *split, *opts.ft_args], opts, False, None))
+        rows.append(
+            train_and_measure(
+                f"flowers-ft-224-e{e}{opts.tag}",
+                data,
+                ["--strategy", "fine-tune", "--epochs", str(e), *split, *opts.ft_args],
+                opts,
+                False,
+                None,
+            )
+        )
     return rows
 
 
@@ -139,16 +151,23 @@ def eurosat_runs(opts: argparse.Namespace) -> list[dict]:
     # The 64 px images are square, so --resize-mode crop and squash give the same cached array.
     if "linear-probe" in opts.strategies:
         for size in opts.eurosat_lp:
-            rows.append(train_and_measure(f"eurosat-lp-{size}", data, ["--strategy", "linear-probe", "--img-size", str(size)], opts, True, cache))
+            rows.append(
+                train_and_measure(f"eurosat-lp-{size}", data, ["--strategy", "linear-probe", "--img-size", str(size)], opts, True, cache)
+            )
     for strategy in [s for s in opts.strategies if s in ("fine-tune", "full")]:
         for setting in opts.eurosat_ft:
             size, _, epochs = setting.partition(":")
             tag = f"eurosat-{SHORT[strategy]}-{size}-e{epochs}"
             extra = ["--epochs", epochs]
             if opts.time_budget:
-                tag, extra = f"eurosat-{SHORT[strategy]}-{size}-budget{opts.time_budget:g}", ["--time-budget", f"{opts.time_budget:g}", "--epochs", epochs]
+                tag, extra = (
+                    f"eurosat-{SHORT[strategy]}-{size}-budget{opts.time_budget:g}",
+                    ["--time-budget", f"{opts.time_budget:g}", "--epochs", epochs],
+                )
             tag += opts.tag
-            rows.append(train_and_measure(tag, data, ["--strategy", strategy, "--img-size", size, *extra, *opts.ft_args], opts, True, cache))
+            rows.append(
+                train_and_measure(tag, data, ["--strategy", strategy, "--img-size", size, *extra, *opts.ft_args], opts, True, cache)
+            )
     return rows
 
 
@@ -182,7 +201,15 @@ def speed_runs(opts: argparse.Namespace) -> list[dict]:
         s = spec.cache_size
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (bs, s, s, 3), dtype=np.uint8)  # (B, S, S, 3)
-        row: dict = {"name": f"speed-{size}", "img_size": size, "batch": bs, "threads": torch.get_num_threads(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(), "machine": machine_summary()}
+        row: dict = {
+            "name": f"speed-{size}",
+            "img_size": size,
+            "batch": bs,
+            "threads": torch.get_num_threads(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "cpus": os.cpu_count(),
+            "machine": machine_summary(),
+        }
         print(f"\n== speed at {size} px (batch {bs})", flush=True)
         _, waited, timed_out = wait_for_quiet(opts.load_threshold, 15.0, opts.max_wait, max_busy=opts.max_busy)
         row.update(load_start=round(load1(), 2), load_wait_s=round(waited), load_wait_timed_out=timed_out)
@@ -190,7 +217,7 @@ def speed_runs(opts: argparse.Namespace) -> list[dict]:
             model = create_model(MODEL, num_classes=10, pretrained=True).to(memory_format=torch.channels_last)
 
             def feats() -> None:
-                extract_features(model, images, spec, device, amp)  # the library's cache-sized batches
+                extract_features(model, images, spec, device, amp)  # the library's cache-sized batches  # noqa: B023  (called at once, in this iteration)
 
             row[f"feat_{prec}"] = round(_rate(feats, bs, opts.speed_seconds), 1)
             opt = torch.optim.AdamW(discriminative_groups(model, 5e-4, 0.05))
@@ -198,14 +225,17 @@ def speed_runs(opts: argparse.Namespace) -> list[dict]:
             imgs_t = torch.from_numpy(images)
 
             def step() -> None:
-                train_one_epoch(model, opt, nn.CrossEntropyLoss(), TrainData(imgs_t, labels, spec, aug, bs), g, StepOptions(device, amp))
+                train_one_epoch(model, opt, nn.CrossEntropyLoss(), TrainData(imgs_t, labels, spec, aug, bs), g, StepOptions(device, amp))  # noqa: B023
 
             row[f"train_{prec}"] = round(_rate(step, bs, opts.speed_seconds), 1)
             print(f"  {prec}: features {row[f'feat_{prec}']} img/s, train steps {row[f'train_{prec}']} img/s", flush=True)
         row["feat_ratio"] = round(row["feat_bf16"] / row["feat_fp32"], 2)
         row["train_ratio"] = round(row["train_bf16"] / row["train_fp32"], 2)
         row["load_end"] = round(load1(), 2)
-        print(f"  bf16/fp32: features x{row['feat_ratio']}, train x{row['train_ratio']}  (load {row['load_start']} -> {row['load_end']})", flush=True)
+        print(
+            f"  bf16/fp32: features x{row['feat_ratio']}, train x{row['train_ratio']}  (load {row['load_start']} -> {row['load_end']})",
+            flush=True,
+        )
         rows.append(record(row))
     return rows
 
@@ -244,18 +274,67 @@ def render(rows: list[dict]) -> str:
     speed = [r for r in rows if r["name"].startswith("speed-")]
     out = []
     if runs:
-        header = ["dataset", "strategy", "img px (cache)", "epochs run (best)", "val acc", "test acc", "train wall s", "cores used", "feature img/s", "train img/s", "decode cache", "load start -> end"]
+        header = [
+            "dataset",
+            "strategy",
+            "img px (cache)",
+            "epochs run (best)",
+            "val acc",
+            "test acc",
+            "train wall s",
+            "cores used",
+            "feature img/s",
+            "train img/s",
+            "decode cache",
+            "load start -> end",
+        ]
         body = []
         for r in runs:
             ep = "0 (probe)" if r["strategy"] == "linear-probe" else f"{r['epochs_run']} ({r['best_epoch']})"
             load = f"{r['load_start']:.2f} -> {r['load_end']:.2f}" + (" (wait timed out)" if r.get("load_wait_timed_out") else "")
-            body.append([r["dataset"], r["strategy"], f"{r['img_size']} ({r['cache_size']})", ep, _pct(r["val_acc"]), _pct(r.get("test_acc")),
-                         _num(r["train_wall_s"]), _num(r.get("train_cpu_s", 0) / r["train_wall_s"] if r.get("train_cpu_s") else None, "{:.2f}"), _num(r["feature_img_s"]), _num(r["train_img_s"]), r["decode_cache"], load])
+            body.append(
+                [
+                    r["dataset"],
+                    r["strategy"],
+                    f"{r['img_size']} ({r['cache_size']})",
+                    ep,
+                    _pct(r["val_acc"]),
+                    _pct(r.get("test_acc")),
+                    _num(r["train_wall_s"]),
+                    _num(r.get("train_cpu_s", 0) / r["train_wall_s"] if r.get("train_cpu_s") else None, "{:.2f}"),
+                    _num(r["feature_img_s"]),
+                    _num(r["train_img_s"]),
+                    r["decode_cache"],
+                    load,
+                ]
+            )
         out.append(markdown_table(header, body))
     if speed:
-        header = ["img px", "batch", "features bf16 img/s", "features fp32 img/s", "bf16/fp32", "train bf16 img/s", "train fp32 img/s", "bf16/fp32", "load start -> end"]
-        body = [[r["img_size"], r["batch"], r["feat_bf16"], r["feat_fp32"], f"x{r['feat_ratio']}", r["train_bf16"], r["train_fp32"], f"x{r['train_ratio']}",
-                 f"{r['load_start']:.2f} -> {r['load_end']:.2f}" + (" (wait timed out)" if r.get("load_wait_timed_out") else "")] for r in speed]
+        header = [
+            "img px",
+            "batch",
+            "features bf16 img/s",
+            "features fp32 img/s",
+            "bf16/fp32",
+            "train bf16 img/s",
+            "train fp32 img/s",
+            "bf16/fp32",
+            "load start -> end",
+        ]
+        body = [
+            [
+                r["img_size"],
+                r["batch"],
+                r["feat_bf16"],
+                r["feat_fp32"],
+                f"x{r['feat_ratio']}",
+                r["train_bf16"],
+                r["train_fp32"],
+                f"x{r['train_ratio']}",
+                f"{r['load_start']:.2f} -> {r['load_end']:.2f}" + (" (wait timed out)" if r.get("load_wait_timed_out") else ""),
+            ]
+            for r in speed
+        ]
         out.append(markdown_table(header, body))
     return "\n\n".join(out)
 
@@ -283,12 +362,19 @@ def read_results() -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--parts", nargs="+", choices=["flowers", "eurosat", "speed"], default=["flowers", "eurosat", "speed"])
-    p.add_argument("--strategies", nargs="+", choices=["linear-probe", "fine-tune", "full"], default=["linear-probe", "fine-tune"],
-                   help="full (all layers from the start, no probe) runs only on EuroSAT, with the --eurosat-ft settings")
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=["linear-probe", "fine-tune", "full"],
+        default=["linear-probe", "fine-tune"],
+        help="full (all layers from the start, no probe) runs only on EuroSAT, with the --eurosat-ft settings",
+    )
     p.add_argument("--flowers-ft-epochs", type=int, default=5, help="fine-tune epochs on flowers (224 px)")
     p.add_argument("--eurosat-lp", nargs="+", type=int, default=[128], metavar="PX", help="EuroSAT linear-probe input sizes")
     p.add_argument("--eurosat-ft", nargs="+", default=["128:3"], metavar="PX:EPOCHS", help="EuroSAT fine-tune settings")
-    p.add_argument("--time-budget", type=float, help="EuroSAT fine-tune with --time-budget MINUTES (the EPOCHS of --eurosat-ft become the cap)")
+    p.add_argument(
+        "--time-budget", type=float, help="EuroSAT fine-tune with --time-budget MINUTES (the EPOCHS of --eurosat-ft become the cap)"
+    )
     p.add_argument("--tag", default="", help="suffix for the run names (to keep runs with different --ft-args apart)")
     p.add_argument("--ft-args", default="", help="extra `imgcls train` flags for fine-tune runs, e.g. '--warmup-epochs 0.3'")
     p.add_argument("--speed-sizes", nargs="+", type=int, default=[224, 128, 96])
@@ -310,7 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + render(rows))
     for r in rows:
         if "train_cmd" in r:
-            print(f"\n{r['name']}:\n  {r['train_cmd']}" + (f"\n  {r['eval_cmd']}" if "eval_cmd" in r else "") + (f"\n  {r['budget_line']}" if r.get("budget_line") else ""))
+            print(
+                f"\n{r['name']}:\n  {r['train_cmd']}"
+                + (f"\n  {r['eval_cmd']}" if "eval_cmd" in r else "")
+                + (f"\n  {r['budget_line']}" if r.get("budget_line") else "")
+            )
     return 0
 
 

@@ -159,8 +159,9 @@ def calibration_rows(val: Outputs, test: Outputs, stored_t: float) -> tuple[Rows
     return rows, rep, t
 
 
-def conformal_rows(val: Outputs, test: Outputs, t: float, coverage: float, penalty: float, k_reg: int, seed: int,
-                   trust: Any) -> tuple[Rows, list[dict]]:
+def conformal_rows(
+    val: Outputs, test: Outputs, t: float, coverage: float, penalty: float, k_reg: int, seed: int, trust: Any
+) -> tuple[Rows, list[dict]]:
     from imgcls import calibration as cal
 
     pv, pt = cal.softmax(val.logits, t), cal.softmax(test.logits, t)
@@ -175,8 +176,16 @@ def conformal_rows(val: Outputs, test: Outputs, t: float, coverage: float, penal
         out.append(_set_row(rows, name, coverage, qhat, test.labels, cal.prediction_sets(pt, qhat, randomized, lam, k_reg, seed + 1)))
     try:  # model.json's scores with its own temperature: what `imgcls predict --coverage` gives
         qhat = trust.qhat(coverage)
-        out.append(_set_row(rows, "APS as stored (model.json)", coverage, qhat, test.labels,
-                            trust.sets(cal.softmax(test.logits, trust.temperature), qhat)))
+        out.append(
+            _set_row(
+                rows,
+                "APS as stored (model.json)",
+                coverage,
+                qhat,
+                test.labels,
+                trust.sets(cal.softmax(test.logits, trust.temperature), qhat),
+            )
+        )
     except ValueError as e:
         rows.append(["APS as stored (model.json)", coverage, f"({e})", "", "", ""])
     return rows, out
@@ -189,8 +198,9 @@ def _set_row(rows: Rows, name: str, coverage: float, qhat: float, labels: np.nda
     return {"method": name, "qhat": qhat, "coverage_target": coverage, "coverage": covered, "mean_set_size": float(sizes.mean())}
 
 
-def ood_rows(train: Outputs, val: Outputs, test: Outputs, unknown: dict[str, Outputs], accept: float, k: int, bank_size: int,
-             trust: Any) -> tuple[Rows, list[dict]]:
+def ood_rows(
+    train: Outputs, val: Outputs, test: Outputs, unknown: dict[str, Outputs], accept: float, k: int, bank_size: int, trust: Any
+) -> tuple[Rows, list[dict]]:
     from imgcls import calibration as cal
     from imgcls.config import OOD_METHODS
 
@@ -214,8 +224,15 @@ def ood_rows(train: Outputs, val: Outputs, test: Outputs, unknown: dict[str, Out
 def _ood_row(rows: Rows, method: str, name: str, s_known: np.ndarray, s_unk: np.ndarray, threshold: float) -> dict:
     from imgcls import calibration as cal
 
-    r = {"score": method, "unknown": name, "n": len(s_unk), "auroc": cal.auroc(s_known, s_unk), "fpr95": cal.fpr_at_tpr(s_known, s_unk),
-         "known_accepted": float(np.mean(s_known >= threshold)), "unknown_accepted": float(np.mean(s_unk >= threshold))}
+    r = {
+        "score": method,
+        "unknown": name,
+        "n": len(s_unk),
+        "auroc": cal.auroc(s_known, s_unk),
+        "fpr95": cal.fpr_at_tpr(s_known, s_unk),
+        "known_accepted": float(np.mean(s_known >= threshold)),
+        "unknown_accepted": float(np.mean(s_unk >= threshold)),
+    }
     rows.append([method, name, r["n"], *(f"{r[k]:.3f}" for k in ("auroc", "fpr95", "known_accepted", "unknown_accepted"))])
     return r
 
@@ -258,8 +275,15 @@ def measure(args: argparse.Namespace, model_path: str | Path, data: Path, ood_da
         print(markdown_table(["score", "unknown set", "images", "AUROC", "FPR@95TPR", "known accepted", "unknown accepted"], rows))
     else:
         print("\n(no unknown images: give DATA classes the model does not know, or --ood-data)")
-    return {"model": str(model_dir), "data": str(data), "splits": how, "images": sizes, "calibration": cal_rep, "conformal": conf_out,
-            "ood": ood_out}
+    return {
+        "model": str(model_dir),
+        "data": str(data),
+        "splits": how,
+        "images": sizes,
+        "calibration": cal_rep,
+        "conformal": conf_out,
+        "ood": ood_out,
+    }
 
 
 # ----------------------------------------------------------------------------- imbalance and ood: data and training
@@ -332,16 +356,27 @@ def imbalance(args: argparse.Namespace) -> dict[str, Any]:
         keep = long_tail([len(pools[c]) for c in order], ratio, args.max_per_class)
         picked = {int(c): subsample(pools[c], n, args.seed + int(c)) for c, n in zip(order, keep)}
         test_rows = [(p, names[c], "test") for c in range(len(names)) for p, _ in subsample(tests[c], args.test_per_class, 0)]
-        manifest = write_manifest(Path(args.out) / "imbalance" / f"ratio_{ratio:g}" / "data.csv",
-                                  [(p, names[c], "train") for c in sorted(picked) for p, _ in picked[c]] + test_rows)
+        manifest = write_manifest(
+            Path(args.out) / "imbalance" / f"ratio_{ratio:g}" / "data.csv",
+            [(p, names[c], "train") for c in sorted(picked) for p, _ in picked[c]] + test_rows,
+        )
         print(f"\nratio {ratio:g}: {min(keep)} to {max(keep)} training images per class ({sum(keep)} in all); {manifest}", flush=True)
         for mode in args.modes.split(","):
             run = train_run(args, manifest, manifest.parent / mode, mode)
             m = evaluate(run, manifest, split="test", allow_outside_root=True, progress=False, log=lambda s: None)
             applied = json.loads((run / "model.json").read_text()).get("class_balance", {}).get("mode", "?")
             worst = min(c["recall"] for c in m["per_class"].values() if c["support"])
-            r = {"ratio": ratio, "class_balance": mode, "applied": applied, "train_images": sum(keep), "accuracy": m["accuracy"],
-                 "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"], "worst_recall": worst, "ece": m["ece"]}
+            r = {
+                "ratio": ratio,
+                "class_balance": mode,
+                "applied": applied,
+                "train_images": sum(keep),
+                "accuracy": m["accuracy"],
+                "balanced_accuracy": m["balanced_accuracy"],
+                "macro_f1": m["macro_f1"],
+                "worst_recall": worst,
+                "ece": m["ece"],
+            }
             results.append(r)
             rows.append([f"{ratio:g}:1", mode, applied, sum(keep), *(f"{r[k]:.4f}" for k in METRIC_KEYS)])
             print(f"  {mode}: balanced accuracy {r['balanced_accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}", flush=True)

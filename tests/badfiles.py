@@ -57,12 +57,7 @@ def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height RGB pixels but whose IDAT holds only a few bytes."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit, colour type 2 = RGB
     idat = zlib.compress(b"\x00" * 64)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", idat)
-        + png_chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def _halves(size: tuple[int, int], left, right, mode: str = "RGB") -> Image.Image:
@@ -102,10 +97,7 @@ def make_bad_files(root: pathlib.Path) -> dict[str, str]:
     # corrupt.png: a valid 40x20 header followed by an IDAT of garbage (bad zlib data).
     ihdr = struct.pack(">IIBBBBB", 40, 20, 8, 2, 0, 0, 0)
     (root / "corrupt.png").write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", b"not zlib data at all" * 4)
-        + png_chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", b"not zlib data at all" * 4) + png_chunk(b"IEND", b"")
     )
 
     # cmyk.jpg: solid red in CMYK (no cyan, full magenta and yellow).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import colorsys
 import csv
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -77,7 +77,15 @@ def _save(img: Image.Image, path: pathlib.Path) -> None:
 
 
 def write_images(
-    folder: pathlib.Path, label: int, num_classes: int, count: int, size: int, rng: np.random.Generator, mode: str, ext: str, prefix: str = ""
+    folder: pathlib.Path,
+    label: int,
+    num_classes: int,
+    count: int,
+    size: int,
+    rng: np.random.Generator,
+    mode: str,
+    ext: str,
+    prefix: str = "",
 ) -> list[pathlib.Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []

@@ -104,8 +104,9 @@ def test_provenance_names_this_code():
     pkg = Path(imgcls.__file__).resolve().parent
     assert prov["source_sha256"] == source_sha256(pkg) and len(prov["source_sha256"]) == 64
     git = shutil.which("git")
-    tracked = git and subprocess.run([git, "-C", str(pkg), "ls-files", "--error-unmatch", "__init__.py"],
-                                     capture_output=True).returncode == 0
+    tracked = (
+        git and subprocess.run([git, "-C", str(pkg), "ls-files", "--error-unmatch", "__init__.py"], capture_output=True).returncode == 0
+    )
     if tracked:  # a git checkout (CI's fresh clone, a developer's tree)
         head = subprocess.run([git, "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         assert prov["git_commit"] == head and isinstance(prov["git_dirty"], bool)

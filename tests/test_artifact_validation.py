@@ -47,10 +47,12 @@ def image(tmp_path_factory) -> pathlib.Path:
 
 def edit_meta(change: Callable[[dict[str, Any]], None]) -> Callable[[pathlib.Path], None]:
     """A tampering that edits model.json's dict in place."""
+
     def apply(folder: pathlib.Path) -> None:
         meta = json.loads((folder / META_FILE).read_text())
         change(meta)
         (folder / META_FILE).write_text(json.dumps(meta))
+
     return apply
 
 
@@ -73,6 +75,7 @@ def edit_weights(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[
         state = load_file(str(folder / WEIGHTS_FILE))
         change(state)
         save_file(state, str(folder / WEIGHTS_FILE))
+
     return apply
 
 
@@ -80,6 +83,7 @@ def write_weights_bytes(make: Callable[[bytes], bytes]) -> Callable[[pathlib.Pat
     def apply(folder: pathlib.Path) -> None:
         f = folder / WEIGHTS_FILE
         f.write_bytes(make(f.read_bytes()))
+
     return apply
 
 
@@ -167,6 +171,7 @@ WEIGHT_CASES = [
 if hasattr(os, "mkfifo"):
     META_CASES.append(("meta_a_fifo", lambda f: ((f / META_FILE).unlink(), os.mkfifo(f / META_FILE)), META_FILE, "not a regular file"))
 if os.path.exists("/dev/zero"):
+
     def link_to_dev_zero(folder: pathlib.Path) -> None:
         (folder / WEIGHTS_FILE).unlink()
         (folder / WEIGHTS_FILE).symlink_to("/dev/zero")

@@ -130,8 +130,10 @@ def test_near_duplicates_leave_different_pictures_apart(tmp_path):
 
 def test_cropped_copy_found_by_pretrained_features(tmp_path):
     data = pytest.importorskip("skimage.data")  # photos: the pretrained features are made for them
-    for folder, names in (("a", ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "logo")),
-                          ("b", ("camera", "coins", "moon", "brick", "grass", "gravel", "horse", "page"))):
+    for folder, names in (
+        ("a", ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "logo")),
+        ("b", ("camera", "coins", "moon", "brick", "grass", "gravel", "horse", "page")),
+    ):
         (tmp_path / folder).mkdir()
         for name in names:
             Image.fromarray(getattr(data, name)()).convert("RGB").save(tmp_path / folder / f"{name}.jpg", quality=90)
@@ -198,10 +200,13 @@ def _noisy_probs(seed: int, k: int, n: int, strength: float, flips: list[int]) -
     return labels, probs
 
 
-@pytest.mark.parametrize("case, expected", [
-    ((7, 4, 60, 3.0, [3, 10, 22, 41, 57]), [41, 3, 57]),
-    ((8, 6, 120, 2.5, [1, 7, 30, 31, 64, 99, 110]), [31, 99, 64, 30, 1, 13, 53, 4]),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ((7, 4, 60, 3.0, [3, 10, 22, 41, 57]), [41, 3, 57]),
+        ((8, 6, 120, 2.5, [1, 7, 30, 31, 64, 99, 110]), [31, 99, 64, 30, 1, 13, 53, 4]),
+    ],
+)
 def test_confident_learning_matches_cleanlab(case, expected):
     # expected: cleanlab 2.9.0 filter.find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
     labels, probs = _noisy_probs(*case)
@@ -220,8 +225,22 @@ def test_perceptual_hash_keeps_copies_close():
 
 def test_report_has_the_documented_keys_and_round_trips(reports, tmp_path):
     r = reports["pixels"]
-    assert {"version", "data", "root", "layout", "class_names", "splits", "num_images", "ignored", "class_counts", "imbalance_ratio",
-            "probe_accuracy", "settings", "timings", "findings"} <= set(r)
+    assert {
+        "version",
+        "data",
+        "root",
+        "layout",
+        "class_names",
+        "splits",
+        "num_images",
+        "ignored",
+        "class_counts",
+        "imbalance_ratio",
+        "probe_accuracy",
+        "settings",
+        "timings",
+        "findings",
+    } <= set(r)
     assert tuple(r["findings"]) == FINDING_KINDS
     for kind, entries in r["findings"].items():
         for e in entries:
@@ -247,8 +266,13 @@ def test_html_is_one_file_with_embedded_thumbnails(reports, tmp_path):
 def test_excluded_paths_and_drop_excluded(reports, planted, tmp_path):
     json_path, _ = write_report(reports["none"], tmp_path)
     excluded = excluded_paths(json_path)
-    expect = ["train/square/003.png", "train/triangle/conflict.png", "train/circle/000.png", "train/circle/broken.jpg",
-              "train/square/blank.png"]
+    expect = [
+        "train/square/003.png",
+        "train/triangle/conflict.png",
+        "train/circle/000.png",
+        "train/circle/broken.jpg",
+        "train/square/blank.png",
+    ]
     assert {os.path.realpath(planted / p) for p in expect} <= excluded
     assert os.path.realpath(planted / "test/circle/dup_exact.png") not in excluded
     index = index_dataset(planted)

@@ -70,9 +70,19 @@ def driver(tmp_path_factory):
         missing("selenium is missing: pip install -e '.[test]'")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1100,760",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1100,760",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     d = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)  # explicit paths: no driver download
@@ -174,7 +184,8 @@ def _painted_pixels(driver) -> int:
     """Opaque pixels on the overlay canvas (0 when nothing is drawn)."""
     return driver.execute_script(
         "const c = imgclsPage.overlay(); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
-        "let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n;")
+        "let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n;"
+    )
 
 
 def test_page_shows_the_grad_cam_overlay_with_a_toggle(driver, served, tmp_path):
@@ -185,8 +196,11 @@ def test_page_shows_the_grad_cam_overlay_with_a_toggle(driver, served, tmp_path)
     driver.get_log("browser")  # drop what earlier tests left in the log
     driver.get(f"{url}/")
     _wait_state(driver, "ready")
-    body, toggle, canvas = (driver.find_element(By.TAG_NAME, "body"), driver.find_element(By.ID, "explain-toggle"),
-                            driver.find_element(By.ID, "overlay"))
+    body, toggle, canvas = (
+        driver.find_element(By.TAG_NAME, "body"),
+        driver.find_element(By.ID, "explain-toggle"),
+        driver.find_element(By.ID, "overlay"),
+    )
     assert toggle.is_selected() and body.get_attribute("data-overlay") == "none"
     driver.find_element(By.ID, "file-input").send_keys(str(image))
     assert _wait_state(driver, "done", "error") == "done", driver.find_element(By.ID, "status").text
@@ -235,8 +249,16 @@ def report_page(trained_run, tmp_path_factory) -> Path:
     probs = crafted_probs(labels)
     audit = run_audit(data, AuditOptions(features="none"), progress=False, log=lambda _: None)
     (out / "audit.json").write_text(json.dumps(audit))
-    return write_report(out, classification_metrics(probs, labels, CLASSES), CLASSES, read_history(run), title="small_cnn on test",
-                        predictions=Predictions(probs, labels, paths), model_dir=run, audit=out / "audit.json")
+    return write_report(
+        out,
+        classification_metrics(probs, labels, CLASSES),
+        CLASSES,
+        read_history(run),
+        title="small_cnn on test",
+        predictions=Predictions(probs, labels, paths),
+        model_dir=run,
+        audit=out / "audit.json",
+    )
 
 
 def test_report_opens_offline_with_every_section_and_image(driver, report_page):

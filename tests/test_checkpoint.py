@@ -61,9 +61,20 @@ def test_reads_a_checkpoint_as_earlier_versions_wrote_it(tmp_path):
     model, opt = model_and_optimizer(0)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     cfg = RunConfig(data=DataConfig(path="DATA"), train=TrainConfig(out=str(tmp_path), epochs=3))
-    old = {"epoch": 1, "best_epoch": 1, "best_acc": 0.75, "best_loss": 0.5, "history": [ROW, {**ROW, "epoch": 2}], "bad_epochs": 0,
-           "planned_epochs": 3, "total_steps": 12, "train_precision": "float32", "model_kwargs": {}, "config": cfg.to_dict(),
-           "param_groups": opt.state_dict()["param_groups"]}
+    old = {
+        "epoch": 1,
+        "best_epoch": 1,
+        "best_acc": 0.75,
+        "best_loss": 0.5,
+        "history": [ROW, {**ROW, "epoch": 2}],
+        "bad_epochs": 0,
+        "planned_epochs": 3,
+        "total_steps": 12,
+        "train_precision": "float32",
+        "model_kwargs": {},
+        "config": cfg.to_dict(),
+        "param_groups": opt.state_dict()["param_groups"],
+    }
     atomic_save_tensors(tmp_path / CHECKPOINT_FILE, tensors, metadata={"imgcls_checkpoint": json.dumps(old)})
     read_cfg, state = read_checkpoint(tmp_path)
     assert read_cfg == cfg

@@ -78,8 +78,14 @@ def test_each_validation_error(cls, kwargs, message):
 
 @pytest.mark.parametrize(
     "cls,field,choices",
-    [(AugmentSpec, "crop", CROPS), (ModelConfig, "strategy", STRATEGIES), (TrainConfig, "recipe", RECIPES),
-     (TrainConfig, "optimizer", OPTIMIZERS), (TrainConfig, "schedule", SCHEDULES), (TrainConfig, "precision", PRECISIONS)],
+    [
+        (AugmentSpec, "crop", CROPS),
+        (ModelConfig, "strategy", STRATEGIES),
+        (TrainConfig, "recipe", RECIPES),
+        (TrainConfig, "optimizer", OPTIMIZERS),
+        (TrainConfig, "schedule", SCHEDULES),
+        (TrainConfig, "precision", PRECISIONS),
+    ],
 )
 def test_every_listed_choice_is_accepted(cls, field, choices):
     for choice in choices:
@@ -112,15 +118,41 @@ def test_augment_resolves_auto_crop_by_size():
 def full_config() -> RunConfig:
     """A RunConfig with the fields away from their defaults, so a field lost on the way shows in the round trip."""
     return RunConfig(
-        data=DataConfig(path="data/x", img_size=48, resize_mode="pad", crop_pct=0.9, val_fraction=0.2, seed=7,
-                        cache_dir="cache", workers=3, max_pixels=1234),
+        data=DataConfig(
+            path="data/x",
+            img_size=48,
+            resize_mode="pad",
+            crop_pct=0.9,
+            val_fraction=0.2,
+            seed=7,
+            cache_dir="cache",
+            workers=3,
+            max_pixels=1234,
+        ),
         model=ModelConfig(name="resnet18", weights="w.pth", weights_sha256="ab" * 32, strategy="fine-tune"),
-        train=TrainConfig(out="runs/y", epochs=4, time_budget=2.5, recipe="generic", batch_size=16, lr=0.01, optimizer="sgd",
-                          weight_decay=1e-4, momentum=0.8, schedule="onecycle", warmup_epochs=0.5, label_smoothing=0.1,
-                          grad_clip=1.0, precision="fp32", channels_last=False, compile=True, patience=0, deterministic=True,
-                          threads=2, device="cpu",
-                          augment=AugmentSpec(hflip=False, crop="rrc", translate=0.1, rrc_scale=(0.5, 0.9), rrc_ratio=(0.8, 1.25),
-                                              color_jitter=0.3)),
+        train=TrainConfig(
+            out="runs/y",
+            epochs=4,
+            time_budget=2.5,
+            recipe="generic",
+            batch_size=16,
+            lr=0.01,
+            optimizer="sgd",
+            weight_decay=1e-4,
+            momentum=0.8,
+            schedule="onecycle",
+            warmup_epochs=0.5,
+            label_smoothing=0.1,
+            grad_clip=1.0,
+            precision="fp32",
+            channels_last=False,
+            compile=True,
+            patience=0,
+            deterministic=True,
+            threads=2,
+            device="cpu",
+            augment=AugmentSpec(hflip=False, crop="rrc", translate=0.1, rrc_scale=(0.5, 0.9), rrc_ratio=(0.8, 1.25), color_jitter=0.3),
+        ),
     )
 
 

@@ -574,7 +574,8 @@ def test_manifest_row_the_csv_reader_refuses_names_the_file(tmp_path):
 
 
 def test_allow_outside_root_reaches_the_config_from_the_cli():
-    from imgcls.cli import _run_config, build_parser
+    from imgcls.cli import build_parser
+    from imgcls.cli.commands import _run_config
 
     args = ["train", "data.csv", "--out", "run"]
     assert _run_config(build_parser().parse_args(args)).data.allow_outside_root is False

@@ -48,11 +48,14 @@ def test_pretrained_loads_every_key(pretrained: tuple[str, torch.nn.Module]) -> 
     assert model.num_classes == 1000 and model.num_features == 1280
 
 
-@pytest.mark.parametrize("name,blocks,spec_sizes", [
-    ("efficientnet_lite0", 16, (224, 256)),
-    ("efficientnet_lite1", 21, (240, 272)),
-    ("efficientnet_lite2", 21, (260, 292)),
-])
+@pytest.mark.parametrize(
+    "name,blocks,spec_sizes",
+    [
+        ("efficientnet_lite0", 16, (224, 256)),
+        ("efficientnet_lite1", 21, (240, 272)),
+        ("efficientnet_lite2", 21, (260, 292)),
+    ],
+)
 def test_structure_and_default_spec(name: str, blocks: int, spec_sizes: tuple[int, int]) -> None:
     model = create_model(name, num_classes=3)
     assert len(model._blocks) == blocks

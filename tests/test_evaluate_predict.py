@@ -268,7 +268,6 @@ def test_expand_inputs(tmp_path):
     ]
 
 
-
 def test_expand_inputs_lists_each_file_once_and_never_follows_folder_links(tmp_path, monkeypatch):
     """`ln -s . loop` made 'dir/**/*.png' list one file 41 times; two such links never finished."""
     import os

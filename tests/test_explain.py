@@ -292,8 +292,9 @@ def test_cli_predict_explain_writes_the_overlay_of_each_predicted_label(capsys, 
     run, _ = trained_run
     (inputs / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "cams"
-    code, stdout, err = run_cli(capsys, "predict", run, inputs / "dog.2000.jpg", inputs / "cat.png", inputs / "broken.png", "--json",
-                                "--explain", out)
+    code, stdout, err = run_cli(
+        capsys, "predict", run, inputs / "dog.2000.jpg", inputs / "cat.png", inputs / "broken.png", "--json", "--explain", out
+    )
     assert code == 0, err
     results = json.loads(stdout)
     assert "error" in results[2] and "2 Grad-CAM overlays" in err

@@ -51,8 +51,15 @@ def _make_artifact(base: pathlib.Path, arch: str, spec: PreprocessSpec, image_si
     torch.manual_seed(0)
     data = base / "data"
     split = _write_dataset(data, per_class, image_size, seed=1)
-    meta = {"arch": arch, "class_names": CLASSES, "preprocess": spec.to_dict(), "dataset": {"root": str(data), "layout": "folders"},
-            "split": {"file": "split.json"}, "calibration": {"temperature": 1.5}, "tta": "flip"}
+    meta = {
+        "arch": arch,
+        "class_names": CLASSES,
+        "preprocess": spec.to_dict(),
+        "dataset": {"root": str(data), "layout": "folders"},
+        "split": {"file": "split.json"},
+        "calibration": {"temperature": 1.5},
+        "tta": "flip",
+    }
     model = create_model(arch, len(CLASSES)).eval()
     # Random init gives near-equal logits (small_cnn: ~1e-6) or saturated ones (lite0: +-40), and a
     # parity check on uniform or one-hot probabilities proves little: rescale the head so the
@@ -162,8 +169,14 @@ def reference_tta_logits(model: torch.nn.Module, images: np.ndarray, spec: Prepr
         "none": [(x, 1.0)],
         "flip": [(x, 0.5), (x.flip(-1), 0.5)],
         "translate": [(x, 0.5), (up_left, 0.25), (down_right, 0.25)],
-        "flip-translate": [(x, 0.25), (x.flip(-1), 0.25), (up_left, 0.125), (down_right, 0.125),
-                           (up_left.flip(-1), 0.125), (down_right.flip(-1), 0.125)],
+        "flip-translate": [
+            (x, 0.25),
+            (x.flip(-1), 0.25),
+            (up_left, 0.125),
+            (down_right, 0.125),
+            (up_left.flip(-1), 0.125),
+            (down_right.flip(-1), 0.125),
+        ],
     }[mode]
     with torch.no_grad():
         return sum(w * model(eval_transform(v, spec)).double() for v, w in views)

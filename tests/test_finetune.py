@@ -100,3 +100,14 @@ def test_auto_strategy_from_the_dataset_size():
     assert resolve_strategy("auto", pretrained=True, n_train=5000) == "fine-tune"
     with pytest.raises(ValueError):
         resolve_strategy("sideways", pretrained=True, n_train=10)
+
+
+@pytest.mark.parametrize("strategy", ["linear-probe", "fine-tune"])
+def test_probe_strategies_without_pretrained_weights_are_an_error(tmp_path, strategy):
+    """A head fitted on a random backbone validates at chance: refused, with the flags that fix it."""
+    from imgcls.training.finetune import resolve_strategy
+
+    with pytest.raises(ValueError, match="--pretrained") as e:
+        resolve_strategy(strategy, pretrained=False, n_train=100)
+    assert "--strategy full" in str(e.value)
+    assert resolve_strategy(strategy, pretrained=True, n_train=100) == strategy

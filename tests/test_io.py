@@ -112,8 +112,7 @@ def test_own_pixel_limit_checked_from_header():
         load_image(data, name="big.png")
     assert time.perf_counter() - start < 1.0
     assert info.value.reason == (
-        f"image is 12000x9000 = 108000000 pixels, over the limit of {DEFAULT_MAX_PIXELS} "
-        "(possible decompression bomb)"
+        f"image is 12000x9000 = 108000000 pixels, over the limit of {DEFAULT_MAX_PIXELS} (possible decompression bomb)"
     )
 
 
@@ -340,8 +339,9 @@ def test_other_formats_under_image_names_are_refused(wrong_formats, filename):
         load_image((wrong_formats / filename).read_bytes(), name="upload.png")
 
 
-@pytest.mark.parametrize("filename, fmt", [("ppm_named.png", "PPM"), ("ico_named.png", "ICO"), ("eps_named.jpg", "EPS"),
-                                           ("dds_named.jpg", "DDS")])
+@pytest.mark.parametrize(
+    "filename, fmt", [("ppm_named.png", "PPM"), ("ico_named.png", "ICO"), ("eps_named.jpg", "EPS"), ("dds_named.jpg", "DDS")]
+)
 def test_refused_format_is_named(wrong_formats, filename, fmt):
     with pytest.raises(ImageDecodeError, match=rf"unsupported image format \(its header looks like {fmt}\)"):
         load_image(wrong_formats / filename)
@@ -474,16 +474,23 @@ def test_read_header_estimates_decode_memory_without_decoding():
     assert time.perf_counter() - start < 1.0  # refused from the header: nothing decoded
     assert info.value.kind == "too_large"
     assert info.value.reason == (
-        "decoding this 9999x9999 PNG image (mode I;16) would take about 953 MB, over the limit of 128 MB "
-        "(possible decompression bomb)"
+        "decoding this 9999x9999 PNG image (mode I;16) would take about 953 MB, over the limit of 128 MB (possible decompression bomb)"
     )
     with pytest.raises(ImageDecodeError, match="over the limit of 128 MB"):
         read_header(data, max_bytes=128 * 2**20)
 
 
-@pytest.mark.parametrize(("mode", "fmt", "per_pixel"), [
-    ("RGB", "PNG", 4), ("RGBA", "PNG", 8), ("L", "PNG", 5), ("LA", "PNG", 12), ("RGB", "WEBP", 16), ("RGB", "BMP", 4),
-])
+@pytest.mark.parametrize(
+    ("mode", "fmt", "per_pixel"),
+    [
+        ("RGB", "PNG", 4),
+        ("RGBA", "PNG", 8),
+        ("L", "PNG", 5),
+        ("LA", "PNG", 12),
+        ("RGB", "WEBP", 16),
+        ("RGB", "BMP", 4),
+    ],
+)
 def test_decode_bytes_by_format_and_mode(mode, fmt, per_pixel):
     buf = io.BytesIO()
     Image.new(mode, (40, 30)).save(buf, fmt)

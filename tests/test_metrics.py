@@ -11,12 +11,14 @@ from imgcls.metrics import classification_metrics, expected_calibration_error, f
 
 
 def test_topk_accuracy():
-    probs = np.array([
-        [0.70, 0.20, 0.10],  # target 0: top-1
-        [0.10, 0.60, 0.30],  # target 2: second
-        [0.20, 0.30, 0.50],  # target 0: third
-        [0.05, 0.15, 0.80],  # target 2: top-1
-    ])
+    probs = np.array(
+        [
+            [0.70, 0.20, 0.10],  # target 0: top-1
+            [0.10, 0.60, 0.30],  # target 2: second
+            [0.20, 0.30, 0.50],  # target 0: third
+            [0.05, 0.15, 0.80],  # target 2: top-1
+        ]
+    )
     targets = np.array([0, 2, 0, 2])
     assert topk_accuracy(probs, targets, 1) == 0.5
     assert topk_accuracy(probs, targets, 2) == 0.75
@@ -61,8 +63,17 @@ def _hand_case(extra_class: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def test_classification_metrics_hand_case(extra_class):
     probs, targets, names = _hand_case(extra_class)
     m = classification_metrics(probs, targets, names)
-    assert set(m) == {"num_samples", "accuracy", "top5_accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece", "per_class",
-                      "confusion_matrix"}
+    assert set(m) == {
+        "num_samples",
+        "accuracy",
+        "top5_accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "log_loss",
+        "ece",
+        "per_class",
+        "confusion_matrix",
+    }
     assert m["num_samples"] == 6
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["top5_accuracy"] == 1.0
@@ -96,13 +107,7 @@ def test_most_confused_largest_off_diagonal_first():
 
 def test_format_confusion_matrix_text():
     text = format_confusion_matrix(CM, ["a", "b", "c"])
-    assert text == (
-        "true \\ predicted\n"
-        "          a     b     c\n"
-        "    a     5     3     0\n"
-        "    b     1     4     2\n"
-        "    c     0     7     6"
-    )
+    assert text == ("true \\ predicted\n          a     b     c\n    a     5     3     0\n    b     1     4     2\n    c     0     7     6")
     long = format_confusion_matrix(np.array([[12345, 0], [1, 2]]), ["a_very_long_class_name", "b"])
     lines = long.splitlines()
     assert "a_very_long_" in lines[1] and "a_very_long_c" not in long  # names cut at 12 characters

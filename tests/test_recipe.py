@@ -353,8 +353,10 @@ def test_time_budget_behind_plan_shortens_the_decay_instead_of_stopping_at_peak_
         return real_step(*a, **k)
 
     monkeypatch.setattr(loop_mod, "train_transform", slow_transform)
-    cfg = RunConfig(data=DataConfig(path=str(data), img_size=16, seed=0),
-                    train=TrainConfig(out=str(tmp_path / "run"), time_budget=0.25, batch_size=16, epochs=1000, patience=0))
+    cfg = RunConfig(
+        data=DataConfig(path=str(data), img_size=16, seed=0),
+        train=TrainConfig(out=str(tmp_path / "run"), time_budget=0.25, batch_size=16, epochs=1000, patience=0),
+    )
     t0 = time.perf_counter()
     run = fit(cfg, progress=False, log=quiet)
     wall = time.perf_counter() - t0
@@ -396,8 +398,10 @@ def test_time_budget_narrows_small_cnn_when_the_full_width_gets_too_few_epochs(t
 
     fake_step_seconds(monkeypatch, step_seconds)
     lines: list[str] = []
-    cfg = RunConfig(data=DataConfig(path=str(data), img_size=16, seed=0),
-                    train=TrainConfig(out=str(tmp_path / "run"), time_budget=0.5, batch_size=16, epochs=3))
+    cfg = RunConfig(
+        data=DataConfig(path=str(data), img_size=16, seed=0),
+        train=TrainConfig(out=str(tmp_path / "run"), time_budget=0.5, batch_size=16, epochs=3),
+    )
     run = fit(cfg, progress=False, log=lines.append)
     meta = json.loads((run / "model.json").read_text())
     assert meta["model_kwargs"] == {"widths": [48, 192, 192]}, [s for s in lines if "budget" in s]

@@ -93,8 +93,9 @@ def test_confused_pairs_show_both_sides_most_frequent_first():
 
 
 def test_probe_sweep_round_trip(tmp_path):
-    sweep = [{"reg": r, "train_loss": 0.1, "train_acc": 1.0, "val_loss": 0.5 - r, "val_acc": 0.75, "chosen": r == 0.01}
-             for r in (1e-3, 1e-2)]
+    sweep = [
+        {"reg": r, "train_loss": 0.1, "train_acc": 1.0, "val_loss": 0.5 - r, "val_acc": 0.75, "chosen": r == 0.01} for r in (1e-3, 1e-2)
+    ]
     write_probe_sweep(tmp_path, sweep)
     rows = read_probe_sweep(tmp_path)
     assert [r["l2"] for r in rows] == [0.001, 0.01] and [r["chosen"] for r in rows] == [0.0, 1.0]
@@ -114,28 +115,47 @@ def test_report_has_every_section_and_embeds_every_image(trained_run, tmp_path):
     metrics = classification_metrics(probs, labels, CLASSES)
     audit = run_audit(data, AuditOptions(features="none"), progress=False, log=lambda _: None)
     (tmp_path / "audit.json").write_text(json.dumps(audit))
-    history = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5 + 0.1 * e, "val_loss": 1.1 / e, "val_acc": 0.6, "lr": 0.1 / e}
-               for e in (1, 2, 3)]
+    history = [
+        {"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5 + 0.1 * e, "val_loss": 1.1 / e, "val_acc": 0.6, "lr": 0.1 / e}
+        for e in (1, 2, 3)
+    ]
     out = tmp_path / "report"
-    page = write_report(out, metrics, CLASSES, history, title="crafted", predictions=Predictions(probs, labels, paths),
-                        model_dir=run, audit=tmp_path / "audit.json")
+    page = write_report(
+        out,
+        metrics,
+        CLASSES,
+        history,
+        title="crafted",
+        predictions=Predictions(probs, labels, paths),
+        model_dir=run,
+        audit=tmp_path / "audit.json",
+    )
     text = page.read_text(encoding="utf-8")
     assert_self_contained(text)
     assert section_ids(text) == list(SECTIONS)
-    assert sorted(os.listdir(out)) == ["confusion_matrix.png", "confusion_matrix.txt", "metrics.json", "reliability_diagram.png",
-                                       "report.html", "training_curves.png"]
+    assert sorted(os.listdir(out)) == [
+        "confusion_matrix.png",
+        "confusion_matrix.txt",
+        "metrics.json",
+        "reliability_diagram.png",
+        "report.html",
+        "training_curves.png",
+    ]
     # Top losses, worst first: each card has the thumbnail and the Grad-CAM of the predicted class.
     cards = re.findall(r"<div class=\"card\">(.*?)</div></div>", text, re.S)
     assert len(cards) == 3
     assert [re.search(r"class=\"truth\">(\w+)</span> <span class=\"muted\">p ([\d.]+)</span>", c).groups() for c in cards] == [
-        ("circle", "0.100"), ("triangle", "0.200"), ("circle", "0.300")]
+        ("circle", "0.100"),
+        ("triangle", "0.200"),
+        ("circle", "0.300"),
+    ]
     assert all(c.count("<img ") == 2 and "Grad-CAM: " in c for c in cards)
     # Confused pairs: circle -> square twice, with squares the model recognised beside them.
-    pairs = text[text.index('id="pairs"'):text.index('id="calibration"')]
+    pairs = text[text.index('id="pairs"') : text.index('id="calibration"')]
     assert re.search(r"circle</span> taken for <span class=\"wrong\">square</span>: 2 images", pairs)
     assert pairs.count("<img ") == 2 + 4 + 1 + 4  # mistakes and recognised examples of each pair
     found = [k.replace("_", " ") for k, v in audit["findings"].items() if v]
-    assert found and all(f"<td>{k}</td>" in text[text.index('id="audit"'):] for k in found)  # a row per kind with findings
+    assert found and all(f"<td>{k}</td>" in text[text.index('id="audit"') :] for k in found)  # a row per kind with findings
     assert "Nothing found: unreadable" in text  # the empty kinds on one line
     images = embedded_images(text)
     assert len(images) == 3 + 3 * 2 + 11  # confusion matrix, curves, reliability; the cards; the pairs
@@ -163,14 +183,17 @@ def _probe_model_dir(path: pathlib.Path, strategy: str) -> pathlib.Path:
 def test_training_section_fits_the_strategy(tmp_path, strategy):
     probs = np.array([[0.8, 0.2], [0.3, 0.7]])
     metrics = classification_metrics(probs, np.array([0, 1]), ["cat", "dog"])
-    sweep = [{"l2": r, "train_loss": 0.1, "train_acc": 1.0, "val_loss": 0.4, "val_acc": 0.5 + r, "chosen": float(r == 0.1)}
-             for r in (1e-4, 1e-3, 1e-2, 1e-1)]
+    sweep = [
+        {"l2": r, "train_loss": 0.1, "train_acc": 1.0, "val_loss": 0.4, "val_acc": 0.5 + r, "chosen": float(r == 0.1)}
+        for r in (1e-4, 1e-3, 1e-2, 1e-1)
+    ]
     row = {"epoch": 1.0, "train_loss": 0.2, "train_acc": 0.9, "val_loss": 0.4, "val_acc": 0.6, "lr": 0.0, "epoch_time_s": 3.0}
     history = [row] if strategy == "linear-probe" else [row, {**row, "epoch": 2.0, "val_acc": 0.7}]
     out = tmp_path / "out"
-    text = write_report(out, metrics, ["cat", "dog"], history, model_dir=_probe_model_dir(tmp_path / "m", strategy),
-                        probe_sweep=sweep).read_text()
-    training = text[text.index('id="training"'):]
+    text = write_report(
+        out, metrics, ["cat", "dog"], history, model_dir=_probe_model_dir(tmp_path / "m", strategy), probe_sweep=sweep
+    ).read_text()
+    training = text[text.index('id="training"') :]
     assert "0.1 (kept)" in training and (out / "probe_sweep.png").is_file()
     if strategy == "linear-probe":  # one row of history: the sweep is the curve, no epoch axes
         assert "Linear probe: the L2 sweep" in training and not (out / "training_curves.png").exists()
@@ -185,7 +208,7 @@ def test_one_epoch_is_a_table_not_empty_axes(tmp_path):
     metrics = classification_metrics(probs, np.array([0, 1]), ["cat", "dog"])
     history = [{"epoch": 1.0, "train_loss": 0.25, "train_acc": 0.9, "val_loss": float("nan"), "val_acc": float("nan"), "lr": 0.1}]
     text = write_report(tmp_path, metrics, ["cat", "dog"], history).read_text()
-    training = text[text.index('id="training"'):]
+    training = text[text.index('id="training"') :]
     assert "One epoch only" in training and "0.2500" in training and "<img " not in training
     assert "val loss" not in training  # no validation split: no empty column either
     assert not (tmp_path / "training_curves.png").exists()
@@ -233,13 +256,22 @@ def test_linear_probe_run_reports_its_l2_sweep(tmp_path):
     from imgcls.training.fit import fit
     from synth import make_split_folders
 
+    from safetensors.torch import save_file
+
+    from imgcls.models import create_model
+
     data = make_split_folders(tmp_path / "data", per_split={"train": 4, "valid": 2}, size=20, seed=3)
-    cfg = RunConfig(data=DataConfig(path=str(data), img_size=16, seed=0), model=ModelConfig(name="small_cnn", strategy="linear-probe"),
-                    train=TrainConfig(out=str(tmp_path / "run"), precision="fp32"))
+    weights = tmp_path / "random_small_cnn.safetensors"  # a probe needs starting weights: random ones, saved as a file
+    save_file({k: v.contiguous() for k, v in create_model("small_cnn", num_classes=3).state_dict().items()}, str(weights))
+    cfg = RunConfig(
+        data=DataConfig(path=str(data), img_size=16, seed=0),
+        model=ModelConfig(name="small_cnn", weights=str(weights), strategy="linear-probe"),
+        train=TrainConfig(out=str(tmp_path / "run"), precision="fp32"),
+    )
     run = fit(cfg, progress=False, log=lambda _: None)
     sweep = read_probe_sweep(run)
     assert len(sweep) == 4 and sum(r["chosen"] for r in sweep) == 1  # every L2 strength tried, the kept one marked
     text = (run / "report" / "report.html").read_text(encoding="utf-8")
-    training = text[text.index('id="training"'):text.index('id="losses"')]
+    training = text[text.index('id="training"') : text.index('id="losses"')]
     assert "linear-probe" in training and "Linear probe: the L2 sweep" in training and "(kept)" in training
     assert (run / "report" / "probe_sweep.png").is_file() and not (run / "report" / "training_curves.png").exists()

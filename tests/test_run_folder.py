@@ -65,8 +65,9 @@ def earlier_model(run: pathlib.Path, *names: str) -> pathlib.Path:
 # ----------------------------------------------------------------------------- a folder with a model
 
 
-@pytest.mark.parametrize("held", [("model.json", "model.safetensors", "checkpoint.safetensors"), ("model.json",),
-                                  ("checkpoint.safetensors",)])  # a checkpoint alone: a run killed before its first kept model
+@pytest.mark.parametrize(
+    "held", [("model.json", "model.safetensors", "checkpoint.safetensors"), ("model.json",), ("checkpoint.safetensors",)]
+)  # a checkpoint alone: a run killed before its first kept model
 def test_training_over_another_model_is_refused_and_leaves_it_intact(two_sets, tmp_path, held):
     _, b = two_sets
     run = earlier_model(tmp_path / "run", *held)
@@ -101,8 +102,7 @@ def test_overwrite_leaves_nothing_of_the_earlier_run(two_sets, tmp_path):
     run = earlier_model(tmp_path / "run")
     # What else describes model A: its history and split, bad files it skipped, an export, an
     # evaluation, its report and probe sweep, and the temp file of a write a kill interrupted.
-    stale = ["metrics.csv", "split.json", "bad_files.csv", "model.onnx", "model.int8.onnx", "probe.csv",
-             ".model.json.123.abcd1234.tmp"]
+    stale = ["metrics.csv", "split.json", "bad_files.csv", "model.onnx", "model.int8.onnx", "probe.csv", ".model.json.123.abcd1234.tmp"]
     (run / "report").mkdir()
     (run / "report" / "top_losses.png").write_text("of model A")  # a name this run's report may not write
     for name in stale:
@@ -230,4 +230,3 @@ def test_evaluate_default_output_stays_in_model_evaluation(trained_run, tmp_path
     assert pathlib.Path(m["report"]) == expected / "report.html" and (expected / "metrics.json").is_file()
     assert sorted(p.name for p in run.iterdir()) == sorted({*before, "evaluation"})  # nothing new beside the model
     assert sorted(p.name for p in (run / "evaluation").iterdir()) == [data.name]
-

@@ -51,8 +51,12 @@ def make_artifact(path: Path) -> Path:
                 m.momentum = None  # a plain average over the calibration batch
         model.train()(torch.randn(64, 3, 16, 16))
         model.fc.weight.normal_(0.0, 1.0)
-    meta = {"arch": "small_cnn", "class_names": CLASS_NAMES, "preprocess": PreprocessSpec(img_size=16).to_dict(),
-            "metrics": {"val": {"accuracy": 0.5}}}
+    meta = {
+        "arch": "small_cnn",
+        "class_names": CLASS_NAMES,
+        "preprocess": PreprocessSpec(img_size=16).to_dict(),
+        "metrics": {"val": {"accuracy": 0.5}},
+    }
     return save_artifact(path, model, meta)
 
 

@@ -226,8 +226,10 @@ def test_deep_png_is_refused_from_its_header_without_taking_the_memory(clf):
         with PeakRss() as mem:
             r = post_files(url, [data], ["deep.png"])
     assert r.status_code == 413, r.text
-    assert r.json()["detail"] == ("deep.png: decoding this 6000x6000 PNG image (mode I;16) would take about 343 MB, "
-                                  "over the limit of 256 MB (possible decompression bomb)")
+    assert r.json()["detail"] == (
+        "deep.png: decoding this 6000x6000 PNG image (mode I;16) would take about 343 MB, "
+        "over the limit of 256 MB (possible decompression bomb)"
+    )
     assert mem.growth < 64 * 2**20, f"resident memory grew {mem.growth / 2**20:.0f} MB"
 
 
@@ -238,8 +240,9 @@ def test_decoded_memory_limits_are_settings_and_listed(clf):
     with serving(create_app(clf, settings)) as url:
         r = post_files(url, [image_bytes(7), big.getvalue()], ["small.png", "big.png"])
         assert r.status_code == 413
-        assert r.json()["detail"].startswith("big.png: decoding this 800x600 PNG image (mode RGB) would take about 1.83 MB, "
-                                             "over the limit of 1 MB")
+        assert r.json()["detail"].startswith(
+            "big.png: decoding this 800x600 PNG image (mode RGB) would take about 1.83 MB, over the limit of 1 MB"
+        )
         assert post_files(url, [image_bytes(7)]).status_code == 200
         limits = httpx.get(f"{url}/v1/model", timeout=TIMEOUT).json()["limits"]
     assert limits["max_decoded_mb"] == 1 and limits["decode_budget_mb"] == 2
@@ -317,8 +320,9 @@ def test_health_and_503_stay_fast_while_requests_decode_and_infer(clf, monkeypat
             with httpx.Client(timeout=TIMEOUT) as client:  # one client: a new one costs ~30 ms of its own set-up
                 checks = [timed(lambda: client.get(f"{url}/v1/health")) for _ in range(10)]
                 blobs = [image_bytes(20 + i) for i in range(5)]
-                refusals = [timed(lambda b=b: client.post(f"{url}/v1/predict", content=b, headers={"content-type": "image/png"}))
-                            for b in blobs]
+                refusals = [
+                    timed(lambda b=b: client.post(f"{url}/v1/predict", content=b, headers={"content-type": "image/png"})) for b in blobs
+                ]
         finally:
             finish_decode.set()
             infer.gate.set()
@@ -355,8 +359,11 @@ def raw_post(url: str, content_type: str, body: bytes) -> bytes:
     """POST /v1/predict over a plain socket (sendall waits for the kernel, not the GIL); the raw answer."""
     parts = urlsplit(url)
     with socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT) as sock:
-        sock.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
-                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        sock.sendall(
+            f"POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
@@ -396,8 +403,9 @@ def multipart(fields: list[tuple[str, str | None, bytes]], boundary: str = "b0un
 @pytest.mark.parametrize("chunk", [1, 7, 4096, 10**9])
 def test_form_splitter_gives_the_same_parts_however_the_body_is_cut(chunk):
     blobs = [bytes(range(256)) * 9, b"\r\n--b0undar" * 50, b""]
-    content_type, body = multipart([("file", "a.png", blobs[0]), ("top_k", None, b"3"), ("file", "b.png", blobs[1]),
-                                    ("file", "", blobs[2])])
+    content_type, body = multipart(
+        [("file", "a.png", blobs[0]), ("top_k", None, b"3"), ("file", "b.png", blobs[1]), ("file", "", blobs[2])]
+    )
     form = FormSplitter(content_type, max_images=3)
     for i in range(0, len(body), chunk):
         form.write(body[i : i + chunk])

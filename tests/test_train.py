@@ -206,7 +206,7 @@ def test_val_fraction_zero_keeps_the_last_epoch(tmp_path):
     _, rows = read_history(run)
     assert len(rows) == 2 and all(r["val_acc"] == "nan" for r in rows)
     final = load_file(str(run / "model.safetensors"))
-    last = {k[len("model."):]: v for k, v in load_file(str(run / CHECKPOINT_FILE)).items() if k.startswith("model.")}
+    last = {k[len("model.") :]: v for k, v in load_file(str(run / CHECKPOINT_FILE)).items() if k.startswith("model.")}
     assert final.keys() == last.keys()
     assert all(torch.equal(final[k], last[k]) for k in final)
 

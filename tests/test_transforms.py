@@ -45,10 +45,19 @@ def test_spec_validation(kwargs, word):
 
 
 def test_spec_round_trip_through_json():
-    spec = PreprocessSpec(img_size=224, resize_mode="pad", crop_pct=0.875, mean=[0.485, 0.456, 0.406], std=(0.229, 0.224, 0.225), interpolation="bicubic")
+    spec = PreprocessSpec(
+        img_size=224, resize_mode="pad", crop_pct=0.875, mean=[0.485, 0.456, 0.406], std=(0.229, 0.224, 0.225), interpolation="bicubic"
+    )
     assert isinstance(spec.mean, tuple) and isinstance(spec.std, tuple)
     d = spec.to_dict()
-    assert d == {"img_size": 224, "resize_mode": "pad", "crop_pct": 0.875, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bicubic"}
+    assert d == {
+        "img_size": 224,
+        "resize_mode": "pad",
+        "crop_pct": 0.875,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "interpolation": "bicubic",
+    }
     back = PreprocessSpec.from_dict(json.loads(json.dumps(d)))
     assert back == spec
     assert PreprocessSpec.from_dict({**d, "added_in_a_later_version": 1}) == spec  # unknown keys ignored
@@ -105,7 +114,9 @@ def test_resize_crop_matches_resizing_the_whole_image_then_cropping(size):
     """resize_image resamples only the kept region (Pillow's box); the pixels must be those of
     the plain resize-then-crop, up to rounding at the crop's edges."""
     rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).resize((size[0] * 2, size[1] * 2), Image.Resampling.BILINEAR)
+    img = Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).resize(
+        (size[0] * 2, size[1] * 2), Image.Resampling.BILINEAR
+    )
     spec = PreprocessSpec(img_size=24, crop_pct=0.75, resize_mode="crop", interpolation="bicubic")
     s = spec.cache_size
     w, h = img.size

@@ -97,8 +97,11 @@ def test_trust_from_meta_and_the_threshold_override():
     assert bare.temperature == 1.0 and bare.unknown_threshold is None
     with pytest.raises(ValueError, match="no conformal scores"):
         bare.qhat(0.9)
-    meta = {"calibration": {"temperature": 1.5}, "unknown": {"method": "msp", "threshold": 0.6},
-            "conformal": {"method": "aps", "scores": [0.9, 0.5, 0.7]}}
+    meta = {
+        "calibration": {"temperature": 1.5},
+        "unknown": {"method": "msp", "threshold": 0.6},
+        "conformal": {"method": "aps", "scores": [0.9, 0.5, 0.7]},
+    }
     t = Trust.from_meta(meta)
     assert (t.temperature, t.unknown_threshold) == (1.5, 0.6) and t.conformal_scores.tolist() == [0.5, 0.7, 0.9]
     assert Trust.from_meta(meta, unknown_threshold=0).unknown_threshold is None  # 0: off
@@ -213,9 +216,10 @@ def mislabeled_val_folders(root: pathlib.Path, seed: int) -> pathlib.Path:
 def test_fit_calibrates_an_overconfident_model(tmp_path):
     # Over seeds 3-8 this gave T 1.4-2.1, ECE 0.15-0.27 -> 0.03-0.16, NLL lower by 0.01-0.07.
     data = mislabeled_val_folders(tmp_path / "data", seed=3)
-    cfg = RunConfig(data=DataConfig(path=str(data), img_size=16),
-                    train=TrainConfig(out=str(tmp_path / "run"), epochs=8, recipe="generic", batch_size=8, label_smoothing=0.0,
-                                      precision="fp32"))
+    cfg = RunConfig(
+        data=DataConfig(path=str(data), img_size=16),
+        train=TrainConfig(out=str(tmp_path / "run"), epochs=8, recipe="generic", batch_size=8, label_smoothing=0.0, precision="fp32"),
+    )
     lines: list[str] = []
     run = fit(cfg, progress=False, log=lines.append)
     meta = json.loads((run / "model.json").read_text())
@@ -231,8 +235,9 @@ def test_noise_is_answered_unknown_more_often_than_known_images(trained_run):
     rng = np.random.default_rng(0)
     noise = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(20)]
     known = sorted(str(p) for p in (data / "test").rglob("*") if p.is_file())
-    rate = {name: np.mean([r["label"] == UNKNOWN_LABEL for r in clf.predict(items)])
-            for name, items in (("noise", noise), ("known", known))}
+    rate = {
+        name: np.mean([r["label"] == UNKNOWN_LABEL for r in clf.predict(items)]) for name, items in (("noise", noise), ("known", known))
+    }
     assert rate["noise"] >= 0.5 and rate["noise"] > rate["known"] + 0.25, rate
     r = next(r for r in clf.predict(noise) if r["label"] == UNKNOWN_LABEL)
     assert r["best_guess"]["label"] in NAMES and r["best_guess"]["score"] == r["score"]
@@ -275,9 +280,10 @@ def test_a_10_to_1_set_is_weighted_by_default(tmp_path):
     data = imbalanced_folders(tmp_path / "data", {"circle": 30, "square": 3, "triangle": 3}, seed=4)
     runs, logs = {}, {}
     for mode in ("auto", "none", "sampler"):
-        cfg = RunConfig(data=DataConfig(path=str(data), img_size=16),
-                        train=TrainConfig(out=str(tmp_path / mode), epochs=3, batch_size=8, recipe="generic", precision="fp32",
-                                          class_balance=mode))
+        cfg = RunConfig(
+            data=DataConfig(path=str(data), img_size=16),
+            train=TrainConfig(out=str(tmp_path / mode), epochs=3, batch_size=8, recipe="generic", precision="fp32", class_balance=mode),
+        )
         logs[mode] = []
         runs[mode] = json.loads((fit(cfg, progress=False, log=logs[mode].append) / "model.json").read_text())
     cb = runs["auto"]["class_balance"]

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from imgcls.predict import Classifier
 
 
-def load(path: str, **kwargs: Any) -> "Classifier":
+def load(path: str, **kwargs: Any) -> Classifier:
     """Load a trained model folder for prediction: `imgcls.load("runs/x").predict("cat.jpg")`."""
     from imgcls.predict import Classifier
 

@@ -87,8 +87,14 @@ def source_sha256(pkg: Path) -> str:
 def _git(pkg: Path, *args: str) -> str | None:
     # --no-optional-locks: `git status` must not take index.lock under someone committing in that checkout.
     try:
-        r = subprocess.run(["git", "--no-optional-locks", "-C", str(pkg), *args], capture_output=True, text=True,
-                           timeout=GIT_TIMEOUT_S, check=False, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(pkg), *args],
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.SubprocessError):  # no git, or too slow
         return None
     return r.stdout.strip() if r.returncode == 0 else None
@@ -128,8 +134,13 @@ def save_artifact(out_dir: str | os.PathLike, model: nn.Module, meta: dict[str, 
             raise ArtifactError(f"artifact metadata needs {key!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "imgcls-model", "format_version": FORMAT_VERSION, "num_classes": len(meta["class_names"]),
-            "arch_version": get_entry(meta["arch"]).arch_version, **meta}
+    meta = {
+        "format": "imgcls-model",
+        "format_version": FORMAT_VERSION,
+        "num_classes": len(meta["class_names"]),
+        "arch_version": get_entry(meta["arch"]).arch_version,
+        **meta,
+    }
     meta.setdefault("versions", package_versions())
     meta.setdefault("provenance", provenance())
     atomic_save_tensors(out / WEIGHTS_FILE, model.state_dict(), metadata={"format": "imgcls-model", "arch": meta["arch"]})
@@ -164,9 +175,11 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
         load_state_dict_strict(model, state, source=str(p / WEIGHTS_FILE))
     except ValueError as e:
         made_by = meta.get("versions", {}).get("imgcls", "an unknown version")
-        raise ArtifactError(f"{e}. model.json lists {len(meta['class_names'])} class names; if they were edited, restore them. "
-                            f"The model folder was written by imgcls {made_by}; if {meta['arch']}'s layout has changed since, "
-                            f"retrain it or load it with that version") from None
+        raise ArtifactError(
+            f"{e}. model.json lists {len(meta['class_names'])} class names; if they were edited, restore them. "
+            f"The model folder was written by imgcls {made_by}; if {meta['arch']}'s layout has changed since, "
+            f"retrain it or load it with that version"
+        ) from None
     # After the weights: when class_names was edited, the head's shape (above) is the clearer error.
     _check_class_count(p, meta)
     return model.to(device).eval(), meta
@@ -181,9 +194,11 @@ def check_arch_version(path: Path, meta: dict[str, Any]) -> None:
     saved = meta.get("arch_version")
     if saved is not None and saved != current:
         made_by = meta.get("versions", {}).get("imgcls", "an unknown version")
-        raise ArtifactError(f"{path}: {meta['arch']} layout version {saved} (written by imgcls {made_by}); "
-                            f"this imgcls builds layout version {current}. "
-                            f"Retrain the model, or load it with the imgcls version that wrote it")
+        raise ArtifactError(
+            f"{path}: {meta['arch']} layout version {saved} (written by imgcls {made_by}); "
+            f"this imgcls builds layout version {current}. "
+            f"Retrain the model, or load it with the imgcls version that wrote it"
+        )
 
 
 def spec_of(meta: dict[str, Any]) -> PreprocessSpec:
@@ -224,8 +239,18 @@ def _is_int(value: Any) -> bool:
 
 
 # Optional fields that other modules read with .get(): each must have this JSON type when present.
-_OPTIONAL_OBJECTS = ("model_kwargs", "versions", "config", "dataset", "metrics", "training", "provenance",
-                     "calibration", "unknown", "conformal")  # the last three: inference.trust reads them
+_OPTIONAL_OBJECTS = (
+    "model_kwargs",
+    "versions",
+    "config",
+    "dataset",
+    "metrics",
+    "training",
+    "provenance",
+    "calibration",
+    "unknown",
+    "conformal",
+)  # the last three: inference.trust reads them
 
 
 def validate_meta(meta: Any, source: str | os.PathLike = META_FILE) -> None:
@@ -235,6 +260,7 @@ def validate_meta(meta: Any, source: str | os.PathLike = META_FILE) -> None:
     class_names (unique non-empty strings), preprocess (a valid PreprocessSpec). Checked when
     present: num_classes, arch_version, tta and the objects in _OPTIONAL_OBJECTS.
     """
+
     def bad(problem: str) -> ArtifactError:
         return ArtifactError(f"{source}: {problem}")
 
@@ -322,8 +348,9 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
         if not head:
             raise ArtifactError(f"{file}: empty file (0 bytes)")
         if head.startswith(_PICKLE_OR_TORCH_SAVE):
-            raise ArtifactError(f"{file}: looks like a pickle or torch.save file; imgcls reads safetensors weights only "
-                                "and never unpickles")
+            raise ArtifactError(
+                f"{file}: looks like a pickle or torch.save file; imgcls reads safetensors weights only and never unpickles"
+            )
         return load_file(str(file))
     except ArtifactError:
         raise

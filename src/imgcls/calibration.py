@@ -111,8 +111,15 @@ def reliability_diagram(probs: Array, labels: Array, n_bins: int = 15) -> list[d
     for b in range(n_bins):
         m = bins == b
         n = int(m.sum())
-        out.append({"lower": b / n_bins, "upper": (b + 1) / n_bins, "count": n,
-                    "confidence": float(conf[m].mean()) if n else None, "accuracy": float(correct[m].mean()) if n else None})
+        out.append(
+            {
+                "lower": b / n_bins,
+                "upper": (b + 1) / n_bins,
+                "count": n,
+                "confidence": float(conf[m].mean()) if n else None,
+                "accuracy": float(correct[m].mean()) if n else None,
+            }
+        )
     return out
 
 
@@ -121,10 +128,14 @@ def temperature_report(logits: Array, labels: Array, temperature: float, n_bins:
     y = _np(labels)
     before, after = softmax(logits), softmax(logits, temperature)
     return {
-        "temperature": float(temperature), "num_samples": int(len(y)),
-        "nll_before": nll(logits, y), "nll_after": nll(logits, y, temperature),
-        "ece_before": expected_calibration_error(before, y, n_bins), "ece_after": expected_calibration_error(after, y, n_bins),
-        "reliability_before": reliability_diagram(before, y, n_bins), "reliability_after": reliability_diagram(after, y, n_bins),
+        "temperature": float(temperature),
+        "num_samples": int(len(y)),
+        "nll_before": nll(logits, y),
+        "nll_after": nll(logits, y, temperature),
+        "ece_before": expected_calibration_error(before, y, n_bins),
+        "ece_after": expected_calibration_error(after, y, n_bins),
+        "reliability_before": reliability_diagram(before, y, n_bins),
+        "reliability_after": reliability_diagram(after, y, n_bins),
     }
 
 
@@ -274,8 +285,13 @@ class OodDetector:
         return self.score(logits, features) >= self.threshold
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"method": self.method, "threshold": float(self.threshold), "accept": float(self.accept),
-                             "temperature": float(self.temperature), "k": int(self.k)}
+        d: dict[str, Any] = {
+            "method": self.method,
+            "threshold": float(self.threshold),
+            "accept": float(self.accept),
+            "temperature": float(self.temperature),
+            "k": int(self.k),
+        }
         d["tensors"] = {f"ood.{n}": list(getattr(self, n).shape) for n in OOD_TENSORS.get(self.method, ())}
         return d
 
@@ -287,8 +303,14 @@ class OodDetector:
     def from_dict(cls, d: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> OodDetector:
         tensors = tensors or {}
         stats = {n: tensors[f"ood.{n}"] for n in OOD_TENSORS.get(d["method"], ()) if f"ood.{n}" in tensors}
-        return cls(method=d["method"], threshold=float(d["threshold"]), accept=float(d.get("accept", 0.95)),
-                   temperature=float(d.get("temperature", 1.0)), k=int(d.get("k", 10)), **stats)
+        return cls(
+            method=d["method"],
+            threshold=float(d["threshold"]),
+            accept=float(d.get("accept", 0.95)),
+            temperature=float(d.get("temperature", 1.0)),
+            k=int(d.get("k", 10)),
+            **stats,
+        )
 
 
 def fit_ood_detector(
@@ -344,8 +366,9 @@ def _set_scores(probs: np.ndarray, penalty: float, k_reg: int, u: np.ndarray | N
     return order, scores
 
 
-def conformal_scores(probs: Array, labels: Array, randomized: bool = False, penalty: float = 0.0, k_reg: int = 1,
-                     seed: int = 0) -> np.ndarray:
+def conformal_scores(
+    probs: Array, labels: Array, randomized: bool = False, penalty: float = 0.0, k_reg: int = 1, seed: int = 0
+) -> np.ndarray:
     """The APS (RAPS when penalty > 0) non-conformity score of each true label (N,)."""
     p, y = _np(probs).astype(np.float64), _np(labels).astype(np.int64)
     u = np.random.default_rng(seed).random(len(p)) if randomized else None
@@ -354,8 +377,15 @@ def conformal_scores(probs: Array, labels: Array, randomized: bool = False, pena
     return scores[np.arange(len(p)), rank]
 
 
-def fit_conformal(probs_val: Array, labels_val: Array, coverage: float = 0.9, randomized: bool = False,
-                  penalty: float = 0.0, k_reg: int = 1, seed: int = 0) -> float:
+def fit_conformal(
+    probs_val: Array,
+    labels_val: Array,
+    coverage: float = 0.9,
+    randomized: bool = False,
+    penalty: float = 0.0,
+    k_reg: int = 1,
+    seed: int = 0,
+) -> float:
     """qhat: the ceil((n + 1) * coverage)-th smallest calibration score (split conformal's
     finite-sample correction), so that sets from `prediction_sets` hold the true label with
     probability >= coverage on exchangeable data.
@@ -385,8 +415,9 @@ def conformal_quantile(scores: Array, coverage: float) -> float:
     return float(s[rank - 1])
 
 
-def prediction_sets(probs: Array, qhat: float, randomized: bool = False, penalty: float = 0.0, k_reg: int = 1,
-                    seed: int = 0) -> list[list[int]]:
+def prediction_sets(
+    probs: Array, qhat: float, randomized: bool = False, penalty: float = 0.0, k_reg: int = 1, seed: int = 0
+) -> list[list[int]]:
     """Per row, the class indices in the set, most probable first; never empty (the top class is always in).
 
     Options as given to `fit_conformal`. randomized draws one uniform number per row from `seed`.
@@ -409,8 +440,16 @@ class ConformalPredictor:
     k_reg: int = 1
 
     @classmethod
-    def fit(cls, probs_val: Array, labels_val: Array, coverage: float = 0.9, randomized: bool = False,
-            penalty: float = 0.0, k_reg: int = 1, seed: int = 0) -> ConformalPredictor:
+    def fit(
+        cls,
+        probs_val: Array,
+        labels_val: Array,
+        coverage: float = 0.9,
+        randomized: bool = False,
+        penalty: float = 0.0,
+        k_reg: int = 1,
+        seed: int = 0,
+    ) -> ConformalPredictor:
         qhat = fit_conformal(probs_val, labels_val, coverage, randomized, penalty, k_reg, seed)
         return cls(qhat, coverage, randomized, penalty, k_reg)
 
@@ -422,8 +461,9 @@ class ConformalPredictor:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConformalPredictor:
-        return cls(float(d["qhat"]), float(d["coverage"]), bool(d.get("randomized", False)),
-                   float(d.get("penalty", 0.0)), int(d.get("k_reg", 1)))
+        return cls(
+            float(d["qhat"]), float(d["coverage"]), bool(d.get("randomized", False)), float(d.get("penalty", 0.0)), int(d.get("k_reg", 1))
+        )
 
 
 # ----------------------------------------------------------------------------- class imbalance

@@ -244,8 +244,12 @@ class RunConfig:
         for k in ("rrc_scale", "rrc_ratio"):
             if k in aug:
                 aug[k] = tuple(aug[k])
-        for name, section, kind in (("data", d["data"], DataConfig), ("model", d.get("model", {}), ModelConfig),
-                                    ("train", train, TrainConfig), ("train.augment", aug, AugmentSpec)):
+        for name, section, kind in (
+            ("data", d["data"], DataConfig),
+            ("model", d.get("model", {}), ModelConfig),
+            ("train", train, TrainConfig),
+            ("train.augment", aug, AugmentSpec),
+        ):
             _check_keys(f"config section {name!r}", section, {f.name for f in dataclasses.fields(kind)})
         return cls(
             data=DataConfig(**d["data"]),

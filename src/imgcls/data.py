@@ -141,8 +141,9 @@ def _drop_duplicate_files(splits: dict[str, list[Sample]], class_names: list[str
                 ignored["duplicate links to one file"] += 1
                 continue
             where = f"classes {class_names[label0]!r} and {class_names[label]!r}" if label0 != label else f"splits {split0!r} and {split!r}"
-            raise DatasetError(f"{path} is the same file as {path0} (a link), in {where}: "
-                               "a file can have one class and one split; remove one of them")
+            raise DatasetError(
+                f"{path} is the same file as {path0} (a link), in {where}: a file can have one class and one split; remove one of them"
+            )
     return out
 
 
@@ -219,8 +220,12 @@ def _check_inside_root(csv_path: Path, rows: list[tuple[int, str, str, str]]) ->
             outside.append(f"line {lineno}: {path}" + ("" if real == path else f" -> {real}"))
     if outside:
         more = f" (and {len(outside) - 5} more)" if len(outside) > 5 else ""
-        raise DatasetError(f"{csv_path}: {len(outside)} path(s) lead outside the manifest's folder {base}: " + "; ".join(outside[:5]) + more
-                           + ". Move the files (or the manifest), or pass --allow-outside-root if the manifest is trusted")
+        raise DatasetError(
+            f"{csv_path}: {len(outside)} path(s) lead outside the manifest's folder {base}: "
+            + "; ".join(outside[:5])
+            + more
+            + ". Move the files (or the manifest), or pass --allow-outside-root if the manifest is trusted"
+        )
 
 
 def _index_csv(

@@ -9,8 +9,8 @@ folder indexing, decoding, caching, training, evaluation and prediction a user's
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -60,7 +60,10 @@ def run_demo(out: str | Path = "imgcls-demo", epochs: int = 20, progress: bool =
     )
     run = fit(cfg, progress=progress, log=log, overwrite=True)  # OUT/model is the demo's own: a second demo replaces it
     m = evaluate(run, data, split="test", progress=progress, log=log)
-    log(f"\ntest split: {m['num_samples']} images  accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}")
+    log(
+        f"\ntest split: {m['num_samples']} images  accuracy {m['accuracy']:.4f}  "
+        f"macro-F1 {m['macro_f1']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}"
+    )
     clf = Classifier.load(run)
     rng = np.random.default_rng(0)
     test_files = sorted((data / "test").rglob("*.png"))
@@ -68,7 +71,10 @@ def run_demo(out: str | Path = "imgcls-demo", epochs: int = 20, progress: bool =
     log("\npredictions on held-out test images:")
     for r in clf.predict([str(p) for p in picks], top_k=3):
         probs = "  ".join(f"{t['label']}:{t['score']:.3f}" for t in r["top_k"])
-        log(f"  {Path(r['path']).relative_to(data)}  true {Path(r['path']).parent.name}  predicted {r['label']} ({r['score']:.3f})   top-3 {probs}")
+        log(
+            f"  {Path(r['path']).relative_to(data)}  true {Path(r['path']).parent.name} "
+            f" predicted {r['label']} ({r['score']:.3f})   top-3 {probs}"
+        )
     log(f"\nmodel:  {run}  (model.safetensors + model.json)")
     log(f"report: {m['report']}")
     log(f"done in {time.perf_counter() - t0:.0f} s. Next: imgcls predict {run} IMAGE.png")

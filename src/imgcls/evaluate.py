@@ -7,9 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from imgcls.artifact import load_artifact, resolve_artifact_dir, spec_of
 from imgcls.config import DEFAULT_MAX_PIXELS
-from imgcls.data import DatasetError, DatasetIndex, index_dataset, load_split
+from imgcls.data import DatasetError, DatasetIndex, DecodedImages, index_dataset, load_split
 from imgcls.inference.answer import postprocess
 from imgcls.inference.trust import Trust, trust_metrics
 from imgcls.metrics import classification_metrics
@@ -42,7 +44,10 @@ def _check_classes(data_path: str | os.PathLike, class_names: list[str], allow_o
     probe = index_dataset(data_path, allow_outside_root=allow_outside_root)
     unknown = sorted(set(probe.class_names) - set(class_names))
     if unknown:
-        raise DatasetError(f"{data_path}: classes not known to the model: {', '.join(unknown[:10])} (the model has {len(class_names)}: {', '.join(class_names[:10])}{'...' if len(class_names) > 10 else ''})")
+        raise DatasetError(
+            f"{data_path}: classes not known to the model: {', '.join(unknown[:10])} (the model has "
+            f"{len(class_names)}: {', '.join(class_names[:10])}{'...' if len(class_names) > 10 else ''})"
+        )
 
 
 def data_name(data_path: str | os.PathLike) -> str:
@@ -103,33 +108,71 @@ def evaluate(
     if coverage is not None:
         trust.qhat(coverage)  # a model without conformal scores fails before any image is decoded
     class_names = meta["class_names"]
-    spec = spec_of(meta)
-    _check_classes(data_path, class_names, allow_outside_root)
-    index = index_dataset(data_path, class_names=class_names, allow_outside_root=allow_outside_root)
-    name = choose_split(index, split)
-    decoded, labels = load_split(index.splits[name], spec, None, workers, meta.get("config", {}).get("data", {}).get("max_pixels", DEFAULT_MAX_PIXELS), progress, f"decode {name}")
-    for path, why in decoded.failures:
-        log(f"skipped {path}: {why}")
-    if len(labels) == 0:
-        raise DatasetError(f"{data_path}: no image could be decoded in split {name!r}")
+    name, decoded, labels = _decode_split(data_path, meta, split, workers, allow_outside_root, progress, log)
     tta_mode = resolve_tta(tta, meta)
     model, amp_dtype = prepare_inference_model(model, dev, resolve_precision(precision, dev))  # as predict does
     forward = CompiledForward(model, compile, log)
     forward.expect(len(decoded.images) * tta_view_count(tta_mode))
-    logits = batched_logits(model, decoded.images, spec, batch_size=batch_size, device=dev, amp_dtype=amp_dtype, progress=progress, tta=tta_mode, forward=forward)
+    logits = batched_logits(
+        model,
+        decoded.images,
+        spec_of(meta),
+        batch_size=batch_size,
+        device=dev,
+        amp_dtype=amp_dtype,
+        progress=progress,
+        tta=tta_mode,
+        forward=forward,
+    )  # (N, C)
     probs = postprocess(logits, trust).probs  # (N, C) calibrated, as predict answers
     metrics = {**classification_metrics(probs, labels, class_names), **trust_metrics(logits, labels, trust, coverage)}
     metrics.update(split=name, data=str(data_path), model=str(model_dir), skipped_files=len(decoded.failures), tta=tta_mode)
-
-    pred = Predictions(probs, labels, decoded.paths)
-    out = Path(out_dir) if out_dir else default_out_dir(model_dir, data_path)
-    facts = {"model": f"{meta['arch']} ({model_dir})", "data": f"{data_path} ({name} split)", "TTA": tta_mode,
-             "skipped files": len(decoded.failures) or None}
+    facts = {
+        "model": f"{meta['arch']} ({model_dir})",
+        "data": f"{data_path} ({name} split)",
+        "TTA": tta_mode,
+        "skipped files": len(decoded.failures) or None,
+    }
     report = write_report(
-        out, metrics, class_names, read_history(model_dir), title=f"{meta['arch']} on {data_name(data_path)} ({name})", predictions=pred,
-        model_dir=model_dir, probe_sweep=read_probe_sweep(model_dir), audit=audit, top_losses=top_losses, facts=facts,
-        html_path=report_file, files=report_file is None, log=log,
+        Path(out_dir) if out_dir else default_out_dir(model_dir, data_path),
+        metrics,
+        class_names,
+        read_history(model_dir),
+        title=f"{meta['arch']} on {data_name(data_path)} ({name})",
+        predictions=Predictions(probs, labels, decoded.paths),
+        model_dir=model_dir,
+        probe_sweep=read_probe_sweep(model_dir),
+        audit=audit,
+        top_losses=top_losses,
+        facts=facts,
+        html_path=report_file,
+        files=report_file is None,
+        log=log,
     )
     metrics["report"] = str(report)
     metrics["predictions"] = {"paths": decoded.paths, "predicted": probs.argmax(1).tolist(), "labels": labels.tolist()}
     return metrics
+
+
+def _decode_split(
+    data_path: str | os.PathLike,
+    meta: dict[str, Any],
+    split: str | None,
+    workers: int,
+    allow_outside_root: bool,
+    progress: bool,
+    log: Callable[[str], None],
+) -> tuple[str, DecodedImages, np.ndarray]:
+    """The chosen split of `data_path` decoded with the model's preprocessing: (split name,
+    DecodedImages, labels (N,)); files that cannot be decoded are logged and left out."""
+    class_names = meta["class_names"]
+    _check_classes(data_path, class_names, allow_outside_root)
+    index = index_dataset(data_path, class_names=class_names, allow_outside_root=allow_outside_root)
+    name = choose_split(index, split)
+    max_pixels = meta.get("config", {}).get("data", {}).get("max_pixels", DEFAULT_MAX_PIXELS)
+    decoded, labels = load_split(index.splits[name], spec_of(meta), None, workers, max_pixels, progress, f"decode {name}")
+    for path, why in decoded.failures:
+        log(f"skipped {path}: {why}")
+    if len(labels) == 0:
+        raise DatasetError(f"{data_path}: no image could be decoded in split {name!r}")
+    return name, decoded, labels

@@ -60,8 +60,12 @@ def _import_onnx() -> tuple[Any, Any]:
 
 def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
     """model.json -> the ONNX metadata_props (strings; JSON for JSON_KEYS) that make a .onnx self-describing."""
-    keep = {"arch": meta["arch"], "class_names": list(meta["class_names"]), "preprocess": spec_of(meta).to_dict(),
-            "imgcls_version": imgcls.__version__}
+    keep = {
+        "arch": meta["arch"],
+        "class_names": list(meta["class_names"]),
+        "preprocess": spec_of(meta).to_dict(),
+        "imgcls_version": imgcls.__version__,
+    }
     for key in ("calibration", "unknown", "conformal", "tta"):  # temperature, "unknown" rule, conformal scores; the default TTA mode
         if meta.get(key) is not None:
             keep[key] = meta[key]
@@ -106,7 +110,11 @@ def _evenly(items: list[Any], n: int) -> list[Any]:
 
 
 def check_images(
-    model_dir: Path, meta: dict[str, Any], spec: PreprocessSpec, data: str | os.PathLike | None = None, need_labels: bool = False,
+    model_dir: Path,
+    meta: dict[str, Any],
+    spec: PreprocessSpec,
+    data: str | os.PathLike | None = None,
+    need_labels: bool = False,
     max_images: int = MAX_CHECK_IMAGES,
 ) -> CheckImages:
     """Images for the parity check and the int8 accuracy, prepared as predict prepares its inputs.
@@ -176,15 +184,26 @@ def _export_graph(model: torch.nn.Module, spec: PreprocessSpec, opset: int) -> A
         warnings.simplefilter("ignore")
         # dynamo=False: the torch.export-based exporter needs onnxscript, which imgcls does not depend on.
         torch.onnx.export(
-            model, (x,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, do_constant_folding=True,
+            model,
+            (x,),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
         )
     return onnx.load_from_string(buf.getvalue())
 
 
 def export_onnx(
-    model_dir: str | os.PathLike, out_path: str | os.PathLike, opset: int = DEFAULT_OPSET, quantize: str | None = None,
-    data: str | os.PathLike | None = None, log: Callable[[str], None] = print,
+    model_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    quantize: str | None = None,
+    data: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write `out_path` (.onnx) from a model folder, after checking it against torch fp32.
 
@@ -217,15 +236,23 @@ def export_onnx(
         probs = torch.softmax(OnnxRunner(tmp)(images), 1).numpy()
         diff = float(np.abs(probs - ref).max())
         agree = int((probs.argmax(1) == ref.argmax(1)).sum())
-        log(f"parity onnxruntime vs torch fp32 on {len(images)} images: max abs diff of probabilities {diff:.2e}, "
-            f"top-1 agreement {agree}/{len(images)}")
+        log(
+            f"parity onnxruntime vs torch fp32 on {len(images)} images: max abs diff of probabilities {diff:.2e}, "
+            f"top-1 agreement {agree}/{len(images)}"
+        )
         if agree < len(images):
             wrong = len(images) - agree
             raise ExportError(f"ONNX export disagrees with torch on the top-1 class of {wrong} of {len(images)} images; {out} not written")
     shape = f"(batch, 3, {spec.img_size}, {spec.img_size})"
     log(f"wrote {out} (opset {opset}, input {INPUT_NAME!r} {shape} float32 normalised, output {OUTPUT_NAME!r})")
-    report: dict[str, Any] = {"path": str(out), "opset": opset, "n_images": len(images), "image_source": check.source,
-                              "max_abs_diff": diff, "top1_agreement": agree / len(images)}
+    report: dict[str, Any] = {
+        "path": str(out),
+        "opset": opset,
+        "n_images": len(images),
+        "image_source": check.source,
+        "max_abs_diff": diff,
+        "top1_agreement": agree / len(images),
+    }
     if quantize == "int8":
         report.update(_quantize_int8(out, props, check, probs, spec, log=log))
     return report
@@ -265,8 +292,15 @@ def _quantize_int8(
         # Per-channel weight scales: one scale per tensor loses too much on depthwise convs, whose
         # BN-folded channels differ in range by 100x (EfficientNet-Lite, MobileNet).
         quantize_static(
-            str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-            activation_type=QuantType.QUInt8, op_types_to_quantize=QUANT_OPS, nodes_to_exclude=[first_conv] if first_conv else [],
+            str(pre),
+            str(tmp),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+            op_types_to_quantize=QUANT_OPS,
+            nodes_to_exclude=[first_conv] if first_conv else [],
         )
         q = onnx.load(str(tmp))
         _set_metadata(q, {**props, "quantization": f"int8 {how}"})
@@ -279,5 +313,10 @@ def _quantize_int8(
     shown = "n/a (labels unknown)" if check.labels is None else f"fp32 {acc['fp32']:.4f} -> int8 {acc['int8']:.4f}"
     views = "" if props.get("tta", "none") == "none" else f" (one view each, not the model's {props['tta']} TTA)"
     log(f"accuracy on {len(check.images)} check images{views}: {shown}; int8 top-1 agrees with fp32 on {agree:.1%}")
-    return {"int8_path": str(q_out), "accuracy_fp32": acc["fp32"], "accuracy_int8": acc["int8"], "int8_top1_agreement": agree,
-            "int8_method": how}
+    return {
+        "int8_path": str(q_out),
+        "accuracy_fp32": acc["fp32"],
+        "accuracy_int8": acc["int8"],
+        "int8_top1_agreement": agree,
+        "int8_method": how,
+    }

@@ -37,9 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgcls.config import DEFAULT_MAX_PIXELS
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 # Pillow format names opened at all (Image.open(formats=...)); what the extensions above stand for.
 IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
@@ -272,8 +270,7 @@ def _check_size(img: Image.Image, label: str, max_pixels: int, draft_size: int |
         w, h = img.size
         raise _bomb_error(
             label,
-            f"decoding this {w}x{h} {img.format} image (mode {img.mode}) would take about {_mb(need)}, "
-            f"over the limit of {_mb(max_bytes)}",
+            f"decoding this {w}x{h} {img.format} image (mode {img.mode}) would take about {_mb(need)}, over the limit of {_mb(max_bytes)}",
         )
 
 
@@ -372,9 +369,7 @@ def _from_array(a: np.ndarray, label: str, max_pixels: int) -> Image.Image:
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
-        raise ImageDecodeError(
-            label, f"unsupported array shape {a.shape}; expected HxW, HxWx1, HxWx3 or HxWx4", "unsupported"
-        )
+        raise ImageDecodeError(label, f"unsupported array shape {a.shape}; expected HxW, HxWx1, HxWx3 or HxWx4", "unsupported")
     height, width = a.shape[:2]
     if height * width == 0:
         raise ImageDecodeError(label, f"empty image (array shape {a.shape})")
@@ -391,8 +386,6 @@ def _from_array(a: np.ndarray, label: str, max_pixels: int) -> Image.Image:
     elif kind == "f":
         a = _scale_to_uint8(a, "F")
     elif not (kind == "u" and itemsize == 1):
-        raise ImageDecodeError(
-            label, f"unsupported array dtype {a.dtype}; expected uint8, uint16, bool or float", "unsupported"
-        )
+        raise ImageDecodeError(label, f"unsupported array dtype {a.dtype}; expected uint8, uint16, bool or float", "unsupported")
     # fromarray picks L / RGB / RGBA from the shape; RGB arrays are copied, the rest converted.
     return _to_rgb(Image.fromarray(np.ascontiguousarray(a)))

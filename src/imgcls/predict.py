@@ -57,9 +57,17 @@ class Classifier:
     """
 
     def __init__(
-        self, model: nn.Module | None, meta: dict[str, Any], device: str = "auto", precision: str = "auto",
-        max_pixels: int = DEFAULT_MAX_PIXELS, runner: Runner | None = None, tta: str = "auto", compile: str = "auto",
-        log: Callable[[str], None] | None = None, unknown_threshold: float | None = None,
+        self,
+        model: nn.Module | None,
+        meta: dict[str, Any],
+        device: str = "auto",
+        precision: str = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        runner: Runner | None = None,
+        tta: str = "auto",
+        compile: str = "auto",
+        log: Callable[[str], None] | None = None,
+        unknown_threshold: float | None = None,
     ) -> None:
         if runner is None and model is None:
             raise ValueError("Classifier needs a model or a runner")
@@ -110,8 +118,13 @@ class Classifier:
 
         entry = get_entry(arch)
         model = create_model(arch, num_classes=entry.pretrained_classes, pretrained=True)
-        meta = {"arch": arch, "class_names": imagenet_class_names(), "preprocess": entry.default_spec.to_dict(),
-                "source": f"{PRETRAINED_PREFIX}:{arch}", "weights": entry.pretrained_source}
+        meta = {
+            "arch": arch,
+            "class_names": imagenet_class_names(),
+            "preprocess": entry.default_spec.to_dict(),
+            "source": f"{PRETRAINED_PREFIX}:{arch}",
+            "weights": entry.pretrained_source,
+        }
         return cls(model, meta, **kwargs)
 
     # ------------------------------------------------------------------ preprocessing
@@ -142,8 +155,13 @@ class Classifier:
         return self.infer_arrays(arrays, batch_size).probs
 
     def predict(
-        self, images: ImageSource | list[ImageSource], top_k: int = 5, batch_size: int | None = None, errors: str = "raise",
-        workers: int = 0, coverage: float | None = None,
+        self,
+        images: ImageSource | list[ImageSource],
+        top_k: int = 5,
+        batch_size: int | None = None,
+        errors: str = "raise",
+        workers: int = 0,
+        coverage: float | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """Label, score, top-k and every class probability for one input or a list of them.
 
@@ -159,8 +177,14 @@ class Classifier:
         return results[0] if single else results
 
     def iter_predict(
-        self, items: Iterable[ImageSource], top_k: int = 5, batch_size: int | None = None, errors: str = "report", workers: int = 0,
-        probabilities: bool = True, coverage: float | None = None,
+        self,
+        items: Iterable[ImageSource],
+        top_k: int = 5,
+        batch_size: int | None = None,
+        errors: str = "report",
+        workers: int = 0,
+        probabilities: bool = True,
+        coverage: float | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Stream results in input order (for large folders); probabilities=False leaves out the
         per-class "probabilities" dict (label, score and top_k stay). coverage: add each answer's
@@ -191,7 +215,13 @@ class Classifier:
                 yield from self._finish_chunk(*pending, top_k, batch_size, errors, probabilities, qhat)
 
     def _finish_chunk(
-        self, names: list[str], futures: list[Future], top_k: int, batch_size: int | None, errors: str, probabilities: bool,
+        self,
+        names: list[str],
+        futures: list[Future],
+        top_k: int,
+        batch_size: int | None,
+        errors: str,
+        probabilities: bool,
         qhat: float | None,
     ) -> Iterator[dict[str, Any]]:
         prepared = [f.result() for f in futures]

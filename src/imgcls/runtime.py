@@ -177,8 +177,13 @@ class CompiledForward:
     stays eager. Call under torch.inference_mode(), as `batched_logits` does.
     """
 
-    def __init__(self, model: nn.Module, mode: str = "auto", log: Callable[[str], None] | None = None,
-                 compiler: Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str = "auto",
+        log: Callable[[str], None] | None = None,
+        compiler: Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    ) -> None:
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
         self.model, self.mode, self.log = model, mode, log or (lambda msg: None)

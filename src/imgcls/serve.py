@@ -112,8 +112,10 @@ class ServeSettings:
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"batch_wait_ms must be in [0, 1000], got {self.batch_wait_ms}")
         if not self.decode_budget_mb >= self.max_decoded_mb:
-            raise ValueError(f"decode_budget_mb ({self.decode_budget_mb}) must be >= max_decoded_mb ({self.max_decoded_mb}): "
-                             "the largest image allowed must fit in the budget")
+            raise ValueError(
+                f"decode_budget_mb ({self.decode_budget_mb}) must be >= max_decoded_mb ({self.max_decoded_mb}): "
+                "the largest image allowed must fit in the budget"
+            )
 
     @property
     def max_upload_bytes(self) -> int:
@@ -167,11 +169,13 @@ class LabelScore(BaseModel):
     label: str
     score: float
 
+
 class Explanation(BaseModel):
     target: str  # the class explained: the answer's label
     overlay_png_base64: str  # the image with the Grad-CAM heat map over it, PNG, at most 512 px a side
     width: int
     height: int
+
 
 class Prediction(BaseModel):
     path: str | None
@@ -183,17 +187,276 @@ class Prediction(BaseModel):
     set: list[str] | None = None  # only with ?coverage=: the conformal prediction set, most probable first
     explanation: Explanation | None = None  # only with ?explain=true
 
+
 class ModelRef(BaseModel):
     name: str
     version: str
+
 
 class PredictResponse(BaseModel):
     model: ModelRef
     predictions: list[Prediction]
 
+
 class Error(BaseModel):
     detail: str
 
+
+class _Service:
+    """What one app serves with: the model, the batcher, the limits and the decode and explanation
+    threads; one method per step of a /v1/predict request, and the bodies of /v1/health and /v1/model."""
+
+    def __init__(self, classifier: Classifier, s: ServeSettings, infer: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        self.classifier = classifier
+        self.s = s
+        self.meta = classifier.meta
+        self.class_names = list(classifier.class_names)
+        self.model_ref = {"name": str(self.meta.get("arch", "model")), "version": model_version(self.meta)}
+        infer = infer or (lambda x: classifier.infer_arrays(x, batch_size=s.max_batch))
+        self.batcher = Batcher(infer, s.max_batch, s.batch_wait_ms, s.queue_size, s.batching)
+        self.decode_workers = s.decode_workers or min(4, os.cpu_count() or 1)
+        self.budget = ByteBudget(s.decode_budget_bytes)  # decoding memory across the decode threads
+        self.clients = ClientLimits(s.max_client_requests)
+        self.runtime: dict[str, ThreadPoolExecutor] = {}  # the thread pools, while the app runs
+        # Loads the model folder on the first ?explain=true.
+        self.explainer = UploadExplainer(self.meta.get("source"), classifier.max_pixels)
+        self.static = {name: resources.files("imgcls").joinpath("static", name).read_bytes() for name in ("index.html", *STATIC_FILES)}
+        self.draft_size = classifier.spec.cache_size  # what Classifier.prepare decodes a JPEG at
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """The decode and explanation threads and the inference thread, from start-up to shutdown."""
+        s, model_ref = self.s, self.model_ref
+        self.runtime["pool"] = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="imgcls-decode")
+        self.runtime["explain"] = ThreadPoolExecutor(1, thread_name_prefix="imgcls-explain")  # one: the explainer's model is not shared
+        self.batcher.start()
+        batching = f"up to {s.max_batch} images, wait {s.batch_wait_ms:g} ms" if s.batching else "off"
+        log.info("serving %s %s (%d classes), batching %s", model_ref["name"], model_ref["version"], len(self.class_names), batching)
+        try:
+            yield
+        finally:
+            self.batcher.stop()
+            self.runtime.pop("pool").shutdown(wait=False, cancel_futures=True)
+            self.runtime.pop("explain").shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ /v1/predict, step by step
+
+    async def predict(self, request: Request, top_k: int | None, explain: bool, coverage: float | None) -> dict[str, Any]:
+        """The answer to one /v1/predict request; every refusal is a `RequestError` (or `ClientGone`)."""
+        s = self.s
+        qhat = self.parse_query(explain, coverage)
+        client = self.enter(request)
+        try:
+            uploads, form_top_k = await read_uploads(request, s.max_upload_bytes, s.max_images, s.body_timeout_s)
+            k = top_k or parse_top_k(form_top_k) or s.default_top_k
+            request.state.n_images = len(uploads)
+            future = await self.queue(uploads)
+            out = Outputs.of(await future)  # probabilities (n, num_classes), "unknown" verdicts (n,)
+            answers = self.answers(out, uploads, k, qhat)
+            if explain:
+                await self.explain(answers, uploads)
+        finally:
+            self.clients.leave(client)
+        return {"model": self.model_ref, "predictions": answers}
+
+    def parse_query(self, explain: bool, coverage: float | None) -> float | None:
+        """The conformal threshold for ?coverage= (None without it); 501 for ?explain=true with nothing to explain with."""
+        if explain and not self.explainer.available:
+            raise RequestError(501, UNAVAILABLE)
+        try:
+            return None if coverage is None else self.classifier.trust.qhat(coverage)
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
+
+    def enter(self, request: Request) -> str:
+        """The request's client address, counted in progress until `clients.leave`; 503 when the queue
+        is full, 429 when the client has too many requests in progress."""
+        # Refusals that cost nothing come first, before a byte of the body is read.
+        if self.batcher.full:
+            raise self.busy()
+        client = request.client.host if request.client else "unknown"
+        if not self.clients.enter(client):
+            limit = self.s.max_client_requests
+            raise RequestError(
+                429,
+                f"too many requests in progress from {client} (at most {limit}); wait for an answer before sending more",
+                {"Retry-After": "1"},
+            )
+        return client
+
+    def busy(self) -> RequestError:
+        return RequestError(503, f"server busy: {self.batcher.capacity} requests already waiting; retry shortly", {"Retry-After": "1"})
+
+    async def queue(self, uploads: list[tuple[str | None, bytearray]]) -> asyncio.Future:
+        """A place in the queue, the uploads decoded, then handed to the batcher; its future for their outputs."""
+        if not self.batcher.admit():  # a place in the queue only once the body is in: slow uploads hold none
+            raise self.busy()
+        future = None
+        try:
+            future = self.batcher.submit(await self.decode_all(uploads))  # uint8 (n, S, S, 3)
+        finally:
+            if future is None:
+                self.batcher.withdraw()
+        return future
+
+    def prepare(self, data: bytes, name: str) -> np.ndarray | RequestError:
+        """One upload -> uint8 (S, S, 3), in a decode thread: the header checked first, then its
+        decoding memory held from the budget while Classifier.prepare decodes and resizes it."""
+        s, classifier = self.s, self.classifier
+        try:
+            header = read_header(
+                data, name=name, max_pixels=classifier.max_pixels, draft_size=self.draft_size, max_bytes=s.max_decoded_bytes
+            )
+            with self.budget.hold(header.decode_bytes, DECODE_WAIT_S):
+                return classifier.prepare(data, name)
+        except ImageDecodeError as e:
+            return RequestError(DECODE_ERROR_STATUS.get(e.kind, 400), f"{name}: {e.reason or e}")
+        except BudgetExhausted:
+            return RequestError(
+                503, f"server busy decoding other images (over {s.decode_budget_mb:g} MB in progress); retry shortly", {"Retry-After": "1"}
+            )
+
+    async def decode_all(self, uploads: list[tuple[str | None, bytearray]]) -> np.ndarray:
+        """Each upload -> uint8 (S, S, 3) in the decode threads; stacked (n, S, S, 3). The first failure is raised."""
+        loop = asyncio.get_running_loop()
+        names = [fn or (f"image {i + 1}" if len(uploads) > 1 else "image") for i, (fn, _) in enumerate(uploads)]
+        pool = self.runtime["pool"]
+        out = await asyncio.gather(*(loop.run_in_executor(pool, self.prepare, data, name) for (_, data), name in zip(uploads, names)))
+        for a in out:
+            if isinstance(a, RequestError):
+                raise a
+        return np.stack(out)
+
+    def answers(self, out: Outputs, uploads: list[tuple[str | None, bytearray]], k: int, qhat: float | None) -> list[dict[str, Any]]:
+        """One answer dict per upload from the batch's outputs, with its conformal set under ?coverage=."""
+        sets = self.classifier.trust.sets(out.probs, qhat) if qhat is not None else [None] * len(out)
+        return [_prediction(p, self.class_names, k, fn, bool(ok), st) for p, ok, st, (fn, _) in zip(out.probs, out.known, sets, uploads)]
+
+    async def explain(self, answers: list[dict[str, Any]], uploads: list[tuple[str | None, bytearray]]) -> None:
+        """Add "explanation" to each answer: a Grad-CAM overlay of its label."""
+        # Off the event loop and outside the batching queue, one image at a time in the explanation thread.
+        loop = asyncio.get_running_loop()
+        for a, (_, data) in zip(answers, uploads):
+            target = (a.get("best_guess") or a)["label"]  # an "unknown" answer is explained for its best guess
+            a["explanation"] = await loop.run_in_executor(self.runtime["explain"], self.explainer, data, target)
+
+    # ------------------------------------------------------------------ /v1/health, /v1/model
+
+    def health(self) -> dict[str, Any]:
+        """Liveness and load: the model, the requests waiting and the forward passes run."""
+        batcher, budget, clients = self.batcher, self.budget, self.clients
+        return {
+            "status": "ok",
+            "model": self.model_ref,
+            "queue": {"waiting": batcher.waiting, "ready": batcher.ready, "capacity": batcher.capacity},
+            "batching": self.s.batching,
+            "forward_calls": batcher.forward_calls,
+            "images": batcher.images_done,
+            "decoding": {"bytes": budget.in_use, "peak_bytes": budget.peak, "budget_bytes": budget.capacity},
+            "clients": {"addresses": clients.clients, "requests": clients.requests, "limit_each": self.s.max_client_requests},
+        }
+
+    def model_info(self) -> dict[str, Any]:
+        """Class names, preprocessing, metrics and version of the served model, and the server's limits."""
+        meta, classifier = self.meta, self.classifier
+        return {
+            **self.model_ref,
+            "num_classes": len(self.class_names),
+            "class_names": self.class_names,
+            "preprocess": classifier.spec.to_dict(),
+            "metrics": meta.get("metrics", {}),
+            "calibration": classifier.trust.describe(),  # temperature, "unknown" rule, conformal scores (for ?coverage=)
+            "training": meta.get("training", {}),
+            "versions": meta.get("versions", {}),
+            "runtime": {
+                "backend": meta.get("backend", "torch"),
+                "device": str(classifier.device),
+                "precision": str(classifier.amp_dtype or "float32").replace("torch.", ""),
+            },
+            "limits": {**asdict(self.s), "max_pixels": classifier.max_pixels},
+        }
+
+
+async def _refuse(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+
+async def _gone(request: Request, exc: ClientGone) -> Response:
+    # Nobody is left to answer (uvicorn drops it); the access log records 499 and why, no traceback.
+    request.state.log_note = str(exc)
+    return Response(status_code=CLIENT_CLOSED)
+
+
+def _predict_body(s: ServeSettings) -> dict[str, Any]:
+    """/v1/predict's request body for the OpenAPI document (the endpoint reads the body itself)."""
+    binary = {"type": "string", "format": "binary"}
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [UPLOAD_FIELD],
+                    "properties": {
+                        UPLOAD_FIELD: {
+                            "type": "array",
+                            "items": binary,
+                            "description": f"one or more images (repeat the field), at most {s.max_images}",
+                        },
+                        "top_k": {"type": "integer", "minimum": 1, "description": "classes per image"},
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": binary},
+            "image/*": {"schema": binary},
+        },
+    }
+
+
+def _predict_errors(s: ServeSettings) -> dict[int | str, dict[str, Any]]:
+    """/v1/predict's error answers for the OpenAPI document."""
+    return {
+        400: {"model": Error, "description": "too many images, or an empty, truncated or corrupt image"},
+        408: {"model": Error, "description": f"the body did not arrive within {s.body_timeout_s:g} s"},
+        413: {
+            "model": Error,
+            "description": f"body over {s.max_upload_mb:g} MB, or an image with too many pixels or that would "
+            f"take over {s.max_decoded_mb:g} MB to decode (a decompression bomb)",
+        },
+        415: {"model": Error, "description": "not an image in a format imgcls reads, or an unsupported content type"},
+        429: {"model": Error, "description": f"this client already has {s.max_client_requests} requests in progress"},
+        501: {"model": Error, "description": "?explain=true where the server has no model folder to explain with (a bare ONNX file)"},
+        503: {"model": Error, "description": "the queue is full, or decoding memory is taken by other requests; retry later"},
+    }
+
+
+def _add_predict_route(app: FastAPI, service: _Service) -> None:
+    """POST /v1/predict, its query parameters described with the server's settings."""
+    s = service.s
+    top_k_query = Query(None, ge=1, description=f"classes per image (default {s.default_top_k})")
+    explain_query = Query(False, description="add `explanation` to each answer: a Grad-CAM overlay of its label (~0.3 s per 224 px image)")
+    coverage_query = Query(
+        None,
+        gt=0,
+        lt=1,
+        description="add `set` to each answer: the classes that hold the true one with this "
+        "probability (split conformal on the model's validation scores), e.g. 0.9",
+    )
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses=_predict_errors(s),
+        openapi_extra={"requestBody": _predict_body(s)},
+        tags=["predict"],
+        response_model_exclude_unset=True,  # "explanation" only when asked for
+    )
+    async def predict(
+        request: Request, top_k: int | None = top_k_query, explain: bool = explain_query, coverage: float | None = coverage_query
+    ) -> dict[str, Any]:
+        """Label, score and top-k classes for each image: multipart field `file` (repeatable) or a raw image body.
+        An image the model's "unknown" rule turns away is answered label "unknown" with its `best_guess`."""
+        return await service.predict(request, top_k, explain, coverage)
 
 
 def create_app(
@@ -207,185 +470,30 @@ def create_app(
     """
     import imgcls
 
-    s = settings or ServeSettings()
-    meta = classifier.meta
-    class_names = list(classifier.class_names)
-    model_ref = {"name": str(meta.get("arch", "model")), "version": model_version(meta)}
-    infer = infer or (lambda x: classifier.infer_arrays(x, batch_size=s.max_batch))
-    batcher = Batcher(infer, s.max_batch, s.batch_wait_ms, s.queue_size, s.batching)
-    decode_workers = s.decode_workers or min(4, os.cpu_count() or 1)
-    budget = ByteBudget(s.decode_budget_bytes)  # decoding memory across the decode threads
-    clients = ClientLimits(s.max_client_requests)
-    runtime: dict[str, Any] = {}
-    explainer = UploadExplainer(meta.get("source"), classifier.max_pixels)  # loads the model folder on the first ?explain=true
-    static = {name: resources.files("imgcls").joinpath("static", name).read_bytes() for name in ("index.html", *STATIC_FILES)}
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime["pool"] = ThreadPoolExecutor(decode_workers, thread_name_prefix="imgcls-decode")
-        runtime["explain"] = ThreadPoolExecutor(1, thread_name_prefix="imgcls-explain")  # one: the explainer's model is not shared
-        batcher.start()
-        batching = f"up to {s.max_batch} images, wait {s.batch_wait_ms:g} ms" if s.batching else "off"
-        log.info("serving %s %s (%d classes), batching %s", model_ref["name"], model_ref["version"], len(class_names), batching)
-        try:
-            yield
-        finally:
-            batcher.stop()
-            runtime.pop("pool").shutdown(wait=False, cancel_futures=True)
-            runtime.pop("explain").shutdown(wait=False, cancel_futures=True)
-
+    service = _Service(classifier, settings or ServeSettings(), infer)
+    model_ref, static = service.model_ref, service.static
     app = FastAPI(
         title="imgcls",
         version=imgcls.__version__,
-        description=f"Image classification with `{model_ref['name']}` ({len(class_names)} classes). POST images to /v1/predict.",
-        lifespan=lifespan,
+        description=f"Image classification with `{model_ref['name']}` ({len(service.class_names)} classes). POST images to /v1/predict.",
+        lifespan=service.lifespan,
     )
     app.add_middleware(AccessLog)
-    app.state.batcher = batcher  # for tests and monitoring
-    app.state.decode_budget = budget
-
-    @app.exception_handler(RequestError)
-    async def _refuse(request: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(ClientGone)
-    async def _gone(request: Request, exc: ClientGone) -> Response:
-        # Nobody is left to answer (uvicorn drops it); the access log records 499 and why, no traceback.
-        request.state.log_note = str(exc)
-        return Response(status_code=CLIENT_CLOSED)
-
-    binary = {"type": "string", "format": "binary"}
-    predict_body = {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": {"type": "object", "required": [UPLOAD_FIELD], "properties": {
-                UPLOAD_FIELD: {
-                    "type": "array", "items": binary, "description": f"one or more images (repeat the field), at most {s.max_images}",
-                },
-                "top_k": {"type": "integer", "minimum": 1, "description": "classes per image"},
-            }}},
-            "application/octet-stream": {"schema": binary},
-            "image/*": {"schema": binary},
-        },
-    }
-    errors = {
-        400: {"model": Error, "description": "too many images, or an empty, truncated or corrupt image"},
-        408: {"model": Error, "description": f"the body did not arrive within {s.body_timeout_s:g} s"},
-        413: {"model": Error, "description": f"body over {s.max_upload_mb:g} MB, or an image with too many pixels or that would "
-                                              f"take over {s.max_decoded_mb:g} MB to decode (a decompression bomb)"},
-        415: {"model": Error, "description": "not an image in a format imgcls reads, or an unsupported content type"},
-        429: {"model": Error, "description": f"this client already has {s.max_client_requests} requests in progress"},
-        501: {"model": Error, "description": "?explain=true where the server has no model folder to explain with (a bare ONNX file)"},
-        503: {"model": Error, "description": "the queue is full, or decoding memory is taken by other requests; retry later"},
-    }
-    draft_size = classifier.spec.cache_size  # what Classifier.prepare decodes a JPEG at
-
-    def prepare(data: bytes, name: str) -> np.ndarray | RequestError:
-        """One upload -> uint8 (S, S, 3), in a decode thread: the header checked first, then its
-        decoding memory held from the budget while Classifier.prepare decodes and resizes it."""
-        try:
-            header = read_header(data, name=name, max_pixels=classifier.max_pixels, draft_size=draft_size, max_bytes=s.max_decoded_bytes)
-            with budget.hold(header.decode_bytes, DECODE_WAIT_S):
-                return classifier.prepare(data, name)
-        except ImageDecodeError as e:
-            return RequestError(DECODE_ERROR_STATUS.get(e.kind, 400), f"{name}: {e.reason or e}")
-        except BudgetExhausted:
-            return RequestError(503, f"server busy decoding other images (over {s.decode_budget_mb:g} MB in progress); retry shortly",
-                                {"Retry-After": "1"})
-
-    async def _decode_all(uploads: list[tuple[str | None, bytearray]]) -> np.ndarray:
-        """Each upload -> uint8 (S, S, 3) in the decode threads; stacked (n, S, S, 3). The first failure is raised."""
-        loop = asyncio.get_running_loop()
-        names = [fn or (f"image {i + 1}" if len(uploads) > 1 else "image") for i, (fn, _) in enumerate(uploads)]
-        out = await asyncio.gather(*(loop.run_in_executor(runtime["pool"], prepare, data, name) for (_, data), name in zip(uploads, names)))
-        for a in out:
-            if isinstance(a, RequestError):
-                raise a
-        return np.stack(out)
-
-    top_k_query = Query(None, ge=1, description=f"classes per image (default {s.default_top_k})")
-    explain_query = Query(False, description="add `explanation` to each answer: a Grad-CAM overlay of its label (~0.3 s per 224 px image)")
-    coverage_query = Query(None, gt=0, lt=1, description="add `set` to each answer: the classes that hold the true one with this "
-                                                         "probability (split conformal on the model's validation scores), e.g. 0.9")
-
-    @app.post(
-        "/v1/predict", response_model=PredictResponse, responses=errors, openapi_extra={"requestBody": predict_body}, tags=["predict"],
-        response_model_exclude_unset=True,  # "explanation" only when asked for
-    )
-    async def predict(
-        request: Request, top_k: int | None = top_k_query, explain: bool = explain_query, coverage: float | None = coverage_query
-    ) -> dict[str, Any]:
-        """Label, score and top-k classes for each image: multipart field `file` (repeatable) or a raw image body.
-        An image the model's "unknown" rule turns away is answered label "unknown" with its `best_guess`."""
-        if explain and not explainer.available:
-            raise RequestError(501, UNAVAILABLE)
-        try:
-            qhat = None if coverage is None else classifier.trust.qhat(coverage)
-        except ValueError as e:
-            raise RequestError(400, str(e)) from None
-        # Refusals that cost nothing come first, before a byte of the body is read.
-        if batcher.full:
-            raise RequestError(503, f"server busy: {batcher.capacity} requests already waiting; retry shortly", {"Retry-After": "1"})
-        client = request.client.host if request.client else "unknown"
-        if not clients.enter(client):
-            raise RequestError(429, f"too many requests in progress from {client} (at most {s.max_client_requests}); "
-                                    "wait for an answer before sending more", {"Retry-After": "1"})
-        try:
-            uploads, form_top_k = await read_uploads(request, s.max_upload_bytes, s.max_images, s.body_timeout_s)
-            k = top_k or parse_top_k(form_top_k) or s.default_top_k
-            request.state.n_images = len(uploads)
-            if not batcher.admit():  # a place in the queue only once the body is in: slow uploads hold none
-                raise RequestError(503, f"server busy: {batcher.capacity} requests already waiting; retry shortly", {"Retry-After": "1"})
-            future = None
-            try:
-                future = batcher.submit(await _decode_all(uploads))  # uint8 (n, S, S, 3)
-            finally:
-                if future is None:
-                    batcher.withdraw()
-            out = Outputs.of(await future)  # probabilities (n, num_classes), "unknown" verdicts (n,)
-            sets = classifier.trust.sets(out.probs, qhat) if qhat is not None else [None] * len(out)
-            answers = [_prediction(p, class_names, k, fn, bool(ok), st) for p, ok, st, (fn, _) in zip(out.probs, out.known, sets, uploads)]
-            if explain:  # off the event loop and outside the batching queue, one image at a time in the explanation thread
-                loop = asyncio.get_running_loop()
-                for a, (_, data) in zip(answers, uploads):
-                    target = (a.get("best_guess") or a)["label"]  # an "unknown" answer is explained for its best guess
-                    a["explanation"] = await loop.run_in_executor(runtime["explain"], explainer, data, target)
-        finally:
-            clients.leave(client)
-        return {"model": model_ref, "predictions": answers}
+    app.state.batcher = service.batcher  # for tests and monitoring
+    app.state.decode_budget = service.budget
+    app.add_exception_handler(RequestError, _refuse)
+    app.add_exception_handler(ClientGone, _gone)
+    _add_predict_route(app, service)
 
     @app.get("/v1/health", tags=["service"])
     async def health() -> dict[str, Any]:
         """Liveness and load: the model, the requests waiting and the forward passes run."""
-        return {
-            "status": "ok",
-            "model": model_ref,
-            "queue": {"waiting": batcher.waiting, "ready": batcher.ready, "capacity": batcher.capacity},
-            "batching": s.batching,
-            "forward_calls": batcher.forward_calls,
-            "images": batcher.images_done,
-            "decoding": {"bytes": budget.in_use, "peak_bytes": budget.peak, "budget_bytes": budget.capacity},
-            "clients": {"addresses": clients.clients, "requests": clients.requests, "limit_each": s.max_client_requests},
-        }
+        return service.health()
 
     @app.get("/v1/model", tags=["service"])
     async def model_info() -> dict[str, Any]:
         """Class names, preprocessing, metrics and version of the served model, and the server's limits."""
-        return {
-            **model_ref,
-            "num_classes": len(class_names),
-            "class_names": class_names,
-            "preprocess": classifier.spec.to_dict(),
-            "metrics": meta.get("metrics", {}),
-            "calibration": classifier.trust.describe(),  # temperature, "unknown" rule, conformal scores (for ?coverage=)
-            "training": meta.get("training", {}),
-            "versions": meta.get("versions", {}),
-            "runtime": {
-                "backend": meta.get("backend", "torch"), "device": str(classifier.device),
-                "precision": str(classifier.amp_dtype or "float32").replace("torch.", ""),
-            },
-            "limits": {**asdict(s), "max_pixels": classifier.max_pixels},
-        }
+        return service.model_info()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> Response:

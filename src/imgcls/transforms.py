@@ -23,7 +23,6 @@ from PIL import Image
 
 from imgcls.config import RESIZE_MODES, AugmentSpec
 
-
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -72,7 +71,7 @@ class PreprocessSpec:
         """Side of the square uint8 image kept in the decode cache."""
         return int(math.floor(self.img_size / self.crop_pct + 0.5))
 
-    def replace(self, **changes: Any) -> "PreprocessSpec":
+    def replace(self, **changes: Any) -> PreprocessSpec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,7 +80,7 @@ class PreprocessSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: (tuple(v) if k in ("mean", "std") else v) for k, v in d.items() if k in fields})
 
@@ -193,9 +192,9 @@ def _color_jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch
         return (1 + (torch.rand(b, generator=g) * 2 - 1) * strength).view(b, 1, 1, 1).to(x.device)
 
     x = x * factors()
-    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # (B, 1, H, W)
+    gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # (B, 1, H, W)
     x = (x - gray.mean(dim=(2, 3), keepdim=True)) * factors() + gray.mean(dim=(2, 3), keepdim=True)
-    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
     x = (x - gray) * factors() + gray
     return x.clamp_(0, 255)
 

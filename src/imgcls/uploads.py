@@ -61,8 +61,11 @@ async def read_uploads(
     if kind == "multipart/form-data":
         form = FormSplitter(content_type, max_images)
     elif not is_raw_image(kind):
-        raise RequestError(415, f"unsupported content type {kind!r}: send multipart/form-data with field {UPLOAD_FIELD!r}, "
-                                "or the image bytes as image/* or application/octet-stream")
+        raise RequestError(
+            415,
+            f"unsupported content type {kind!r}: send multipart/form-data with field {UPLOAD_FIELD!r}, "
+            "or the image bytes as image/* or application/octet-stream",
+        )
     await receive_body(request, declared, max_bytes, timeout, form.write if form else body.extend)
     uploads, top_k = form.finish() if form else ([(None, body)] if body else [], None)
     if not uploads:
@@ -120,8 +123,11 @@ async def receive_body(request: Request, declared: int | None, limit: int, timeo
         await asyncio.wait_for(pump(), timeout)
     except asyncio.TimeoutError:
         of = f" of {declared}" if declared is not None else ""
-        raise RequestError(408, f"request body not complete after {timeout:g} s ({received}{of} bytes received); "
-                                "send the whole body at once", {"Connection": "close"}) from None
+        raise RequestError(
+            408,
+            f"request body not complete after {timeout:g} s ({received}{of} bytes received); send the whole body at once",
+            {"Connection": "close"},
+        ) from None
     except ClientDisconnect:
         raise ClientGone(received, declared) from None
 
@@ -153,12 +159,18 @@ class FormSplitter:
         self._part: bytearray | None = None
         self._disposition = b""
         self._header_name, self._header_value = bytearray(), bytearray()
-        self._parser = MultipartParser(boundary, {
-            "on_part_begin": self._on_part_begin, "on_header_field": self._on_header_field,
-            "on_header_value": self._on_header_value, "on_header_end": self._on_header_end,
-            "on_headers_finished": self._on_headers_finished, "on_part_data": self._on_part_data,
-            "on_end": self._on_end,
-        })
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._on_part_begin,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_part_data": self._on_part_data,
+                "on_end": self._on_end,
+            },
+        )
 
     def write(self, chunk: bytes) -> None:
         try:

@@ -15,6 +15,14 @@ from imgcls.audit.core import FINDING_KINDS, AuditOptions, run_audit
 from imgcls.audit.quick import EXCLUDE_KINDS, drop_excluded, excluded_paths, quick_checks
 from imgcls.audit.summary import format_summary, write_report
 
-__all__ = ["EXCLUDE_KINDS", "FINDING_KINDS", "AuditOptions", "drop_excluded", "excluded_paths", "format_summary", "quick_checks",
-           "run_audit",
-           "write_report"]
+__all__ = [
+    "EXCLUDE_KINDS",
+    "FINDING_KINDS",
+    "AuditOptions",
+    "drop_excluded",
+    "excluded_paths",
+    "format_summary",
+    "quick_checks",
+    "run_audit",
+    "write_report",
+]

@@ -54,8 +54,19 @@ from imgcls.transforms import PreprocessSpec
 
 REPORT_VERSION = 1
 NO_FEATURES = "none"
-FINDING_KINDS = ("unreadable", "exact_duplicates", "near_duplicates", "label_issues", "outliers", "tiny", "extreme_aspect", "dark",
-                 "near_constant", "blurry", "unusual_mode")
+FINDING_KINDS = (
+    "unreadable",
+    "exact_duplicates",
+    "near_duplicates",
+    "label_issues",
+    "outliers",
+    "tiny",
+    "extreme_aspect",
+    "dark",
+    "near_constant",
+    "blurry",
+    "unusual_mode",
+)
 # Without features, images are decoded only for the pixel statistics and the hash: a 64 px crop.
 PIXEL_ONLY_SPEC = PreprocessSpec(img_size=64, resize_mode="crop", crop_pct=1.0)
 DECODE_CHUNK = 2048  # images decoded, measured and embedded at a time: the uint8 array never holds the whole set
@@ -178,8 +189,15 @@ def _near_duplicate_groups(m: _Measured, neighbours: nb.Neighbours, embed: np.nd
     return out
 
 
-def _label_issue_entries(m: _Measured, components: np.ndarray | None, samples: list[Sample], class_names: list[str], make: _Entries,
-                         options: AuditOptions, progress: bool) -> tuple[list[dict], float | None]:
+def _label_issue_entries(
+    m: _Measured,
+    components: np.ndarray | None,
+    samples: list[Sample],
+    class_names: list[str],
+    make: _Entries,
+    options: AuditOptions,
+    progress: bool,
+) -> tuple[list[dict], float | None]:
     """Confident-learning label issues from the k-fold probe, and the probe's out-of-fold accuracy."""
     y = np.array([samples[i].label for i in m.ok], np.int64)
     if components is None or len(y) < 2 * len(class_names) or len(set(y.tolist())) < 2:
@@ -189,19 +207,35 @@ def _label_issue_entries(m: _Measured, components: np.ndarray | None, samples: l
     out = []
     for rank, j in enumerate(label_checks.find_label_issues(y, probs), start=1):
         i, suggested = int(m.ok[j]), int(probs[j].argmax())
-        out.append(make.entry([i], [i], given=class_names[y[j]], suggested=class_names[suggested],
-                              self_confidence=round(float(probs[j, y[j]]), 4), suggested_probability=round(float(probs[j, suggested]), 4),
-                              rank=rank))
+        out.append(
+            make.entry(
+                [i],
+                [i],
+                given=class_names[y[j]],
+                suggested=class_names[suggested],
+                self_confidence=round(float(probs[j, y[j]]), 4),
+                suggested_probability=round(float(probs[j, suggested]), 4),
+                rank=rank,
+            )
+        )
     return out, accuracy
 
 
-def _outlier_entries(m: _Measured, neighbours: nb.Neighbours, samples: list[Sample], class_names: list[str], make: _Entries,
-                     options: AuditOptions) -> list[dict]:
+def _outlier_entries(
+    m: _Measured, neighbours: nb.Neighbours, samples: list[Sample], class_names: list[str], make: _Entries, options: AuditOptions
+) -> list[dict]:
     if neighbours.knn_similarity is None or len(m.ok) < 20:  # too few images for a typical neighbourhood
         return []
     idx, z = nb.outlier_scores(neighbours.knn_similarity, options.outlier_z)
-    return [make.entry([int(m.ok[j])], neighbour_similarity=round(float(neighbours.knn_similarity[j]), 4), z=round(float(z[j]), 2),
-                       nearest_class=class_names[samples[int(m.ok[neighbours.nearest[j]])].label]) for j in idx]
+    return [
+        make.entry(
+            [int(m.ok[j])],
+            neighbour_similarity=round(float(neighbours.knn_similarity[j]), 4),
+            z=round(float(z[j]), 2),
+            nearest_class=class_names[samples[int(m.ok[neighbours.nearest[j]])].label],
+        )
+        for j in idx
+    ]
 
 
 def class_counts(index: DatasetIndex) -> tuple[dict[str, dict[str, int]], float | None]:
@@ -216,16 +250,22 @@ def class_counts(index: DatasetIndex) -> tuple[dict[str, dict[str, int]], float 
     return counts, (round(max(totals) / min(totals), 3) if totals and min(totals) > 0 else None)
 
 
-def _single(found: dict[str, list[tuple[int, dict]]], kinds: tuple[str, ...], make: _Entries, map_index: Callable[[int], int],
-            exclude: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+def _single(
+    found: dict[str, list[tuple[int, dict]]],
+    kinds: tuple[str, ...],
+    make: _Entries,
+    map_index: Callable[[int], int],
+    exclude: tuple[str, ...] = (),
+) -> dict[str, list[dict]]:
     out = {}
     for kind in kinds:
         out[kind] = [make.entry([map_index(i)], [map_index(i)] if kind in exclude else [], **figs) for i, figs in found.get(kind, [])]
     return out
 
 
-def run_audit(data: str | os.PathLike, options: AuditOptions | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_audit(
+    data: str | os.PathLike, options: AuditOptions | None = None, progress: bool = True, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Audit the data set at `data` (any layout `imgcls train` reads); returns the report document (module docstring)."""
     from tqdm.auto import tqdm
 
@@ -253,8 +293,10 @@ def run_audit(data: str | os.PathLike, options: AuditOptions | None = None, prog
     timings["compare_s"] = time.perf_counter() - t
 
     findings: dict[str, list[dict]] = {"unreadable": [make.entry([i], [i], reason=r) for i, r in sorted(m.failures.items())]}
-    findings["unreadable"] += [{"paths": [Path(os.path.relpath(os.path.abspath(p), root)).as_posix()], "labels": [""], "splits": [""],
-                                "reason": r, "exclude": []} for p, r in unsupported_files(index)]
+    findings["unreadable"] += [
+        {"paths": [Path(os.path.relpath(os.path.abspath(p), root)).as_posix()], "labels": [""], "splits": [""], "reason": r, "exclude": []}
+        for p, r in unsupported_files(index)
+    ]
     exact = [([int(m.ok[g]) for g in grp], {"sha1": m.hashes[grp[0]]}) for grp in nb.exact_groups(m.hashes)]
     findings["exact_duplicates"] = _duplicate_entries(exact, samples, make)
     findings["near_duplicates"] = _duplicate_entries(_near_duplicate_groups(m, neighbours, embed), samples, make)
@@ -264,16 +306,26 @@ def run_audit(data: str | os.PathLike, options: AuditOptions | None = None, prog
     timings["label_probe_s"] = time.perf_counter() - t
     findings["outliers"] = _outlier_entries(m, neighbours, samples, index.class_names, make, options)
     findings.update(_single(header_findings(headers), ("tiny", "extreme_aspect", "unusual_mode"), make, lambda i: i))
-    findings.update(_single(pixel_findings(m.stats), ("dark", "near_constant", "blurry"), make, lambda j: int(m.ok[j]),
-                            exclude=("near_constant",)))
+    findings.update(
+        _single(pixel_findings(m.stats), ("dark", "near_constant", "blurry"), make, lambda j: int(m.ok[j]), exclude=("near_constant",))
+    )
     timings["total_s"] = time.perf_counter() - t0
 
     counts, ratio = class_counts(index)
     return {
-        "version": REPORT_VERSION, "data": str(data), "root": str(root), "layout": index.layout, "class_names": index.class_names,
-        "splits": {k: len(v) for k, v in index.splits.items()}, "num_images": len(samples), "ignored": dict(index.ignored),
-        "class_counts": counts, "imbalance_ratio": ratio, "probe_accuracy": probe_accuracy,
-        "settings": _settings(options, extractor), "timings": {k: round(v, 2) for k, v in timings.items()},
+        "version": REPORT_VERSION,
+        "data": str(data),
+        "root": str(root),
+        "layout": index.layout,
+        "class_names": index.class_names,
+        "splits": {k: len(v) for k, v in index.splits.items()},
+        "num_images": len(samples),
+        "ignored": dict(index.ignored),
+        "class_counts": counts,
+        "imbalance_ratio": ratio,
+        "probe_accuracy": probe_accuracy,
+        "settings": _settings(options, extractor),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
         "findings": {kind: findings.get(kind, []) for kind in FINDING_KINDS},
     }
 
@@ -284,7 +336,14 @@ def _settings(options: AuditOptions, extractor: FeatureExtractor | None) -> dict
     return {
         "features": extractor.name if extractor else NO_FEATURES,
         "feature_spec": extractor.spec.to_dict() if extractor else None,
-        "folds": options.folds, "seed": options.seed, "duplicates": asdict(options.duplicates), "outlier_z": options.outlier_z,
-        "dark_mean": pixels.DARK_MEAN, "constant_std": pixels.CONSTANT_STD, "blur_relative": pixels.BLUR_RELATIVE,
-        "tiny_absolute": scan.TINY_ABSOLUTE, "tiny_relative": scan.TINY_RELATIVE, "extreme_aspect": scan.EXTREME_ASPECT,
+        "folds": options.folds,
+        "seed": options.seed,
+        "duplicates": asdict(options.duplicates),
+        "outlier_z": options.outlier_z,
+        "dark_mean": pixels.DARK_MEAN,
+        "constant_std": pixels.CONSTANT_STD,
+        "blur_relative": pixels.BLUR_RELATIVE,
+        "tiny_absolute": scan.TINY_ABSOLUTE,
+        "tiny_relative": scan.TINY_RELATIVE,
+        "extreme_aspect": scan.EXTREME_ASPECT,
     }

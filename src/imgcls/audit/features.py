@@ -55,8 +55,13 @@ def pixel_extractor(side: int = PIXEL_SIDE) -> FeatureExtractor:
     return FeatureExtractor(PIXELS, PreprocessSpec(img_size=max(side, 32), resize_mode="crop"), extract)
 
 
-def model_extractor(model_name: str = DEFAULT_FEATURE_MODEL, pretrained: bool = True, img_size: int | None = DEFAULT_FEATURE_SIZE,
-                    precision: str = "auto", batch_size: int | None = None) -> FeatureExtractor:
+def model_extractor(
+    model_name: str = DEFAULT_FEATURE_MODEL,
+    pretrained: bool = True,
+    img_size: int | None = DEFAULT_FEATURE_SIZE,
+    precision: str = "auto",
+    batch_size: int | None = None,
+) -> FeatureExtractor:
     """Pooled pre-logit features of a registered model (forward_head(..., pre_logits=True))."""
     import torch
 

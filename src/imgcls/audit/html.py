@@ -22,8 +22,10 @@ TITLES = {
     "unreadable": ("Unreadable or unsupported files", "The decoder's reason; training skips these files."),
     "exact_duplicates": ("Exact duplicates", "Byte-identical files."),
     "near_duplicates": ("Near-duplicates", "Resized, re-encoded or slightly cropped copies (perceptual hash and feature similarity)."),
-    "label_issues": ("Likely label errors",
-                     "Out-of-fold linear probe on pretrained features, confident learning; lowest self-confidence first."),
+    "label_issues": (
+        "Likely label errors",
+        "Out-of-fold linear probe on pretrained features, confident learning; lowest self-confidence first.",
+    ),
     "outliers": ("Outliers", "Far from every other image in feature space."),
     "tiny": ("Tiny images", "Short side far below the data set's typical size."),
     "extreme_aspect": ("Extreme aspect ratios", "The centre crop keeps a small part of these."),
@@ -119,8 +121,10 @@ def render_html(report: dict[str, Any]) -> str:
         f"<h1>imgcls audit: {html.escape(report['data'])}</h1>",
         f'<p class="note">{report["num_images"]} images, {len(report["class_names"])} classes, layout {html.escape(report["layout"])}; '
         f"features: {html.escape(str(report['settings']['features']))}"
-        + (f"; probe accuracy {report['probe_accuracy']:.3f}" if report.get("probe_accuracy") is not None else "") + "</p>",
-        "<h2>Classes</h2>", _classes_table(report),
+        + (f"; probe accuracy {report['probe_accuracy']:.3f}" if report.get("probe_accuracy") is not None else "")
+        + "</p>",
+        "<h2>Classes</h2>",
+        _classes_table(report),
         f"<p>imbalance ratio (largest / smallest class): <b>{ratio if ratio is not None else 'a class has no images'}</b></p>",
     ]
     for kind, entries in report["findings"].items():

@@ -42,8 +42,9 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarra
     return out
 
 
-def fit_softmax(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float | None = None,
-                max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: F821
+def fit_softmax(
+    x: np.ndarray, y: np.ndarray, num_classes: int, l2: float | None = None, max_iter: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: F821
     """Multinomial logistic regression by full-batch L-BFGS: (W (D, K), b (K,)).
 
     l2 None: 1 / n, the mean-loss form of scikit-learn's default LogisticRegression(C=1).
@@ -68,8 +69,9 @@ def fit_softmax(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float | None
     return w.detach(), b.detach()
 
 
-def out_of_fold_probs(x: np.ndarray, labels: np.ndarray, num_classes: int, folds: int = DEFAULT_FOLDS, seed: int = 0,
-                      progress: bool = False) -> np.ndarray:
+def out_of_fold_probs(
+    x: np.ndarray, labels: np.ndarray, num_classes: int, folds: int = DEFAULT_FOLDS, seed: int = 0, progress: bool = False
+) -> np.ndarray:
     """(N, K) class probabilities, each row from a probe fitted without that image's fold."""
 
     labels = np.asarray(labels)

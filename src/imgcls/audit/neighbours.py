@@ -82,8 +82,15 @@ class Neighbours:
     nearest: np.ndarray | None  # (N,) index of the most similar other image
 
 
-def search(phash: np.ndarray, signature: np.ndarray, embed: np.ndarray | None, rule: DuplicateRule, k: int = 10, block: int = 1024,
-           progress: bool = False) -> Neighbours:
+def search(
+    phash: np.ndarray,
+    signature: np.ndarray,
+    embed: np.ndarray | None,
+    rule: DuplicateRule,
+    k: int = 10,
+    block: int = 1024,
+    progress: bool = False,
+) -> Neighbours:
     """Compare every image with every other (see the module docstring); blocks of `block` rows.
 
     Pairs are merged into groups as they are found (a pair list could hold n^2 entries when

@@ -82,8 +82,11 @@ def phash_bits(grey: torch.Tensor) -> np.ndarray:  # noqa: F821
     import torch
     import torch.nn.functional as F
 
-    small = F.interpolate(grey, size=(HASH_DCT, HASH_DCT), mode="area") if grey.shape[-1] >= HASH_DCT else \
-        F.interpolate(grey, size=(HASH_DCT, HASH_DCT), mode="bilinear", align_corners=False)
+    small = (
+        F.interpolate(grey, size=(HASH_DCT, HASH_DCT), mode="area")
+        if grey.shape[-1] >= HASH_DCT
+        else F.interpolate(grey, size=(HASH_DCT, HASH_DCT), mode="bilinear", align_corners=False)
+    )
     d = torch.from_numpy(_DCT)
     coeffs = d @ small[:, 0] @ d.T  # (N, 32, 32): 2-D DCT-II
     low = coeffs[:, :HASH_SIZE, :HASH_SIZE].reshape(len(grey), -1)  # (N, 64)

@@ -52,8 +52,10 @@ def quick_checks(index: DatasetIndex, hashes_by_path: dict[str, str]) -> list[st
     warnings = []
     if leaks:
         n = sum(len(g) for g in leaks)
-        warnings.append(f"{len(leaks)} images appear in more than one split ({n} files, identical bytes): "
-                        f"evaluation scores are inflated; {_pointer(index)}")
+        warnings.append(
+            f"{len(leaks)} images appear in more than one split ({n} files, identical bytes): "
+            f"evaluation scores are inflated; {_pointer(index)}"
+        )
     if conflicts:
         n = sum(len(g) for g in conflicts)
         warnings.append(f"{len(conflicts)} images are stored under more than one class ({n} files, identical bytes); {_pointer(index)}")
@@ -66,8 +68,10 @@ def quick_checks(index: DatasetIndex, hashes_by_path: dict[str, str]) -> list[st
         warnings.append(f"classes without images: {', '.join(empty)}")
     elif totals and max(totals) / min(totals) >= IMBALANCE_WARN:
         big, small = max(range(len(totals)), key=totals.__getitem__), min(range(len(totals)), key=totals.__getitem__)
-        warnings.append(f"classes are imbalanced {max(totals) / min(totals):.1f}:1 ({index.class_names[big]} {totals[big]}, "
-                        f"{index.class_names[small]} {totals[small]} images); {_pointer(index)}")
+        warnings.append(
+            f"classes are imbalanced {max(totals) / min(totals):.1f}:1 ({index.class_names[big]} {totals[big]}, "
+            f"{index.class_names[small]} {totals[small]} images); {_pointer(index)}"
+        )
     return warnings
 
 

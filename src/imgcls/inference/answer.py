@@ -35,7 +35,12 @@ def postprocess(logits: torch.Tensor, trust: Trust | None = None) -> Outputs:
 
 
 def answer(
-    probs: np.ndarray, class_names: Sequence[str], top_k: int, path: str | None, probabilities: bool = True, known: bool = True,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    top_k: int,
+    path: str | None,
+    probabilities: bool = True,
+    known: bool = True,
     set_indices: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """One probability row (C,) -> {"path", "label", "score", "top_k": [{"label", "score"}], "probabilities"}.

@@ -271,9 +271,14 @@ def resolve_target(target: int | str | None, class_names: Sequence[str]) -> int 
 
 
 def explain_images(
-    model: nn.Module, meta_or_spec: dict[str, Any] | PreprocessSpec, images: Sequence[ImageSource],
-    targets: Sequence[int | str | None] | None = None, layer: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_side: int | None = None, batch_size: int = 16,
+    model: nn.Module,
+    meta_or_spec: dict[str, Any] | PreprocessSpec,
+    images: Sequence[ImageSource],
+    targets: Sequence[int | str | None] | None = None,
+    layer: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+    batch_size: int = 16,
 ) -> list[Explanation]:
     """Grad-CAM++ for images (paths, bytes, PIL images or arrays), each for its class.
 
@@ -306,8 +311,13 @@ def explain_images(
 
 
 def explain_image(
-    model: nn.Module, meta_or_spec: dict[str, Any] | PreprocessSpec, image: ImageSource, target: int | str | None = None,
-    layer: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None,
+    model: nn.Module,
+    meta_or_spec: dict[str, Any] | PreprocessSpec,
+    image: ImageSource,
+    target: int | str | None = None,
+    layer: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
 ) -> Explanation:
     """Grad-CAM++ for one image and one class: `explain_images` of [image] (see there)."""
     return explain_images(model, meta_or_spec, [image], [target], layer, max_pixels, max_side)[0]
@@ -436,8 +446,13 @@ def _inputs_inside(paths: Sequence[str], out: Path) -> set[str]:
 
 
 def explain_files(
-    explainer: Explainer, paths: Sequence[str], out_dir: str | os.PathLike, target: str | None = None, save_maps: bool = False,
-    log: Callable[[dict[str, Any]], None] | None = None, labels: Sequence[str] | None = None,
+    explainer: Explainer,
+    paths: Sequence[str],
+    out_dir: str | os.PathLike,
+    target: str | None = None,
+    save_maps: bool = False,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Explain each image file and write OUT/<name>.png (and OUT/<name>.npy with save_maps).
 

@@ -57,8 +57,15 @@ class Runner(Protocol):
 class TorchRunner:
     """The `Runner` for a torch model, through `runtime.batched_logits`."""
 
-    def __init__(self, model: nn.Module, spec: PreprocessSpec, device: torch.device, amp_dtype: torch.dtype | None, compile: str = "auto",
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: PreprocessSpec,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        compile: str = "auto",
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.model, self.spec, self.device, self.amp_dtype = model, spec, device, amp_dtype
         self.forward = CompiledForward(model, compile, log)
 

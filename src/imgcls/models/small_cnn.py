@@ -70,7 +70,9 @@ class ConvBlock(nn.Module):
 class SmallCNN(nn.Module):
     classifier_name = "fc"
 
-    def __init__(self, num_classes: int, widths: tuple[int, int, int] = (64, 256, 256), logit_scale: float = 1 / 9, drop_rate: float = 0.0) -> None:
+    def __init__(
+        self, num_classes: int, widths: tuple[int, int, int] = (64, 256, 256), logit_scale: float = 1 / 9, drop_rate: float = 0.0
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.num_features = widths[-1]
@@ -142,6 +144,8 @@ _SMALL_SPEC = PreprocessSpec(img_size=32, resize_mode="crop", crop_pct=1.0, mean
 
 
 # arch_version 2: the airbench94 layout (whitening stem, three conv groups); 1 was a plain CNN.
-@register_model("small_cnn", _SMALL_SPEC, description="fast from-scratch CNN for small images (default, 32 px; airbench94 network)", arch_version=2)
+@register_model(
+    "small_cnn", _SMALL_SPEC, description="fast from-scratch CNN for small images (default, 32 px; airbench94 network)", arch_version=2
+)
 def small_cnn(num_classes: int, **kwargs) -> SmallCNN:
     return SmallCNN(num_classes, **kwargs)

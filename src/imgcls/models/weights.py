@@ -213,9 +213,7 @@ def _download(url: str, out: BinaryIO, timeout: float, progress: bool, desc: str
     return h.hexdigest()
 
 
-def fetch_weights(
-    url: str, sha256: str | None, cache_dir: str | Path, progress: bool = True, timeout: float = 60.0
-) -> Path:
+def fetch_weights(url: str, sha256: str | None, cache_dir: str | Path, progress: bool = True, timeout: float = 60.0) -> Path:
     """Download `url` (file://, http://, https://) into `cache_dir` and return the cached path.
 
     A cached copy is reused when its SHA-256 matches (or no digest was given). A new download goes

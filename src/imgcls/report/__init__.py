@@ -10,5 +10,16 @@ from imgcls.report.history import HISTORY_FIELDS, HISTORY_FILE, PROBE_FILE, read
 from imgcls.report.plots import plot_confusion_matrix, plot_training_curves
 from imgcls.report.write import write_report
 
-__all__ = ["HISTORY_FIELDS", "HISTORY_FILE", "PROBE_FILE", "Predictions", "plot_confusion_matrix", "plot_training_curves", "read_history",
-           "read_probe_sweep", "top_losses", "write_probe_sweep", "write_report"]
+__all__ = [
+    "HISTORY_FIELDS",
+    "HISTORY_FILE",
+    "PROBE_FILE",
+    "Predictions",
+    "plot_confusion_matrix",
+    "plot_training_curves",
+    "read_history",
+    "read_probe_sweep",
+    "top_losses",
+    "write_probe_sweep",
+    "write_report",
+]

@@ -53,8 +53,14 @@ def top_losses(pred: Predictions, class_names: Sequence[str], k: int) -> list[di
     wrong = np.flatnonzero(preds != pred.labels)
     worst = wrong[np.argsort(true_p[wrong], kind="stable")][:k]
     return [
-        {"path": str(pred.paths[i]), "index": int(i), "true": class_names[pred.labels[i]], "predicted": class_names[preds[i]],
-         "score": float(pred.probs[i, preds[i]]), "true_score": float(true_p[i])}
+        {
+            "path": str(pred.paths[i]),
+            "index": int(i),
+            "true": class_names[pred.labels[i]],
+            "predicted": class_names[preds[i]],
+            "score": float(pred.probs[i, preds[i]]),
+            "true_score": float(true_p[i]),
+        }
         for i in worst
     ]
 
@@ -82,11 +88,15 @@ def confused_pairs(
         right = np.flatnonzero((pred.labels == p) & (preds == p))
         mistakes = mistakes[np.argsort(-pred.probs[mistakes, p], kind="stable")][:per_side]
         right = right[np.argsort(-pred.probs[right, p], kind="stable")][:per_side]
-        out.append({
-            "true": class_names[t], "predicted": class_names[p], "count": int(counts[t, p]),
-            "mistakes": [{"path": str(pred.paths[i]), "score": float(pred.probs[i, p])} for i in mistakes],
-            "examples": [{"path": str(pred.paths[i]), "score": float(pred.probs[i, p])} for i in right],
-        })
+        out.append(
+            {
+                "true": class_names[t],
+                "predicted": class_names[p],
+                "count": int(counts[t, p]),
+                "mistakes": [{"path": str(pred.paths[i]), "score": float(pred.probs[i, p])} for i in mistakes],
+                "examples": [{"path": str(pred.paths[i]), "score": float(pred.probs[i, p])} for i in right],
+            }
+        )
     return out
 
 
@@ -137,7 +147,9 @@ class Thumbnails:
 
 
 def loss_cards(
-    losses: Sequence[dict[str, Any]], thumbs: Thumbnails, explain: Callable[[list[str], list[str]], list[Image.Image]] | None,
+    losses: Sequence[dict[str, Any]],
+    thumbs: Thumbnails,
+    explain: Callable[[list[str], list[str]], list[Image.Image]] | None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Each top loss with "image" (thumbnail URI) and "overlay" (the Grad-CAM of the predicted
@@ -158,5 +170,7 @@ def loss_cards(
                 except (ImageDecodeError, OSError) as e:
                     if log is not None:
                         log(f"report: no Grad-CAM for {t['path']}: {e}")
-    return [{**t, "image": thumbs(t["path"]), "overlay": jpeg_uri(thumbnail(o, thumbs.size)) if o is not None else None}
-            for t, o in zip(losses, overlays)]
+    return [
+        {**t, "image": thumbs(t["path"]), "overlay": jpeg_uri(thumbnail(o, thumbs.size)) if o is not None else None}
+        for t, o in zip(losses, overlays)
+    ]

@@ -124,10 +124,10 @@ def _section_summary(c: dict[str, Any]) -> str:
     m = c["metrics"]
     kpis = "".join(
         f'<div class="kpi"><div class="v">{_fmt(m.get(key))}</div><div class="k">{e(label)}</div><div class="why">{e(why)}</div></div>'
-        for key, label, why in METRICS if key in m
+        for key, label, why in METRICS
+        if key in m
     )
     return f'<section id="summary"><h2>Summary</h2><div class="kpis">{kpis}</div></section>'
-
 
 
 def _section_per_class(c: dict[str, Any]) -> str:
@@ -136,20 +136,26 @@ def _section_per_class(c: dict[str, Any]) -> str:
     for name, v in per_class.items():
         low = " low" if v["support"] and v["f1"] < 0.5 else ""
         bar = f'<span class="f1{low}"><i style="width:{100 * v["f1"]:.0f}%"></i></span>'
-        rows.append(f'<tr><td class="name">{e(name)}</td><td>{v["precision"]:.3f}</td><td>{v["recall"]:.3f}</td>'
-                    f'<td>{bar}{v["f1"]:.3f}</td><td>{v["support"]}</td></tr>')
-    return ('<section id="per-class"><h2>Per class</h2><p class="muted small">precision: of the images predicted as the class, '
-            'the share that are; recall: of the images of the class, the share found; F1 below 0.5 in red.</p>'
-            '<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>'
-            + "".join(rows) + "</table></section>")
+        rows.append(
+            f'<tr><td class="name">{e(name)}</td><td>{v["precision"]:.3f}</td><td>{v["recall"]:.3f}</td>'
+            f"<td>{bar}{v['f1']:.3f}</td><td>{v['support']}</td></tr>"
+        )
+    return (
+        '<section id="per-class"><h2>Per class</h2><p class="muted small">precision: of the images predicted as the class, '
+        "the share that are; recall: of the images of the class, the share found; F1 below 0.5 in red.</p>"
+        "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>" + "".join(rows) + "</table></section>"
+    )
 
 
 def _section_confusion(c: dict[str, Any]) -> str:
     pairs = c.get("confused_counts") or []
     table = ""
     if pairs:
-        table = ("<h3>Most confused</h3><table><tr><th>true</th><th class='l'>predicted as</th><th>images</th></tr>"
-                 + "".join(f"<tr><td>{e(t)}</td><td class='l'>{e(p)}</td><td>{n}</td></tr>" for t, p, n in pairs) + "</table>")
+        table = (
+            "<h3>Most confused</h3><table><tr><th>true</th><th class='l'>predicted as</th><th>images</th></tr>"
+            + "".join(f"<tr><td>{e(t)}</td><td class='l'>{e(p)}</td><td>{n}</td></tr>" for t, p, n in pairs)
+            + "</table>"
+        )
     else:
         table = '<p class="muted">No image was misclassified.</p>'
     fig = _plot(c["figures"].get("confusion"), "confusion matrix", "rows: true class; colour: share of the row; numbers: images")
@@ -163,10 +169,21 @@ def _history_table(rows: Sequence[dict[str, float]], keys: Sequence[tuple[str, s
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-HISTORY_COLUMNS = (("epoch", "epoch"), ("train_loss", "train loss"), ("train_acc", "train acc"), ("val_loss", "val loss"),
-                   ("val_acc", "val acc"), ("epoch_time_s", "seconds"))
-PROBE_COLUMNS = (("l2", "L2 strength"), ("train_loss", "train loss"), ("train_acc", "train acc"), ("val_loss", "val loss"),
-                 ("val_acc", "val acc"))
+HISTORY_COLUMNS = (
+    ("epoch", "epoch"),
+    ("train_loss", "train loss"),
+    ("train_acc", "train acc"),
+    ("val_loss", "val loss"),
+    ("val_acc", "val acc"),
+    ("epoch_time_s", "seconds"),
+)
+PROBE_COLUMNS = (
+    ("l2", "L2 strength"),
+    ("train_loss", "train loss"),
+    ("train_acc", "train acc"),
+    ("val_loss", "val loss"),
+    ("val_acc", "val acc"),
+)
 
 
 def _probe_block(c: dict[str, Any], heading: str) -> str:
@@ -174,10 +191,15 @@ def _probe_block(c: dict[str, Any], heading: str) -> str:
     if not sweep:
         return ""
     rows = [{**r, "l2": f"{r['l2']:g}" + (" (kept)" if r.get("chosen") else "")} for r in sweep]
-    fig = _plot(c["figures"].get("probe"), "linear probe L2 sweep", "the head was fitted once per L2 strength and the one with the "
-                "best validation accuracy (then the lowest loss) kept")
-    note = ('<p class="muted small">Measured on the frozen features, one view per image: the summary above may differ where the '
-            "model is evaluated with test-time augmentation.</p>")
+    fig = _plot(
+        c["figures"].get("probe"),
+        "linear probe L2 sweep",
+        "the head was fitted once per L2 strength and the one with the best validation accuracy (then the lowest loss) kept",
+    )
+    note = (
+        '<p class="muted small">Measured on the frozen features, one view per image: the summary above may differ where the '
+        "model is evaluated with test-time augmentation.</p>"
+    )
     return f"<h3>{e(heading)}</h3>{fig}{_history_table(rows, PROBE_COLUMNS)}{note}"
 
 
@@ -186,8 +208,10 @@ def _section_training(c: dict[str, Any]) -> str:
     probe_only = strategy == "linear-probe" or (not strategy and len(history) <= 1 and bool(c.get("probe_sweep")))
     probe = _probe_block(c, "Linear probe: the L2 sweep" if probe_only else "The linear probe before fine-tuning")
     if not history and not probe:
-        return ('<section id="training"><h2>Training</h2><p class="muted">No training history beside the model '
-                "(metrics.csv), so there are no curves to show.</p></section>")
+        return (
+            '<section id="training"><h2>Training</h2><p class="muted">No training history beside the model '
+            "(metrics.csv), so there are no curves to show.</p></section>"
+        )
     parts = []
     fig = c["figures"].get("training")
     if fig is not None:
@@ -208,12 +232,14 @@ def _card(t: dict[str, Any]) -> str:
     overlay = ""
     if t.get("overlay"):
         pic = _img(t["overlay"], "Grad-CAM for " + t["predicted"])
-        overlay = f'<figure>{pic}<figcaption>Grad-CAM: {e(t["predicted"])}</figcaption></figure>'
-    return (f'<div class="card"><div class="pics"><figure>{_img(t["image"], _name(t["path"]))}<figcaption>image</figcaption></figure>'
-            f"{overlay}</div>"
-            f'<div>true <span class="truth">{e(t["true"])}</span> <span class="muted">p {t["true_score"]:.3f}</span></div>'
-            f'<div>predicted <span class="wrong">{e(t["predicted"])}</span> <span class="muted">p {t["score"]:.3f}</span></div>'
-            f'<div class="file" title="{e(t["path"])}">{e(_name(t["path"]))}</div></div>')
+        overlay = f"<figure>{pic}<figcaption>Grad-CAM: {e(t['predicted'])}</figcaption></figure>"
+    return (
+        f'<div class="card"><div class="pics"><figure>{_img(t["image"], _name(t["path"]))}<figcaption>image</figcaption></figure>'
+        f"{overlay}</div>"
+        f'<div>true <span class="truth">{e(t["true"])}</span> <span class="muted">p {t["true_score"]:.3f}</span></div>'
+        f'<div>predicted <span class="wrong">{e(t["predicted"])}</span> <span class="muted">p {t["score"]:.3f}</span></div>'
+        f'<div class="file" title="{e(t["path"])}">{e(_name(t["path"]))}</div></div>'
+    )
 
 
 def _section_losses(c: dict[str, Any]) -> str:
@@ -222,25 +248,36 @@ def _section_losses(c: dict[str, Any]) -> str:
         return ""
     if not cards:
         return '<section id="losses"><h2>Top losses</h2><p class="muted">No image was misclassified.</p></section>'
-    note = ("The misclassified images with the lowest probability for their true class, worst first. Grad-CAM shows where the "
-            "model found its evidence for the class it predicted (red: strongest).")
+    note = (
+        "The misclassified images with the lowest probability for their true class, worst first. Grad-CAM shows where the "
+        "model found its evidence for the class it predicted (red: strongest)."
+    )
     more = ""
     if rest:
-        more = ("<h3>More losses</h3><table><tr><th>file</th><th class='l'>true</th><th class='l'>predicted</th>"
-                "<th>p(predicted)</th><th>p(true)</th></tr>"
-                + "".join(f'<tr><td class="name" title="{e(t["path"])}">{e(_name(t["path"]))}</td><td class="l">{e(t["true"])}</td>'
-                          f'<td class="l">{e(t["predicted"])}</td><td>{t["score"]:.3f}</td><td>{t["true_score"]:.3f}</td></tr>'
-                          for t in rest)
-                + "</table>")
-    return (f'<section id="losses"><h2>Top losses</h2><p class="muted small">{note}</p>'
-            f'<div class="cards">{"".join(_card(t) for t in cards)}</div>{more}</section>')
+        more = (
+            "<h3>More losses</h3><table><tr><th>file</th><th class='l'>true</th><th class='l'>predicted</th>"
+            "<th>p(predicted)</th><th>p(true)</th></tr>"
+            + "".join(
+                f'<tr><td class="name" title="{e(t["path"])}">{e(_name(t["path"]))}</td><td class="l">{e(t["true"])}</td>'
+                f'<td class="l">{e(t["predicted"])}</td><td>{t["score"]:.3f}</td><td>{t["true_score"]:.3f}</td></tr>'
+                for t in rest
+            )
+            + "</table>"
+        )
+    return (
+        f'<section id="losses"><h2>Top losses</h2><p class="muted small">{note}</p>'
+        f'<div class="cards">{"".join(_card(t) for t in cards)}</div>{more}</section>'
+    )
 
 
 def _strip(items: Sequence[dict[str, Any]], what: str) -> str:
     if not items:
         return f'<p class="muted small">none {e(what)}</p>'
-    return '<div class="strip">' + "".join(
-        f'<figure title="{e(x["path"])}">{_img(x["image"], _name(x["path"]))}{x["score"]:.2f}</figure>' for x in items) + "</div>"
+    return (
+        '<div class="strip">'
+        + "".join(f'<figure title="{e(x["path"])}">{_img(x["image"], _name(x["path"]))}{x["score"]:.2f}</figure>' for x in items)
+        + "</div>"
+    )
 
 
 def _section_pairs(c: dict[str, Any]) -> str:
@@ -255,20 +292,27 @@ def _section_pairs(c: dict[str, Any]) -> str:
             f'{"s" if p["count"] != 1 else ""}</h3><div class="sides">'
             f'<div><div class="muted small">{t} predicted as {q} (p({q}) under each)</div>{_strip(p["mistakes"], "")}</div>'
             f'<div><div class="muted small">{q} recognised as {q} (p({q}) under each)</div>'
-            f'{_strip(p["examples"], "recognised in this split")}</div>'
-            "</div></div>")
-    return ('<section id="pairs"><h2>Confused pairs</h2><p class="muted small">For the most frequent mistakes: the images of one class '
-            "the model took for the other, beside images of that other class it recognised.</p>" + "".join(blocks) + "</section>")
+            f"{_strip(p['examples'], 'recognised in this split')}</div>"
+            "</div></div>"
+        )
+    return (
+        '<section id="pairs"><h2>Confused pairs</h2><p class="muted small">For the most frequent mistakes: the images of one class '
+        "the model took for the other, beside images of that other class it recognised.</p>" + "".join(blocks) + "</section>"
+    )
 
 
 def _section_calibration(c: dict[str, Any]) -> str:
     fig = c["figures"].get("reliability")
     if fig is None:
         return ""
-    note = ("Images binned by the model's confidence (its top probability). A calibrated model's bars reach the diagonal: "
-            "bars below it mean over-confidence, above it under-confidence.")
-    return (f'<section id="calibration"><h2>Calibration</h2><div class="two"><div>{_plot(fig, "reliability diagram")}</div>'
-            f'<p class="muted small">{note}</p></div></section>')
+    note = (
+        "Images binned by the model's confidence (its top probability). A calibrated model's bars reach the diagonal: "
+        "bars below it mean over-confidence, above it under-confidence."
+    )
+    return (
+        f'<section id="calibration"><h2>Calibration</h2><div class="two"><div>{_plot(fig, "reliability diagram")}</div>'
+        f'<p class="muted small">{note}</p></div></section>'
+    )
 
 
 def _section_audit(c: dict[str, Any]) -> str:
@@ -277,8 +321,11 @@ def _section_audit(c: dict[str, Any]) -> str:
         return ""
     doc, path = audit["report"], audit["path"]
     ratio = doc.get("imbalance_ratio")
-    facts = [f"{doc.get('num_images', '?')} images", f"{len(doc.get('class_names', []))} classes",
-             f"imbalance ratio {ratio if ratio is not None else 'n/a (a class has no images)'}"]
+    facts = [
+        f"{doc.get('num_images', '?')} images",
+        f"{len(doc.get('class_names', []))} classes",
+        f"imbalance ratio {ratio if ratio is not None else 'n/a (a class has no images)'}",
+    ]
     if doc.get("probe_accuracy") is not None:
         facts.append(f"out-of-fold probe accuracy {doc['probe_accuracy']:.3f}")
     findings = doc.get("findings", {})
@@ -291,17 +338,28 @@ def _section_audit(c: dict[str, Any]) -> str:
         example = e(str(entries[0]["paths"][0])) if entries[0].get("paths") else ""
         name = e(kind.replace("_", " "))
         rows.append(f'<tr><td>{name}</td><td>{len(entries)}</td><td>{files}</td><td class="name l">{example}</td></tr>')
-    table = ("<table><tr><th>finding</th><th>entries</th><th>files</th><th class='l'>first example</th></tr>" + "".join(rows) + "</table>"
-             if rows else "")
+    table = (
+        "<table><tr><th>finding</th><th>entries</th><th>files</th><th class='l'>first example</th></tr>" + "".join(rows) + "</table>"
+        if rows
+        else ""
+    )
     none = f'<p class="small">Nothing found: {e(", ".join(clean))}.</p>' if clean else ""
-    return (f'<section id="audit"><h2>Data audit</h2><p class="facts">{" · ".join(e(f) for f in facts)}</p>{table}{none}'
-            f'<p class="muted small">From {e(str(path))} (imgcls audit); its audit.html shows every finding.</p></section>')
+    return (
+        f'<section id="audit"><h2>Data audit</h2><p class="facts">{" · ".join(e(f) for f in facts)}</p>{table}{none}'
+        f'<p class="muted small">From {e(str(path))} (imgcls audit); its audit.html shows every finding.</p></section>'
+    )
 
 
-SECTIONS = (("summary", "Summary", _section_summary), ("per-class", "Per class", _section_per_class),
-            ("confusion", "Confusion", _section_confusion), ("training", "Training", _section_training),
-            ("losses", "Top losses", _section_losses), ("pairs", "Confused pairs", _section_pairs),
-            ("calibration", "Calibration", _section_calibration), ("audit", "Data audit", _section_audit))
+SECTIONS = (
+    ("summary", "Summary", _section_summary),
+    ("per-class", "Per class", _section_per_class),
+    ("confusion", "Confusion", _section_confusion),
+    ("training", "Training", _section_training),
+    ("losses", "Top losses", _section_losses),
+    ("pairs", "Confused pairs", _section_pairs),
+    ("calibration", "Calibration", _section_calibration),
+    ("audit", "Data audit", _section_audit),
+)
 
 
 def render_page(c: dict[str, Any]) -> str:
@@ -309,11 +367,13 @@ def render_page(c: dict[str, Any]) -> str:
     rendered = [(sid, label, fn(c)) for sid, label, fn in SECTIONS]
     nav = "".join(f'<a href="#{sid}">{e(label)}</a>' for sid, label, body in rendered if body)
     facts = "".join(f"<span>{e(k)} <b>{e(str(v))}</b></span>" for k, v in c["facts"].items() if v not in (None, ""))
-    return ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>{e(c["title"])}</title><style>{CSS}</style></head><body>'
-            f'<header><h1>{e(c["title"])}</h1><div class="facts">{facts}</div><nav>{nav}</nav></header>'
-            f'<main>{"".join(body for _, _, body in rendered)}</main>'
-            f'<footer>Written by imgcls {e(c.get("version", ""))} on {e(c.get("date", ""))}. '
-            "Self-contained: every image is embedded.</footer>"
-            "</body></html>\n")
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{e(c['title'])}</title><style>{CSS}</style></head><body>"
+        f'<header><h1>{e(c["title"])}</h1><div class="facts">{facts}</div><nav>{nav}</nav></header>'
+        f"<main>{''.join(body for _, _, body in rendered)}</main>"
+        f"<footer>Written by imgcls {e(c.get('version', ''))} on {e(c.get('date', ''))}. "
+        "Self-contained: every image is embedded.</footer>"
+        "</body></html>\n"
+    )

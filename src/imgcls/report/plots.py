@@ -163,8 +163,16 @@ def reliability_figure(bins: Sequence[dict[str, Any]], ece: float | None = None)
     lows = [b["lower"] for b in filled]
     centres = [(b["lower"] + b["upper"]) / 2 for b in filled]
     top.plot([0, 1], [0, 1], color=ACCENT, ls="--", lw=1, label="calibrated")
-    top.bar(lows, [b["accuracy"] for b in filled], width=widths, align="edge", color=TRAIN_COLOUR, alpha=0.85, edgecolor="white",
-            label="accuracy")
+    top.bar(
+        lows,
+        [b["accuracy"] for b in filled],
+        width=widths,
+        align="edge",
+        color=TRAIN_COLOUR,
+        alpha=0.85,
+        edgecolor="white",
+        label="accuracy",
+    )
     top.plot(centres, [b["confidence"] for b in filled], ls="none", marker="D", ms=5, color=VAL_COLOUR, label="mean confidence")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1.02)

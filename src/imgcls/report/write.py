@@ -122,11 +122,16 @@ def write_report(
     meta = _model_facts(mdir)
     training = meta.get("training", {})
     content: dict[str, Any] = {
-        "title": title, "metrics": metrics, "history": history or [], "probe_sweep": list(probe_sweep or []),
-        "strategy": meta.get("strategy") or training.get("strategy"), "best_epoch": training.get("best_epoch"),
+        "title": title,
+        "metrics": metrics,
+        "history": history or [],
+        "probe_sweep": list(probe_sweep or []),
+        "strategy": meta.get("strategy") or training.get("strategy"),
+        "best_epoch": training.get("best_epoch"),
         "confused_counts": most_confused(cm, class_names),
         "facts": {"images": metrics.get("num_samples"), "classes": len(class_names), **(facts or {})},
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "version": _version(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "version": _version(),
     }
     content["figures"] = {
         "confusion": _figure("confusion_matrix", plots.confusion_figure(cm, class_names), beside),
@@ -141,7 +146,12 @@ def write_report(
 
 
 def _add_predictions(
-    content: dict[str, Any], pred: Predictions, class_names: list[str], top_losses: int, model_dir: Path | None, beside: Path | None,
+    content: dict[str, Any],
+    pred: Predictions,
+    class_names: list[str],
+    top_losses: int,
+    model_dir: Path | None,
+    beside: Path | None,
     log: Callable[[str], None],
 ) -> None:
     """The sections that need image-by-image results: top losses, confused pairs, reliability."""
@@ -152,7 +162,7 @@ def _add_predictions(
     shown = losses[: gallery.EXPLAIN_TOP]
     explain = _explainer(model_dir, log) if shown else None
     content["loss_cards"] = gallery.loss_cards(shown, thumbs, explain, log)
-    content["more_losses"] = losses[gallery.EXPLAIN_TOP:]
+    content["more_losses"] = losses[gallery.EXPLAIN_TOP :]
     pairs = gallery.confused_pairs(pred, class_names)
     for p in pairs:
         for side in ("mistakes", "examples"):

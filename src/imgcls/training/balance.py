@@ -69,8 +69,14 @@ class ClassBalance:
     def to_dict(self) -> dict[str, Any]:
         """model.json "class_balance"; "weights" are the loss's (null under sampler and none)."""
         weighted = self.mode == "weights" and self.weights is not None
-        return {"mode": self.mode, "requested": self.requested, "ratio": round(self.ratio, 4), "counts": list(self.counts),
-                "weighting": WEIGHTING if weighted else None, "weights": list(self.weights) if weighted else None}
+        return {
+            "mode": self.mode,
+            "requested": self.requested,
+            "ratio": round(self.ratio, 4),
+            "counts": list(self.counts),
+            "weighting": WEIGHTING if weighted else None,
+            "weights": list(self.weights) if weighted else None,
+        }
 
     def describe(self) -> str:
         """The log line: what was decided and why."""
@@ -79,8 +85,11 @@ class ClassBalance:
         if self.mode == "none":
             why = f"at most {IMBALANCE_RATIO_LIMIT:g}x, no rebalancing" if self.requested == "auto" else "--class-balance none"
             return f"class balance: {sizes}; {why}"
-        how = (f"{WEIGHTING} class weights in the loss ({min(self.weights):.3g} to {max(self.weights):.3g})" if self.mode == "weights"
-               else "batches drawn with every class equally likely")
+        how = (
+            f"{WEIGHTING} class weights in the loss ({min(self.weights):.3g} to {max(self.weights):.3g})"
+            if self.mode == "weights"
+            else "batches drawn with every class equally likely"
+        )
         why = f"over {IMBALANCE_RATIO_LIMIT:g}x, " if self.requested == "auto" else ""
         return f"class balance: {sizes}; {why}{how}; best epoch by balanced accuracy"
 

@@ -134,8 +134,9 @@ class RunFolder:
     meta: dict[str, Any]  # model.json's common part: arch, class names, preprocess, config, dataset...
     config: dict[str, Any]  # RunConfig.to_dict(), stored in the checkpoint for --resume
 
-    def save_model(self, model: nn.Module, training: dict[str, Any], metrics: dict[str, Any] | None = None,
-                   sections: dict[str, Any] | None = None) -> None:
+    def save_model(
+        self, model: nn.Module, training: dict[str, Any], metrics: dict[str, Any] | None = None, sections: dict[str, Any] | None = None
+    ) -> None:
         """model.safetensors + model.json: `meta`, `sections` (the final save's calibration...), metrics, training."""
         extra = {"metrics": metrics} if metrics is not None else {}
         save_artifact(self.path, model, {**self.meta, **(sections or {}), **extra, "training": training})

@@ -36,6 +36,12 @@ def resolve_strategy(strategy: str, pretrained: bool, n_train: int) -> str:
     """auto: from scratch -> full; pretrained with few images -> linear-probe, else fine-tune."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy in ("linear-probe", "fine-tune") and not pretrained:
+        # A head fitted on a random backbone validates at chance (50% on two classes): never silently.
+        raise ValueError(
+            f"--strategy {strategy} needs pretrained weights (the backbone stays frozen or nearly so): add --pretrained "
+            "(efficientnet_lite0/1/2 have built-in ImageNet weights) or --weights FILE|URL, or use --strategy full to train from scratch"
+        )
     if strategy != "auto":
         return strategy
     if not pretrained:

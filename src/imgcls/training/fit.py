@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -113,8 +114,8 @@ def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log
         "epochs_run": state.epoch + 1,
         "stopped_early": stopped_early,
     }
-    metrics = finish_run(folder, ev, training, t_start, log, cfg.train.unknown_method)  # 6
-    report_run(run_dir, metrics, data, state.history, cfg.model.name, log, ev)
+    metrics, probs = finish_run(folder, ev, training, t_start, log, cfg.train.unknown_method)  # 6
+    report_run(run_dir, metrics, probs, data, state.history, cfg.model.name, log, ev)
     return run_dir
 
 
@@ -134,8 +135,10 @@ def pin_timed_choices(cfg: RunConfig, log: Log) -> RunConfig:
     """
     t = cfg.train
     if t.time_budget is not None:
-        raise ValueError("--deterministic and --time-budget do not combine: a time budget chooses the number of epochs "
-                         "from timed training steps; give --epochs instead, or drop --deterministic")
+        raise ValueError(
+            "--deterministic and --time-budget do not combine: a time budget chooses the number of epochs "
+            "from timed training steps; give --epochs instead, or drop --deterministic"
+        )
     precision = t.precision
     if precision == "auto":
         precision = "bf16" if resolve_precision("auto", resolve_device(t.device)) is not None else "fp32"
@@ -293,11 +296,12 @@ def replan_budget(schedule: Schedule, state: TrainState, epoch: int, full_epoch:
 
 def finish_run(
     folder: RunFolder, ev: Evaluation, training: dict[str, Any], t_start: float, log: Log = print, unknown_method: str = "msp"
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Step 6, once the best weights are kept: calibrate them on the validation split
     (`inference.trust.fit_trust`: temperature, "unknown" threshold, conformal scores), evaluate
     them on the final splits with that calibration, and write the final model.json (with the
-    calibration, `training` and the run's wall time); return the metrics per split.
+    calibration, `training` and the run's wall time); return the metrics and the calibrated
+    probabilities (N, num_classes) per split (the report draws from them).
     """
     from imgcls.artifact import load_artifact
 
@@ -323,9 +327,9 @@ def finish_run(
     sections = fit_trust(logits["val"], labels["val"], unknown_method) if "val" in logits else uncalibrated("no validation split")
     log(describe_fit(sections))
     trust = Trust.from_meta(sections)
+    probs = {name: postprocess(z, trust).probs for name, z in logits.items()}
     metrics: dict[str, Any] = {
-        name: {**classification_metrics(postprocess(z, trust).probs, labels[name], folder.meta["class_names"]),
-               **trust_metrics(z, labels[name], trust)}
+        name: {**classification_metrics(probs[name], labels[name], folder.meta["class_names"]), **trust_metrics(z, labels[name], trust)}
         for name, z in logits.items()
     }
     training = {
@@ -334,29 +338,38 @@ def finish_run(
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     folder.save_model(best, training, metrics, sections)
-    return metrics
+    return metrics, probs
 
 
 def report_run(
-    run_dir: Path, metrics: dict[str, Any], data: RunData, history: list[dict[str, float]], arch: str, log: Log, ev: Evaluation
+    run_dir: Path,
+    metrics: dict[str, Any],
+    probs: dict[str, np.ndarray],
+    data: RunData,
+    history: list[dict[str, float]],
+    arch: str,
+    log: Log,
+    ev: Evaluation,
 ) -> None:
-    """report/ (plots and report.html) on the validation split, else the test split.
-
-    The kept model predicts the split again, as finish_run did (same precision and TTA), for the
-    report's per-image sections: top losses with Grad-CAM, confused pairs, reliability diagram.
-    """
+    """report/ (plots and report.html) on the validation split, else the test split, from the
+    calibrated probabilities finish_run computed (per-image sections: top losses with Grad-CAM,
+    confused pairs, reliability diagram)."""
     split = "val" if "val" in metrics else ("test" if "test" in metrics else None)
     if split:
-        from imgcls.artifact import load_artifact
-
         s = data.splits[split]
-        model, meta = load_artifact(run_dir, device=ev.device)
-        model, dtype = prepare_inference_model(model, ev.device, ev.amp_dtype)
-        logits = batched_logits(model, s.images.numpy(), ev.spec, device=ev.device, amp_dtype=dtype, progress=False, tta=ev.tta)
-        pred = Predictions(postprocess(logits, Trust.from_meta(meta)).probs, s.labels.numpy(), s.paths)  # calibrated, as the metrics
-        write_report(run_dir / "report", metrics[split], data.class_names, history, title=f"{arch} on {split} ({data.index.root.name})",
-                     predictions=pred, model_dir=run_dir, probe_sweep=read_probe_sweep(run_dir),
-                     facts={"model": f"{arch} ({run_dir})", "data": f"{data.index.root} ({split} split)", "TTA": ev.tta}, log=log)
+        pred = Predictions(probs[split], s.labels.numpy(), s.paths)
+        write_report(
+            run_dir / "report",
+            metrics[split],
+            data.class_names,
+            history,
+            title=f"{arch} on {split} ({data.index.root.name})",
+            predictions=pred,
+            model_dir=run_dir,
+            probe_sweep=read_probe_sweep(run_dir),
+            facts={"model": f"{arch} ({run_dir})", "data": f"{data.index.root} ({split} split)", "TTA": ev.tta},
+            log=log,
+        )
         m = metrics[split]
         log(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  report: {run_dir / 'report' / 'report.html'}")
     log(f"model saved to {run_dir}")

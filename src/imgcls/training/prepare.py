@@ -146,7 +146,12 @@ def remove_run_files(run_dir: Path, with_dirs: bool) -> list[str]:
 
 
 def prepare_run(
-    cfg: RunConfig, spec: PreprocessSpec, run_dir: Path, progress: bool, log: Callable[[str], None], resume: bool = False,
+    cfg: RunConfig,
+    spec: PreprocessSpec,
+    run_dir: Path,
+    progress: bool,
+    log: Callable[[str], None],
+    resume: bool = False,
     overwrite: bool = False,
 ) -> RunData:
     """Index and decode DATA, clear RUN_DIR of an earlier run's files (`clear_run_folder`), write
@@ -195,8 +200,9 @@ def warn_quick_checks(index: DatasetIndex, splits: dict[str, SplitData], log: Ca
     imbalance) on the splits as the run uses them: a validation split cut from DATA counts as a split,
     so a duplicate that lands in train and val is caught. Uses the decode step's content hashes;
     nothing is changed or left out."""
-    as_run = DatasetIndex(index.root, index.layout, index.class_names,
-                          {name: list(zip(s.paths, s.labels.tolist())) for name, s in splits.items()})
+    as_run = DatasetIndex(
+        index.root, index.layout, index.class_names, {name: list(zip(s.paths, s.labels.tolist())) for name, s in splits.items()}
+    )
     hashes = {p: h for s in splits.values() for p, h in zip(s.paths, s.hashes)}
     for warning in quick_checks(as_run, hashes):
         log(f"warning: {warning}")
