@@ -53,7 +53,7 @@ def train_and_measure(name: str, data: Path, args: list[str], opts: argparse.Nam
     run_dir = OUT_DIR / "transfer" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    train_args = ["train", str(data), "--out", str(run_dir), "--model", MODEL, "--pretrained", *args, "--quiet"]
+    train_args = ["train", str(data), "--out", str(run_dir), "--model", MODEL, "--pretrained", *args, "--overwrite", "--quiet"]
     if cache_dir is not None:
         train_args += ["--cache-dir", str(cache_dir)]
     cached_before = set(cache_dir.glob("*.npy")) if cache_dir is not None and cache_dir.exists() else set()

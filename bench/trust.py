@@ -1,4 +1,4 @@
-"""Trust toolbox benchmarks: calibration, prediction sets, "unknown" detection (imgcls.calibration)
+"""Trust toolbox benchmarks: calibration, prediction sets, "unknown" detection (imgcls.calibration, imgcls.ood)
 and class balance, on real data. Three modes:
 
     python bench/trust.py measure MODEL DATA [--ood-data OTHER_IMAGES] [--max-images 2000] [--json trust.json]
@@ -201,15 +201,15 @@ def _set_row(rows: Rows, name: str, coverage: float, qhat: float, labels: np.nda
 def ood_rows(
     train: Outputs, val: Outputs, test: Outputs, unknown: dict[str, Outputs], accept: float, k: int, bank_size: int, trust: Any
 ) -> tuple[Rows, list[dict]]:
-    from imgcls import calibration as cal
     from imgcls.config import OOD_METHODS
+    from imgcls.ood import fit_ood_detector
 
     rows, out = [], []
     for method in OOD_METHODS:
         if method in ("mahalanobis", "knn") and len(train.labels) == 0:
             rows.append([method, "(no training images: skipped)", "", "", "", "", ""])
             continue
-        det = cal.fit_ood_detector(method, val.logits, val.features, train.features, train.labels, accept=accept, k=k, bank_size=bank_size)
+        det = fit_ood_detector(method, val.logits, val.features, train.features, train.labels, accept=accept, k=k, bank_size=bank_size)
         s_known = det.score(test.logits, test.features)
         for name, unk in unknown.items():
             out.append(_ood_row(rows, method, name, s_known, det.score(unk.logits, unk.features), det.threshold))
@@ -222,14 +222,14 @@ def ood_rows(
 
 
 def _ood_row(rows: Rows, method: str, name: str, s_known: np.ndarray, s_unk: np.ndarray, threshold: float) -> dict:
-    from imgcls import calibration as cal
+    from imgcls.ood import auroc, fpr_at_tpr
 
     r = {
         "score": method,
         "unknown": name,
         "n": len(s_unk),
-        "auroc": cal.auroc(s_known, s_unk),
-        "fpr95": cal.fpr_at_tpr(s_known, s_unk),
+        "auroc": auroc(s_known, s_unk),
+        "fpr95": fpr_at_tpr(s_known, s_unk),
         "known_accepted": float(np.mean(s_known >= threshold)),
         "unknown_accepted": float(np.mean(s_unk >= threshold)),
     }

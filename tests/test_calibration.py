@@ -1,4 +1,4 @@
-"""The trust toolbox (imgcls.calibration) on generated logits, probabilities and features."""
+"""The trust toolbox (imgcls.calibration, imgcls.ood) on generated logits, probabilities and features."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from imgcls import calibration as cal
+from imgcls import ood
 from imgcls.config import OOD_METHODS
 from imgcls.metrics import expected_calibration_error
 
@@ -88,10 +89,10 @@ def test_logit_scores_reject_noise_logits():
     noise = np.random.default_rng(4).normal(0, 1, (1000, 10))  # flat, unconfident logits
     val, test = known[:500], known[500:]
     for method in ("msp", "energy"):
-        det = cal.fit_ood_detector(method, val_logits=val, accept=0.95)
+        det = ood.fit_ood_detector(method, val_logits=val, accept=0.95)
         acc_known, acc_noise = det.is_known(logits=test).mean(), det.is_known(logits=noise).mean()
         assert acc_known > 0.9 and acc_noise < 0.2, (method, acc_known, acc_noise)
-        assert cal.auroc(det.score(logits=test), det.score(logits=noise)) > 0.9
+        assert ood.auroc(det.score(logits=test), det.score(logits=noise)) > 0.9
 
 
 @pytest.fixture(scope="module")
@@ -123,56 +124,56 @@ UNKNOWN_FOR = {"msp": "ambiguous", "energy": "ambiguous", "mahalanobis": "held-o
 @pytest.mark.parametrize("method", OOD_METHODS)
 def test_every_score_flags_unknown_inputs(mixture, method):
     (xtr, ytr), (xva, _), (xte, _), unknown, logits = mixture
-    det = cal.fit_ood_detector(method, val_logits=logits(xva), val_features=xva, train_features=xtr, train_labels=ytr, accept=0.95, k=5)
+    det = ood.fit_ood_detector(method, val_logits=logits(xva), val_features=xva, train_features=xtr, train_labels=ytr, accept=0.95, k=5)
     xun = unknown[UNKNOWN_FOR[method]]
     known_in = det.is_known(logits=logits(xte), features=xte).mean()
     unknown_in = det.is_known(logits=logits(xun), features=xun).mean()
     assert known_in > 0.88 and unknown_in < 0.5, (method, known_in, unknown_in)
     s_known, s_unknown = det.score(logits(xte), xte), det.score(logits(xun), xun)
-    assert cal.auroc(s_known, s_unknown) > 0.85
-    assert cal.fpr_at_tpr(s_known, s_unknown) < 0.6
+    assert ood.auroc(s_known, s_unknown) > 0.85
+    assert ood.fpr_at_tpr(s_known, s_unknown) < 0.6
 
 
 def test_knn_flags_both_kinds_of_unknown(mixture):
     (xtr, ytr), (xva, _), (xte, _), unknown, _ = mixture
-    det = cal.fit_ood_detector("knn", val_features=xva, train_features=xtr, k=5)
+    det = ood.fit_ood_detector("knn", val_features=xva, train_features=xtr, k=5)
     for xun in unknown.values():
-        assert cal.auroc(det.score(features=xte), det.score(features=xun)) > 0.95
+        assert ood.auroc(det.score(features=xte), det.score(features=xun)) > 0.95
 
 
 def test_mahalanobis_distance_matches_definition():
     rng = np.random.default_rng(6)
     x, y = gaussian_mixture(50, rng.normal(0, 3, (3, 4)), rng)
-    means, prec = cal.fit_mahalanobis(x, y)
+    means, prec = ood.fit_mahalanobis(x, y)
     q = rng.normal(0, 3, (7, 4))
     d = np.stack([np.einsum("nf,fg,ng->n", q - m, prec.double().numpy(), q - m) for m in means.double().numpy()], 1)
-    assert np.allclose(cal.mahalanobis_score(q, means, prec), -d.min(1), rtol=1e-4)
+    assert np.allclose(ood.mahalanobis_score(q, means, prec), -d.min(1), rtol=1e-4)
 
 
 def test_knn_score_is_kth_neighbour_cosine():
-    bank = cal.feature_bank(np.eye(4), size=10)
+    bank = ood.feature_bank(np.eye(4), size=10)
     q = np.array([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    assert np.allclose(cal.knn_score(q, bank, k=1), [1.0, 2**-0.5])
-    assert np.allclose(cal.knn_score(q, bank, k=3), [0.0, 0.0])
-    assert len(cal.feature_bank(np.ones((100, 3)), size=16)) == 16
+    assert np.allclose(ood.knn_score(q, bank, k=1), [1.0, 2**-0.5])
+    assert np.allclose(ood.knn_score(q, bank, k=3), [0.0, 0.0])
+    assert len(ood.feature_bank(np.ones((100, 3)), size=16)) == 16
 
 
 def test_threshold_accepts_the_asked_share():
     s = np.arange(100.0)
-    assert cal.pick_threshold(s, 0.95) == 5.0 and np.mean(s >= 5.0) == 0.95
-    assert cal.pick_threshold(s, 1.0) == 0.0
+    assert ood.pick_threshold(s, 0.95) == 5.0 and np.mean(s >= 5.0) == 0.95
+    assert ood.pick_threshold(s, 1.0) == 0.0
     with pytest.raises(ValueError):
-        cal.pick_threshold([], 0.95)
+        ood.pick_threshold([], 0.95)
 
 
 def test_auroc_and_fpr95_on_known_cases():
-    assert cal.auroc([2, 3, 4], [0, 1]) == 1.0
-    assert cal.auroc([0, 1], [2, 3, 4]) == 0.0
-    assert cal.auroc([1, 1], [1, 1]) == 0.5  # ties count half
-    assert cal.auroc([0, 2, 4], [1, 3]) == pytest.approx(3 / 6)
+    assert ood.auroc([2, 3, 4], [0, 1]) == 1.0
+    assert ood.auroc([0, 1], [2, 3, 4]) == 0.0
+    assert ood.auroc([1, 1], [1, 1]) == 0.5  # ties count half
+    assert ood.auroc([0, 2, 4], [1, 3]) == pytest.approx(3 / 6)
     known = np.arange(100.0)
-    assert cal.fpr_at_tpr(known, np.full(10, -1.0)) == 0.0
-    assert cal.fpr_at_tpr(known, np.arange(10.0)) == 0.5  # threshold 5 accepts 5..9
+    assert ood.fpr_at_tpr(known, np.full(10, -1.0)) == 0.0
+    assert ood.fpr_at_tpr(known, np.arange(10.0)) == 0.5  # threshold 5 accepts 5..9
 
 
 def test_detector_round_trips_through_json_and_safetensors(mixture, tmp_path):
@@ -180,15 +181,15 @@ def test_detector_round_trips_through_json_and_safetensors(mixture, tmp_path):
 
     (xtr, ytr), (xva, _), (xte, _), _, logits = mixture
     for method in OOD_METHODS:
-        det = cal.fit_ood_detector(method, val_logits=logits(xva), val_features=xva, train_features=xtr, train_labels=ytr, temperature=1.5)
+        det = ood.fit_ood_detector(method, val_logits=logits(xva), val_features=xva, train_features=xtr, train_labels=ytr, temperature=1.5)
         save_file(det.to_tensors(), str(tmp_path / f"{method}.safetensors"))
-        back = cal.OodDetector.from_dict(json.loads(json.dumps(det.to_dict())), load_file(str(tmp_path / f"{method}.safetensors")))
+        back = ood.OodDetector.from_dict(json.loads(json.dumps(det.to_dict())), load_file(str(tmp_path / f"{method}.safetensors")))
         assert back.method == method and back.threshold == det.threshold and back.temperature == 1.5
         assert np.array_equal(back.is_known(logits(xte), xte), det.is_known(logits(xte), xte))
     with pytest.raises(ValueError, match="needs"):
-        cal.OodDetector.from_dict({"method": "knn", "threshold": 0.5})
+        ood.OodDetector.from_dict({"method": "knn", "threshold": 0.5})
     with pytest.raises(ValueError, match="features"):
-        cal.fit_ood_detector("knn", train_features=xtr).score(logits=logits(xte))
+        ood.fit_ood_detector("knn", train_features=xtr).score(logits=logits(xte))
 
 
 # ----------------------------------------------------------------------------- conformal

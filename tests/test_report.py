@@ -252,13 +252,12 @@ def test_cli_report_missing_audit_is_noted_not_fatal(capsys, trained_run, tmp_pa
 
 
 def test_linear_probe_run_reports_its_l2_sweep(tmp_path):
-    from imgcls.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-    from imgcls.training.fit import fit
-    from synth import make_split_folders
-
     from safetensors.torch import save_file
 
+    from imgcls.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from imgcls.models import create_model
+    from imgcls.training.fit import fit
+    from synth import make_split_folders
 
     data = make_split_folders(tmp_path / "data", per_split={"train": 4, "valid": 2}, size=20, seed=3)
     weights = tmp_path / "random_small_cnn.safetensors"  # a probe needs starting weights: random ones, saved as a file

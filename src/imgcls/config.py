@@ -25,7 +25,7 @@ CROPS = ("auto", "translate", "rrc", "none")
 RESIZE_MODES = ("crop", "squash", "pad")
 # Largest image (width x height) any decoder accepts; larger is refused from the header, before decoding.
 DEFAULT_MAX_PIXELS = 100_000_000
-# Trust toolbox (imgcls.calibration): scores for an "unknown" answer, loss weights for imbalanced classes.
+# Trust toolbox (imgcls.ood, imgcls.calibration): scores for an "unknown" answer, loss weights for imbalanced classes.
 OOD_METHODS = ("msp", "energy", "mahalanobis", "knn")
 CLASS_WEIGHT_MODES = ("none", "inverse", "effective")
 # Largest / smallest class count above which training should rebalance (the usual "more than about 3x").

@@ -22,32 +22,39 @@ uploaded bytes are decoded.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Query, Request  # imgcls[serve]; cli imports this module only for `imgcls serve`
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel
 
-from imgcls.artifact import WEIGHTS_FILE
 from imgcls.batching import Batcher, BudgetExhausted, ByteBudget, ClientLimits
 from imgcls.inference.answer import answer
 from imgcls.inference.explain import UNAVAILABLE, UploadExplainer
 from imgcls.inference.trust import Outputs
 from imgcls.io import ImageDecodeError, read_header
 from imgcls.predict import Classifier
-from imgcls.uploads import UPLOAD_FIELD, ClientGone, RequestError, parse_top_k, read_uploads
+from imgcls.serve_schema import (  # re-exported: callers import the schema from imgcls.serve
+    Error,
+    Explanation,
+    LabelScore,
+    ModelRef,
+    Prediction,
+    PredictResponse,
+    ServeSettings,
+    model_version,
+    predict_body,
+    predict_errors,
+)
+from imgcls.uploads import ClientGone, RequestError, parse_top_k, read_uploads
 
 log = logging.getLogger("imgcls.serve")
 
@@ -60,95 +67,22 @@ STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/c
 DECODE_WAIT_S = 2.0
 CLIENT_CLOSED = 499  # nginx's "client closed request": written to the access log, never sent
 
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """Limits and batching for the server; every field has a CLI flag of the same name.
-
-    max_upload_mb: largest request body (all images together); larger -> 413.
-    max_images: most images in one request; more -> 400.
-    max_batch: most images in one forward pass.
-    batch_wait_ms: how long the inference thread waits for more requests to fill a batch
-        (only while other requests are still being decoded).
-    queue_size: requests with their body in and not yet in a forward pass (being decoded or
-        queued); when full, a new request gets 503 at once, before its body is read.
-    batching: False runs one forward per request (the baseline the benchmark compares with).
-    decode_workers: threads decoding uploads; 0 = min(4, cores).
-    default_top_k: classes listed per image when the request gives no top_k.
-    body_timeout_s: the whole body must arrive within this many seconds of the request's
-        headers; later -> 408 and the connection is closed (a client trickling bytes holds nothing
-        for longer).
-    max_client_requests: requests one client address may have in progress; more -> 429. 0: no limit.
-    max_decoded_mb: most memory decoding one image may take, estimated from its header (width x
-        height x the bytes a pixel of its format and mode takes while decoding, after a JPEG
-        draft); more -> 413. A small file can decode to gigabytes: a 16-bit PNG, a lossless WebP.
-    decode_budget_mb: memory all the images being decoded at once may take; an image that does not
-        fit waits up to DECODE_WAIT_S for others to finish, then its request gets 503.
-    """
-
-    max_upload_mb: float = 20.0
-    max_images: int = 16
-    max_batch: int = 16
-    batch_wait_ms: float = 5.0
-    queue_size: int = 64
-    batching: bool = True
-    decode_workers: int = 0
-    default_top_k: int = 5
-    body_timeout_s: float = 20.0
-    max_client_requests: int = 32
-    max_decoded_mb: float = 256.0
-    decode_budget_mb: float = 512.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_upload_mb", "body_timeout_s", "max_decoded_mb"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_images", "max_batch", "queue_size", "default_top_k"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("decode_workers", "max_client_requests"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
-                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.batch_wait_ms <= 1000:
-            raise ValueError(f"batch_wait_ms must be in [0, 1000], got {self.batch_wait_ms}")
-        if not self.decode_budget_mb >= self.max_decoded_mb:
-            raise ValueError(
-                f"decode_budget_mb ({self.decode_budget_mb}) must be >= max_decoded_mb ({self.max_decoded_mb}): "
-                "the largest image allowed must fit in the budget"
-            )
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 2**20)
-
-    @property
-    def max_decoded_bytes(self) -> int:
-        return int(self.max_decoded_mb * 2**20)
-
-    @property
-    def decode_budget_bytes(self) -> int:
-        return int(self.decode_budget_mb * 2**20)
+__all__ = [
+    "AccessLog",
+    "Error",
+    "Explanation",
+    "LabelScore",
+    "ModelRef",
+    "PredictResponse",
+    "Prediction",
+    "ServeSettings",
+    "create_app",
+    "model_version",
+    "run_server",
+]
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def model_version(meta: dict[str, Any]) -> str:
-    """meta["version"] if the artifact sets one, else the first 12 hex digits of the weights' SHA-256.
-
-    Without a weights file (a pretrained model from the registry) the digest is of model.json.
-    """
-    if meta.get("version"):
-        return str(meta["version"])
-    weights = Path(str(meta.get("source", ""))) / WEIGHTS_FILE
-    h = hashlib.sha256()
-    if weights.is_file():
-        with open(weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    else:
-        h.update(json.dumps({k: v for k, v in meta.items() if k != "source"}, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:12]
 
 
 def _prediction(
@@ -163,43 +97,6 @@ def _prediction(
 
 
 # ---------------------------------------------------------------------------------- the app
-
-
-class LabelScore(BaseModel):
-    label: str
-    score: float
-
-
-class Explanation(BaseModel):
-    target: str  # the class explained: the answer's label
-    overlay_png_base64: str  # the image with the Grad-CAM heat map over it, PNG, at most 512 px a side
-    width: int
-    height: int
-
-
-class Prediction(BaseModel):
-    path: str | None
-    label: str
-    score: float
-    top_k: list[LabelScore]
-    filename: str | None  # the same as path: the name this API gave it before answers were unified
-    best_guess: LabelScore | None = None  # only when label is "unknown": the top class and its probability
-    set: list[str] | None = None  # only with ?coverage=: the conformal prediction set, most probable first
-    explanation: Explanation | None = None  # only with ?explain=true
-
-
-class ModelRef(BaseModel):
-    name: str
-    version: str
-
-
-class PredictResponse(BaseModel):
-    model: ModelRef
-    predictions: list[Prediction]
-
-
-class Error(BaseModel):
-    detail: str
 
 
 class _Service:
@@ -387,49 +284,6 @@ async def _gone(request: Request, exc: ClientGone) -> Response:
     return Response(status_code=CLIENT_CLOSED)
 
 
-def _predict_body(s: ServeSettings) -> dict[str, Any]:
-    """/v1/predict's request body for the OpenAPI document (the endpoint reads the body itself)."""
-    binary = {"type": "string", "format": "binary"}
-    return {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": [UPLOAD_FIELD],
-                    "properties": {
-                        UPLOAD_FIELD: {
-                            "type": "array",
-                            "items": binary,
-                            "description": f"one or more images (repeat the field), at most {s.max_images}",
-                        },
-                        "top_k": {"type": "integer", "minimum": 1, "description": "classes per image"},
-                    },
-                }
-            },
-            "application/octet-stream": {"schema": binary},
-            "image/*": {"schema": binary},
-        },
-    }
-
-
-def _predict_errors(s: ServeSettings) -> dict[int | str, dict[str, Any]]:
-    """/v1/predict's error answers for the OpenAPI document."""
-    return {
-        400: {"model": Error, "description": "too many images, or an empty, truncated or corrupt image"},
-        408: {"model": Error, "description": f"the body did not arrive within {s.body_timeout_s:g} s"},
-        413: {
-            "model": Error,
-            "description": f"body over {s.max_upload_mb:g} MB, or an image with too many pixels or that would "
-            f"take over {s.max_decoded_mb:g} MB to decode (a decompression bomb)",
-        },
-        415: {"model": Error, "description": "not an image in a format imgcls reads, or an unsupported content type"},
-        429: {"model": Error, "description": f"this client already has {s.max_client_requests} requests in progress"},
-        501: {"model": Error, "description": "?explain=true where the server has no model folder to explain with (a bare ONNX file)"},
-        503: {"model": Error, "description": "the queue is full, or decoding memory is taken by other requests; retry later"},
-    }
-
-
 def _add_predict_route(app: FastAPI, service: _Service) -> None:
     """POST /v1/predict, its query parameters described with the server's settings."""
     s = service.s
@@ -446,8 +300,8 @@ def _add_predict_route(app: FastAPI, service: _Service) -> None:
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
-        responses=_predict_errors(s),
-        openapi_extra={"requestBody": _predict_body(s)},
+        responses=predict_errors(s),
+        openapi_extra={"requestBody": predict_body(s)},
         tags=["predict"],
         response_model_exclude_unset=True,  # "explanation" only when asked for
     )

@@ -10,7 +10,7 @@ the numerics and TTA of evaluation:
 - "unknown" {"method", "threshold", "accept", "fitted_on", "n"}: an input whose score is below the
   threshold is answered "unknown", its best guess beside it. msp scores the calibrated top
   probability, energy T * logsumexp(logits / T); the threshold accepts `accept` of the validation
-  images (`calibration.pick_threshold`).
+  images (`ood.pick_threshold`).
 - "conformal" {"method": "aps", "randomized": false, "coverage", "qhat", "n", "fitted_on",
   "scores"}: the validation images' APS conformity scores, sorted (at most CONFORMAL_MAX_SCORES, a
   random subset beyond), so the prediction sets of any coverage are one quantile away (`Trust.qhat`);
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from imgcls import calibration as cal
+from imgcls import ood
 from imgcls.config import CONFORMAL_COVERAGE, CONFORMAL_MAX_SCORES, UNKNOWN_ACCEPT, UNKNOWN_METHODS
 from imgcls.metrics import expected_calibration_error
 
@@ -115,8 +116,8 @@ class Trust:
     def known_scores(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
         """The "unknown" rule's score of each row of logits (N,), higher = more like the training data."""
         if self.unknown_method == "energy":
-            return cal.energy_score(logits, self.temperature)
-        return cal.msp_score(logits, self.temperature)
+            return ood.energy_score(logits, self.temperature)
+        return ood.msp_score(logits, self.temperature)
 
     def apply(self, logits: torch.Tensor) -> Outputs:
         """Logits (N, C) -> calibrated probabilities and the "unknown" rule's verdicts."""
@@ -168,7 +169,7 @@ def fit_trust(
     rep = cal.temperature_report(z, y, t)
     figures = {k: rep[k] for k in ("nll_before", "nll_after", "ece_before", "ece_after")}
     calibration = {"temperature": t, **figures, "fitted_on": "val", "n": n}
-    threshold = cal.fit_ood_detector(method, val_logits=z, accept=accept, temperature=t).threshold
+    threshold = ood.fit_ood_detector(method, val_logits=z, accept=accept, temperature=t).threshold
     unknown = {"method": method, "threshold": threshold, "accept": accept, "fitted_on": "val", "n": n}
     scores = cal.conformal_scores(cal.softmax(z, t), y)  # (N,) non-randomised APS
     if len(scores) > max_scores:
