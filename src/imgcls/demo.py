@@ -71,10 +71,9 @@ def run_demo(out: str | Path = "imgcls-demo", epochs: int = 20, progress: bool =
     log("\npredictions on held-out test images:")
     for r in clf.predict([str(p) for p in picks], top_k=3):
         probs = "  ".join(f"{t['label']}:{t['score']:.3f}" for t in r["top_k"])
-        log(
-            f"  {Path(r['path']).relative_to(data)}  true {Path(r['path']).parent.name} "
-            f" predicted {r['label']} ({r['score']:.3f})   top-3 {probs}"
-        )
+        guess = r.get("best_guess")  # an "unknown" answer still shows what the model thinks it is
+        answer = f"unknown (best guess {guess['label']} {guess['score']:.3f})" if guess else f"{r['label']} ({r['score']:.3f})"
+        log(f"  {Path(r['path']).relative_to(data)}  true {Path(r['path']).parent.name}  predicted {answer}   top-3 {probs}")
     log(f"\nmodel:  {run}  (model.safetensors + model.json)")
     log(f"report: {m['report']}")
     log(f"done in {time.perf_counter() - t0:.0f} s. Next: imgcls predict {run} IMAGE.png")
