@@ -323,3 +323,48 @@ def test_a_data_set_with_nothing_decodable_is_still_audited(tmp_path):
     r = run_audit(tmp_path, AuditOptions(features="pixels"), progress=False, log=quiet)
     assert sorted(paths_of(r, "unreadable")) == ["a/x.png", "b/x.png"]
     assert r["probe_accuracy"] is None and all(not r["findings"][k] for k in FINDING_KINDS if k != "unreadable")
+
+
+def test_near_duplicate_groups_do_not_chain():
+    """a~b and b~c but a and c far apart: two images match the leader, the chain stops there.
+
+    A transitive closure joined 4,489 EuroSAT water and forest tiles into one group (cosine 0.22
+    between members); each group member must match its group's first image."""
+    from imgcls.audit.neighbours import DuplicateRule, search
+
+    angles = np.radians([0.0, 20.0, 40.0, 60.0, 80.0, 100.0])  # neighbours at cos 0.94, two apart at 0.77
+    embed = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    phash = np.arange(6, dtype=np.uint64) * np.uint64(0xFFFF)  # hashes far apart: the features decide
+    signature = np.eye(6, dtype=np.float32)
+    found = search(phash, signature, embed, DuplicateRule(min_cosine=0.92), k=2)
+    assert found.groups == [[0, 1], [2, 3], [4, 5]]
+    for group in found.groups:
+        assert all(embed[g] @ embed[group[0]] >= 0.92 for g in group)
+
+
+def test_near_constant_images_are_not_near_duplicates_of_each_other():
+    from imgcls.audit.neighbours import DuplicateRule, search
+
+    embed = np.tile(np.array([[1.0, 0.0]], np.float32), (4, 1))  # all alike
+    phash = np.zeros(4, np.uint64)
+    signature = np.ones((4, 3), np.float32) / np.sqrt(3)
+    comparable = np.array([True, True, False, False])
+    found = search(phash, signature, embed, DuplicateRule(), k=2, comparable=comparable)
+    assert found.groups == [[0, 1]]
+
+
+def test_blank_images_typical_of_a_class_are_not_flagged(tmp_path):
+    """A class of calm water (near-constant tiles) is what that class looks like: counted under
+    "typical", not flagged or excluded; one blank image in a textured class still is."""
+    rng = np.random.default_rng(0)
+    for c in ("water", "town"):
+        (tmp_path / c).mkdir()
+    for i in range(12):
+        level = 60 + 5 * i
+        Image.new("RGB", (32, 32), (level // 2, level // 2, level)).save(tmp_path / "water" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "town" / f"{i}.png")
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(tmp_path / "town" / "blank.png")
+    r = run_audit(tmp_path, AuditOptions(features="none"), progress=False, log=quiet)
+    assert [e["paths"] for e in r["findings"]["near_constant"]] == [["town/blank.png"]]
+    assert r["typical"] == {"near_constant": {"water": 12}}
+    assert not any("water/" in p for e in r["findings"]["near_duplicates"] for p in e["paths"])

@@ -19,6 +19,8 @@ The document (also written as audit.json) has these keys:
   outliers: neighbour_similarity, z, nearest_class; tiny: width, height, median_short_side;
   extreme_aspect: width, height, aspect_ratio; dark and near_constant: mean_grey, std_grey;
   blurry: laplacian_var, median_laplacian_var; unusual_mode: mode, format, reason.
+- "typical": {"dark" | "near_constant": {class: n}} for classes where such images are the norm
+  (more than TYPICAL_FRACTION of the class): those images are counted there, not flagged.
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ from imgcls.audit.features import (
     principal_components,
     probe_inputs,
 )
-from imgcls.audit.pixels import PixelStats, pixel_findings, pixel_stats
+from imgcls.audit.pixels import CONSTANT_STD, PixelStats, pixel_findings, pixel_stats
 from imgcls.audit.scan import Header, Sample, header_findings, list_samples, read_header, unsupported_files
 from imgcls.config import DEFAULT_MAX_PIXELS
 from imgcls.data import DatasetIndex, decode_images, index_dataset
 from imgcls.transforms import PreprocessSpec
+
+TYPICAL_FRACTION = 0.2  # dark or near-constant in more of a class than this: how the class looks (_split_typical)
 
 REPORT_VERSION = 1
 NO_FEATURES = "none"
@@ -263,6 +267,27 @@ def _single(
     return out
 
 
+def _split_typical(
+    found: dict[str, list[tuple[int, dict]]], labels: list[int], class_names: list[str]
+) -> tuple[dict[str, list[tuple[int, dict]]], dict[str, dict[str, int]]]:
+    """Leave out the dark and near-constant images that are typical of their class.
+
+    When more than TYPICAL_FRACTION of a class is dark or near-constant (calm water and dense
+    forest tiles in satellite data, night shots), that is what the class looks like, not a broken
+    file: those images are not findings and never marked to exclude; the counts per class are
+    returned as {kind: {class: n}} for the summary.
+    """
+    per_class = Counter(labels)
+    kept, typical = dict(found), {}
+    for kind in ("dark", "near_constant"):
+        n = Counter(labels[i] for i, _ in found.get(kind, []))
+        usual = {c for c, k in n.items() if k > TYPICAL_FRACTION * per_class[c]}
+        kept[kind] = [(i, f) for i, f in found.get(kind, []) if labels[i] not in usual]
+        if usual:
+            typical[kind] = {class_names[c]: n[c] for c in sorted(usual)}
+    return kept, typical
+
+
 def run_audit(
     data: str | os.PathLike, options: AuditOptions | None = None, progress: bool = True, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -289,7 +314,8 @@ def run_audit(
     t = time.perf_counter()
     components = principal_components(m.features) if m.features is not None and len(m.ok) > 1 else None
     embed = embedding(components) if components is not None else None
-    neighbours = nb.search(m.stats.phash, m.stats.thumb, embed, options.duplicates, progress=progress)
+    comparable = m.stats.std >= CONSTANT_STD  # near-constant images have no content to compare
+    neighbours = nb.search(m.stats.phash, m.stats.thumb, embed, options.duplicates, progress=progress, comparable=comparable)
     timings["compare_s"] = time.perf_counter() - t
 
     findings: dict[str, list[dict]] = {"unreadable": [make.entry([i], [i], reason=r) for i, r in sorted(m.failures.items())]}
@@ -306,9 +332,8 @@ def run_audit(
     timings["label_probe_s"] = time.perf_counter() - t
     findings["outliers"] = _outlier_entries(m, neighbours, samples, index.class_names, make, options)
     findings.update(_single(header_findings(headers), ("tiny", "extreme_aspect", "unusual_mode"), make, lambda i: i))
-    findings.update(
-        _single(pixel_findings(m.stats), ("dark", "near_constant", "blurry"), make, lambda j: int(m.ok[j]), exclude=("near_constant",))
-    )
+    pixel_found, typical = _split_typical(pixel_findings(m.stats), [samples[int(i)].label for i in m.ok], index.class_names)
+    findings.update(_single(pixel_found, ("dark", "near_constant", "blurry"), make, lambda j: int(m.ok[j]), exclude=("near_constant",)))
     timings["total_s"] = time.perf_counter() - t0
 
     counts, ratio = class_counts(index)
@@ -327,6 +352,7 @@ def run_audit(
         "settings": _settings(options, extractor),
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "findings": {kind: findings.get(kind, []) for kind in FINDING_KINDS},
+        "typical": typical,
     }
 
 

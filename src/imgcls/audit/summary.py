@@ -62,6 +62,10 @@ def format_summary(report: dict[str, Any]) -> str:
         lines += [f"    {_example(kind, e)}" for e in entries[:EXAMPLES]]
         if len(entries) > EXAMPLES:
             lines.append(f"    ... {len(entries) - EXAMPLES} more")
+    for kind, per_class in report.get("typical", {}).items():
+        lines.append(
+            f"{kind.replace('_', ' ')} but typical of their class (not flagged): " + ", ".join(f"{c} {n}" for c, n in per_class.items())
+        )
     if clean:
         lines.append("nothing found: " + ", ".join(k.replace("_", " ") for k in clean))
     return "\n".join(lines)
