@@ -285,3 +285,36 @@ def test_report_opens_offline_with_every_section_and_image(driver, report_page):
     driver.save_screenshot(str(SCREENSHOT.with_name("imgcls-report.png")))
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
+
+
+def test_page_draws_one_bar_per_label_with_its_threshold(driver, tmp_path):
+    """A multi-label model: the heading lists the labels above their thresholds, and every label
+    has a bar, highest score first, with a tick at its threshold."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from test_multilabel_predict import LABELS, make_multilabel_artifact
+
+    image = photo(tmp_path / "chelsea.jpg")
+    probe = Classifier.load(make_multilabel_artifact(tmp_path / "probe", [0.5] * 3), device="cpu", precision="fp32")
+    scores = probe.predict(str(image))["probabilities"]
+    ranked = sorted(LABELS, key=scores.__getitem__, reverse=True)
+    # thresholds that put the top label above and the others below, whatever the random weights give
+    thresholds = [max(0.0, scores[c] - 0.01) if c == ranked[0] else min(1.0, scores[c] + 0.01) for c in LABELS]
+    clf = Classifier.load(make_multilabel_artifact(tmp_path / "model", thresholds), device="cpu", precision="fp32")
+    with serving(create_app(clf, ServeSettings())) as url:
+        driver.get(f"{url}/")
+        WebDriverWait(driver, WAIT_S).until(lambda d: "multi-label" in d.find_element(By.ID, "model-info").text)
+        driver.find_element(By.ID, "file-input").send_keys(str(image))
+        WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", driver.find_element(By.ID, "status").text
+        assert driver.find_element(By.ID, "prediction").text == ranked[0]
+        rows = driver.find_elements(By.CSS_SELECTOR, "#bars .bar-row")
+        assert [r.find_element(By.CLASS_NAME, "bar-label").text for r in rows] == ranked
+        assert ["above" in r.get_attribute("class") for r in rows] == [True, False, False]
+        for r in rows:
+            label = r.find_element(By.CLASS_NAME, "bar-label").text
+            tick = r.find_element(By.CLASS_NAME, "bar-threshold")
+            assert tick.get_attribute("style") == f"left: {thresholds[LABELS.index(label)] * 100:.1f}%;"
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe

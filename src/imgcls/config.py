@@ -15,7 +15,11 @@ from typing import Any
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant", "triangle")
 RECIPES = ("auto", "fast", "generic")
-STRATEGIES = ("auto", "linear-probe", "fine-tune", "full")
+STRATEGIES = ("auto", "linear-probe", "fine-tune", "fine-tune-last", "full")  # see imgcls.training.finetune, .partial
+# single-label: one class per image (softmax); multi-label: any number of labels per image (a sigmoid
+# per label, imgcls.multilabel); auto: multi-label for a CSV manifest with a `labels` column or 0/1 columns.
+TASKS = ("auto", "single-label", "multi-label")
+POS_WEIGHT_MODES = ("auto", "none")  # multi-label BCE's positive weights (--pos-weight; imgcls.multilabel.pos_weights)
 PRECISIONS = ("auto", "bf16", "fp32")
 TTA_MODES = ("none", "flip", "translate", "flip-translate")
 TTA_CHOICES = ("auto", *TTA_MODES)  # auto: the mode the model was trained to expect (model.json "tta")
@@ -33,9 +37,15 @@ IMBALANCE_RATIO_LIMIT = 3.0
 # --class-balance: auto rebalances (with loss weights) only above IMBALANCE_RATIO_LIMIT; weights and
 # sampler always do; none never (see imgcls.training.balance).
 CLASS_BALANCE_MODES = ("auto", "none", "weights", "sampler")
-# The OOD_METHODS training fits its "unknown" threshold with: those that read logits only (the
-# feature scores need the pooled features carried through every runner; bench/trust.py measures them).
-UNKNOWN_METHODS = ("msp", "energy")
+# The OOD_METHODS training can fit its "unknown" threshold with (--unknown-method): every one. The
+# feature-space ones (mahalanobis, knn) read the pooled features, which only the torch backend
+# gives: their statistics go to the model folder's ood.safetensors, and the onnx backend falls back
+# to msp (inference.trust.logits_only). bench/trust.py ood measures all four.
+UNKNOWN_METHODS = OOD_METHODS
+FEATURE_OOD_METHODS = ("mahalanobis", "knn")
+# Training images (a seeded stratified subset beyond this) whose pooled features a feature-space
+# "unknown" rule is fitted on: one forward pass over them at the end of training.
+OOD_FIT_MAX_IMAGES = 5000
 # Share of in-distribution validation images the "unknown" threshold accepts. 0.99, not the 0.95
 # of FPR95 benchmarks: at 0.95 the digits demo (99.4% accurate) answered a correct 0.986 "unknown",
 # one known image in twenty turned away by default. --unknown-threshold sets any other point.
@@ -112,6 +122,8 @@ class DataConfig:
     # An audit.json from `imgcls audit`: the files it marks "exclude" are left out before splitting
     # and decoding (imgcls.audit.quick.excluded_paths); model.json records how many.
     exclude_from: str | None = None
+    task: str = "auto"  # TASKS; see data.index_dataset
+    label_sep: str = ";"  # separator of a multi-label manifest's `labels` column
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -126,6 +138,10 @@ class DataConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if not self.label_sep.strip():
+            raise ValueError(f"label_sep must be a non-blank separator, got {self.label_sep!r}")
 
 
 @dataclass(frozen=True)
@@ -189,6 +205,10 @@ class TrainConfig:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     class_balance: str = "auto"  # CLASS_BALANCE_MODES
     unknown_method: str = "msp"  # UNKNOWN_METHODS: the score the "unknown" threshold is fitted on
+    # Multi-label only: BCE's positive weights (POS_WEIGHT_MODES), and the precision each label's
+    # threshold aims for on validation (None: the threshold with the best F1).
+    pos_weight: str = "none"
+    label_precision: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -216,13 +236,17 @@ class TrainConfig:
         if self.grad_clip is not None and self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.threads is not None and self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0: one per core), got {self.threads}")
+            raise ValueError(f"threads must be >= 0 (0: chosen by a timed trial), got {self.threads}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.class_balance not in CLASS_BALANCE_MODES:
             raise ValueError(f"class_balance must be one of {CLASS_BALANCE_MODES}, got {self.class_balance!r}")
+        if self.pos_weight not in POS_WEIGHT_MODES:
+            raise ValueError(f"pos_weight must be one of {POS_WEIGHT_MODES}, got {self.pos_weight!r}")
+        if self.label_precision is not None and not 0 < self.label_precision <= 1:
+            raise ValueError(f"label_precision must be in (0, 1], got {self.label_precision}")
         if self.unknown_method not in UNKNOWN_METHODS:
             raise ValueError(f"unknown_method must be one of {UNKNOWN_METHODS}, got {self.unknown_method!r}")
 

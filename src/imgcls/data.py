@@ -3,7 +3,9 @@
 Three layouts are recognised (`index_dataset`):
 - class folders       DATA/<class>/**/*.jpg
 - split folders       DATA/{train,val|valid|validation,test}/<class>/**/*
-- a CSV manifest      path,label[,split] with paths relative to the CSV file
+- a CSV manifest      path,label[,split] with paths relative to the CSV file; multi-label:
+                      path,labels[,split] ("a;b", "" for none) or one 0/1 column per label
+                      (read by imgcls.data_multilabel; index_dataset's `task`)
 Every image is decoded exactly once (`decode_images`) into a uint8 array at the cache size of the
 preprocessing spec; files that cannot be decoded are reported with a reason and left out.
 """
@@ -40,17 +42,28 @@ class DatasetError(ValueError):
 
 @dataclass
 class DatasetIndex:
-    """Image paths and integer labels per split ("all" when DATA has no split folders)."""
+    """Image paths and integer labels per split ("all" when DATA has no split folders).
+
+    Multi-label data (`targets` set) keeps the same shape: a sample's integer is its row of
+    `targets`, the multi-hot labels (rows, C) uint8 of the manifest, so that code which filters
+    or reorders samples keeps them with their labels (`load_split(..., targets)` looks them up).
+    """
 
     root: Path
     layout: str  # "folders" | "splits" | "csv"
     class_names: list[str]
     splits: dict[str, list[tuple[str, int]]]
     ignored: Counter = field(default_factory=Counter)  # reason -> number of files skipped while listing
+    targets: np.ndarray | None = None  # multi-label: (rows, C) uint8 multi-hot; None: single-label
+
+    @property
+    def multilabel(self) -> bool:
+        return self.targets is not None
 
     def summary(self) -> str:
         parts = [f"{k}: {len(v)}" for k, v in self.splits.items()]
-        msg = f"{self.layout} dataset at {self.root}: {len(self.class_names)} classes, " + ", ".join(parts) + " images"
+        kind = f"{len(self.class_names)} labels (multi-label)" if self.multilabel else f"{len(self.class_names)} classes"
+        msg = f"{self.layout} dataset at {self.root}: {kind}, " + ", ".join(parts) + " images"
         if self.ignored:
             msg += " (ignored " + ", ".join(f"{n} {why}" for why, n in sorted(self.ignored.items())) + ")"
         return msg
@@ -147,15 +160,34 @@ def _drop_duplicate_files(splits: dict[str, list[Sample]], class_names: list[str
     return out
 
 
-def _read_manifest(csv_path: Path) -> list[tuple[int, str, str, str]]:
-    """(line number, path, label, split or "all") for every row of a CSV manifest."""
+def manifest_text(csv_path: Path) -> str:
+    """A CSV manifest's text; DatasetError naming the line when it is not UTF-8."""
     raw = csv_path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DatasetError(f"{csv_path}:{line}: the manifest is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+
+
+def manifest_split(csv_path: Path, lineno: int, given: str) -> str:
+    """A row's split column value as a split name ("all" when empty); DatasetError for another value."""
+    if given and given.lower() not in SPLIT_ALIASES:
+        choices = ", ".join(SPLIT_ALIASES)
+        raise DatasetError(f"{csv_path}:{lineno}: split {given!r} is not one of {choices} (or empty for no split column)")
+    return SPLIT_ALIASES[given.lower()] if given else "all"
+
+
+def check_split_column(csv_path: Path, rows: list[tuple[int, str, str, str]]) -> None:
+    """Every row has a split or none has."""
+    if "all" in {sp for *_, sp in rows} and len({sp for *_, sp in rows}) > 1:
+        line = next(n for n, *_, sp in rows if sp == "all")
+        raise DatasetError(f"{csv_path}:{line}: this row has no split while others do; give every row a split (train, val or test) or none")
+
+
+def _read_manifest(csv_path: Path) -> list[tuple[int, str, str, str]]:
+    """(line number, path, label, split or "all") for every row of a CSV manifest."""
+    reader = csv.DictReader(io.StringIO(manifest_text(csv_path), newline=""))
     rows: list[tuple[int, str, str, str]] = []
     try:
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
@@ -171,23 +203,17 @@ def _read_manifest(csv_path: Path) -> list[tuple[int, str, str, str]]:
                 raise DatasetError(f"{csv_path}:{lineno}: empty path or label")
             if "\0" in path:
                 raise DatasetError(f"{csv_path}:{lineno}: the path contains a NUL byte")
-            if given and given.lower() not in SPLIT_ALIASES:
-                choices = ", ".join(SPLIT_ALIASES)
-                raise DatasetError(f"{csv_path}:{lineno}: split {given!r} is not one of {choices} (or empty for no split column)")
-            rows.append((lineno, path, label, SPLIT_ALIASES[given.lower()] if given else "all"))
+            rows.append((lineno, path, label, manifest_split(csv_path, lineno, given)))
     except csv.Error as e:  # a NUL byte, an over-long field, bad quoting in strict dialects
         raise DatasetError(f"{csv_path}:{reader.line_num}: not a readable CSV row ({e})") from None
-    if "all" in {sp for *_, sp in rows} and len({sp for *_, sp in rows}) > 1:
-        line = next(n for n, *_, sp in rows if sp == "all")
-        raise DatasetError(f"{csv_path}:{line}: this row has no split while others do; give every row a split (train, val or test) or none")
+    check_split_column(csv_path, rows)
     return rows
 
 
 def _check_manifest_rows(csv_path: Path, rows: list[tuple[int, str, str, str]], keys: list[FileKey]) -> None:
     """Every file once: a repeated row would be counted twice (and may land in train and val), a
     file with two labels or two splits is a contradiction. Errors name both line numbers."""
-    # Multi-label manifests (a later issue; they get their own labels column) list a file once with
-    # several labels: give that layout its own rule here, keep this one strict for single labels.
+    # Multi-label manifests list a file once too, with all its labels in one row (label: "a;b").
     first: dict[FileKey, tuple[int, str, str]] = {}
     problems = []
     for (lineno, path, label, split), key in zip(rows, keys):
@@ -229,52 +255,74 @@ def _check_inside_root(csv_path: Path, rows: list[tuple[int, str, str, str]]) ->
 
 
 def _index_csv(
-    csv_path: Path, class_names: list[str] | None, ignored: Counter, allow_outside_root: bool
-) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    csv_path: Path, class_names: list[str] | None, ignored: Counter, allow_outside_root: bool, task: str, label_sep: str
+) -> tuple[list[str], dict[str, list[tuple[str, int]]], np.ndarray | None]:
+    # data_multilabel builds on this module's helpers, hence the import here and not at the top.
+    from imgcls.data_multilabel import manifest_task, read_multilabel_manifest
+
     base = csv_path.parent
-    rows = _read_manifest(csv_path)
-    names = class_names or sorted({label for _, _, label, _ in rows})
-    lookup = {n: i for i, n in enumerate(names)}
-    for lineno, _, label, _ in rows:
-        if label not in lookup:
-            raise DatasetError(f"{csv_path}:{lineno}: label {label!r} is not one of the model's classes {names}")
+    targets = None
+    if manifest_task(csv_path, task) == "multi-label":
+        names, rows, targets = read_multilabel_manifest(csv_path, class_names, label_sep)
+        sample_label = list(range(len(rows)))  # a sample's integer is its row of targets
+    else:
+        rows = _read_manifest(csv_path)
+        names = class_names or sorted({label for _, _, label, _ in rows})
+        lookup = {n: i for i, n in enumerate(names)}
+        for lineno, _, label, _ in rows:
+            if label not in lookup:
+                raise DatasetError(f"{csv_path}:{lineno}: label {label!r} is not one of the model's classes {names}")
+        sample_label = [lookup[label] for _, _, label, _ in rows]
     paths = [Path(path) if os.path.isabs(path) else base / path for _, path, _, _ in rows]
     _check_manifest_rows(csv_path, rows, [_file_key(p) for p in paths])
     used = []
-    for row, p in zip(rows, paths):
+    for row, p, y in zip(rows, paths, sample_label):
         if Path(row[1]).name.startswith("."):
             ignored["hidden files"] += 1
         elif not is_image_path(p):
             ignored["non-image files"] += 1
         else:
-            used.append((row, p))
+            used.append((row, p, y))
     if not allow_outside_root:
-        _check_inside_root(csv_path, [row for row, _ in used])
+        _check_inside_root(csv_path, [row for row, _, _ in used])
     splits: dict[str, list[tuple[str, int]]] = {}
-    for (_, _, label, split), p in used:
-        splits.setdefault(split, []).append((str(p), lookup[label]))
-    return names, splits
+    for (_, _, _, split), p, y in used:
+        splits.setdefault(split, []).append((str(p), y))
+    return names, splits, targets
 
 
-def index_dataset(path: str | os.PathLike, class_names: list[str] | None = None, allow_outside_root: bool = False) -> DatasetIndex:
+def index_dataset(
+    path: str | os.PathLike,
+    class_names: list[str] | None = None,
+    allow_outside_root: bool = False,
+    task: str = "single-label",
+    label_sep: str = ";",
+) -> DatasetIndex:
     """List the images under `path` (see module docstring) with labels; nothing is decoded yet.
 
     class_names: pin the label order (e.g. a trained model's classes); default is sorted folder
     or label names. Only regular files are listed, each real file once (links are resolved).
     allow_outside_root: let a CSV manifest name files outside its own folder (`../x.png`,
     absolute paths, links out); refused by default. Folder layouts may always link elsewhere.
+    task (config.TASKS): "single-label" reads a manifest's `label` column; "multi-label" its labels
+    (a `labels` or `label` column split on `label_sep`, or 0/1 columns); "auto" takes multi-label
+    for a manifest with a `labels` column or 0/1 columns and no `label` column. Only a CSV
+    manifest can be multi-label.
     """
     root = Path(path).expanduser()
     ignored: Counter = Counter()
+    targets = None
     if not root.exists():
         raise DatasetError(f"{root}: no such file or folder")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DatasetError(f"{root}: expected a folder of class folders or a .csv manifest")
-        names, splits = _index_csv(root, class_names, ignored, allow_outside_root)
+        names, splits, targets = _index_csv(root, class_names, ignored, allow_outside_root, task, label_sep)
         layout = "csv"
     elif not root.is_dir():
         raise DatasetError(f"{root}: not a folder or a regular .csv file")
+    elif task == "multi-label":
+        raise DatasetError(f"{root}: multi-label data is read from a CSV manifest (path,labels with labels like 'a;b', or 0/1 columns)")
     else:
         subdirs = _class_dirs(root)
         split_dirs = {SPLIT_ALIASES[d.lower()]: d for d in subdirs if d.lower() in SPLIT_ALIASES}
@@ -291,7 +339,7 @@ def index_dataset(path: str | os.PathLike, class_names: list[str] | None = None,
         raise DatasetError(f"{root}: no class folders found (expected DATA/<class>/<image> or DATA/train/<class>/<image>)")
     if not any(splits.values()):
         raise DatasetError(f"{root}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return DatasetIndex(root, layout, list(names), splits, ignored)
+    return DatasetIndex(root, layout, list(names), splits, ignored, targets)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -487,8 +535,12 @@ def load_split(
     max_pixels: int,
     progress: bool,
     desc: str,
+    targets: np.ndarray | None = None,
 ) -> tuple[DecodedImages, np.ndarray]:
-    """Decode one split's samples; returns the decoded images and their labels (int64)."""
+    """Decode one split's samples; returns the decoded images and their labels: int64 (N,), or
+    with multi-label `targets` (DatasetIndex.targets) their multi-hot rows (N, C) float32."""
     decoded = decode_images([p for p, _ in samples], spec, cache_dir, workers, max_pixels, progress, desc)
     labels = np.asarray([samples[i][1] for i in decoded.keep], dtype=np.int64)
+    if targets is not None:
+        return decoded, targets[labels].astype(np.float32).reshape(len(labels), targets.shape[1])
     return decoded, labels

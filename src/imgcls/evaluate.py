@@ -13,9 +13,11 @@ from imgcls.artifact import load_artifact, resolve_artifact_dir, spec_of
 from imgcls.config import DEFAULT_MAX_PIXELS
 from imgcls.data import DatasetError, DatasetIndex, DecodedImages, index_dataset, load_split
 from imgcls.inference.answer import postprocess
-from imgcls.inference.trust import Trust, trust_metrics
+from imgcls.inference.runners import FeaturesAndLogits, split_features
+from imgcls.inference.trust import Trust, read_ood_stats, trust_metrics
 from imgcls.metrics import classification_metrics
-from imgcls.report import Predictions, read_history, read_probe_sweep, write_report
+from imgcls.multilabel import multilabel_metrics
+from imgcls.report import MultiLabelPredictions, Predictions, read_history, read_probe_sweep, write_report
 from imgcls.runtime import (
     CompiledForward,
     batched_logits,
@@ -25,6 +27,7 @@ from imgcls.runtime import (
     resolve_tta,
     tta_view_count,
 )
+from imgcls.threads import ThreadTuner
 
 
 def choose_split(index: DatasetIndex, split: str | None) -> str:
@@ -39,9 +42,10 @@ def choose_split(index: DatasetIndex, split: str | None) -> str:
     return next(iter(index.splits))
 
 
-def _check_classes(data_path: str | os.PathLike, class_names: list[str], allow_outside_root: bool = False) -> None:
-    """Every class folder / label in the data must be one the model knows."""
-    probe = index_dataset(data_path, allow_outside_root=allow_outside_root)
+def _check_classes(data_path: str | os.PathLike, class_names: list[str], allow_outside_root: bool = False, **how: str) -> None:
+    """Every class folder / label in the data must be one the model knows. how: index_dataset's
+    task and label_sep (a multi-label model's)."""
+    probe = index_dataset(data_path, allow_outside_root=allow_outside_root, **how)
     unknown = sorted(set(probe.class_names) - set(class_names))
     if unknown:
         raise DatasetError(
@@ -82,6 +86,7 @@ def evaluate(
     audit: str | os.PathLike | None = None,
     coverage: float | None = None,
     unknown_threshold: float | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Metrics of the model in `model_path` on `data_path` (any dataset layout).
 
@@ -94,7 +99,8 @@ def evaluate(
     Images go through the model's saved preprocessing. tta="auto" uses the test-time augmentation
     that model.json recommends (as predict does), or give none/flip/translate/flip-translate.
     compile: torch.compile the model when the pass is long enough to pay ("auto"), "on" or "off"
-    (`runtime.CompiledForward`). allow_outside_root: a CSV manifest may name files outside its
+    (`runtime.CompiledForward`). threads: torch intra-op threads (None: one or every usable
+    core, whichever the first batches ran faster; `threads.ThreadTuner`). allow_outside_root: a CSV manifest may name files outside its
     folder (see `data.index_dataset`). Writes metrics.json, confusion matrix
     (text and PNG), training curves and report.html to `out_dir` (default `default_out_dir`);
     report_file: write only the self-contained report page, to this path (`imgcls report`).
@@ -104,16 +110,20 @@ def evaluate(
     model_dir = resolve_artifact_dir(model_path)
     dev = resolve_device(device)
     model, meta = load_artifact(model_dir, device=dev)
-    trust = Trust.from_meta(meta, unknown_threshold)
+    trust = Trust.from_meta(meta, unknown_threshold, read_ood_stats(model_dir, meta))
     if coverage is not None:
         trust.qhat(coverage)  # a model without conformal scores fails before any image is decoded
     class_names = meta["class_names"]
     name, decoded, labels = _decode_split(data_path, meta, split, workers, allow_outside_root, progress, log)
     tta_mode = resolve_tta(tta, meta)
     model, amp_dtype = prepare_inference_model(model, dev, resolve_precision(precision, dev))  # as predict does
-    forward = CompiledForward(model, compile, log)
+    forward = CompiledForward(FeaturesAndLogits(model) if trust.uses_features else model, compile, log)  # mahalanobis/knn: features too
     forward.expect(len(decoded.images) * tta_view_count(tta_mode))
-    logits = batched_logits(
+    # intra-op threads: `threads`, else one or every usable core, timed on the first batches (CPU only: CUDA's are asynchronous)
+    tuned = forward
+    if dev.type == "cpu":
+        tuned = ThreadTuner(fixed=threads or None, log=log).wrap(forward, lambda: forward.compiled is not None)
+    out = batched_logits(
         model,
         decoded.images,
         spec_of(meta),
@@ -122,10 +132,16 @@ def evaluate(
         amp_dtype=amp_dtype,
         progress=progress,
         tta=tta_mode,
-        forward=forward,
-    )  # (N, C)
-    probs = postprocess(logits, trust).probs  # (N, C) calibrated, as predict answers
-    metrics = {**classification_metrics(probs, labels, class_names), **trust_metrics(logits, labels, trust, coverage)}
+        forward=tuned,
+    )  # (N, C), or (N, F + C) with the pooled features first
+    features, logits = split_features(out, len(class_names)) if trust.uses_features else (None, out)
+    probs = postprocess(logits, trust, features).probs  # (N, C) calibrated, as predict answers
+    if trust.multilabel:  # a sigmoid per label, each decided by its threshold in model.json
+        metrics = multilabel_metrics(probs, labels, trust.thresholds, class_names)
+        predictions: Predictions | MultiLabelPredictions = MultiLabelPredictions(probs, labels, decoded.paths, trust.thresholds)
+    else:
+        metrics = {**classification_metrics(probs, labels, class_names), **trust_metrics(logits, labels, trust, coverage, features)}
+        predictions = Predictions(probs, labels, decoded.paths)
     metrics.update(split=name, data=str(data_path), model=str(model_dir), skipped_files=len(decoded.failures), tta=tta_mode)
     facts = {
         "model": f"{meta['arch']} ({model_dir})",
@@ -139,7 +155,7 @@ def evaluate(
         class_names,
         read_history(model_dir),
         title=f"{meta['arch']} on {data_name(data_path)} ({name})",
-        predictions=Predictions(probs, labels, decoded.paths),
+        predictions=predictions,
         model_dir=model_dir,
         probe_sweep=read_probe_sweep(model_dir),
         audit=audit,
@@ -150,7 +166,8 @@ def evaluate(
         log=log,
     )
     metrics["report"] = str(report)
-    metrics["predictions"] = {"paths": decoded.paths, "predicted": probs.argmax(1).tolist(), "labels": labels.tolist()}
+    predicted = (probs >= np.asarray(trust.thresholds)[None, :]).astype(int) if trust.multilabel else probs.argmax(1)  # (N, C) or (N,)
+    metrics["predictions"] = {"paths": decoded.paths, "predicted": predicted.tolist(), "labels": labels.astype(int).tolist()}
     return metrics
 
 
@@ -164,13 +181,18 @@ def _decode_split(
     log: Callable[[str], None],
 ) -> tuple[str, DecodedImages, np.ndarray]:
     """The chosen split of `data_path` decoded with the model's preprocessing: (split name,
-    DecodedImages, labels (N,)); files that cannot be decoded are logged and left out."""
+    DecodedImages, labels (N,), or a multi-label model's multi-hot targets (N, C)); files that
+    cannot be decoded are logged and left out. A multi-label model reads DATA as a multi-label
+    manifest (either form, with the separator it was trained with)."""
     class_names = meta["class_names"]
-    _check_classes(data_path, class_names, allow_outside_root)
-    index = index_dataset(data_path, class_names=class_names, allow_outside_root=allow_outside_root)
+    data_cfg = meta.get("config", {}).get("data", {})
+    how = {"task": "multi-label", "label_sep": data_cfg.get("label_sep", ";")} if meta.get("task") == "multi-label" else {}
+    _check_classes(data_path, class_names, allow_outside_root, **how)
+    index = index_dataset(data_path, class_names=class_names, allow_outside_root=allow_outside_root, **how)
     name = choose_split(index, split)
-    max_pixels = meta.get("config", {}).get("data", {}).get("max_pixels", DEFAULT_MAX_PIXELS)
-    decoded, labels = load_split(index.splits[name], spec_of(meta), None, workers, max_pixels, progress, f"decode {name}")
+    max_pixels = data_cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
+    samples = index.splits[name]
+    decoded, labels = load_split(samples, spec_of(meta), None, workers, max_pixels, progress, f"decode {name}", index.targets)
     for path, why in decoded.failures:
         log(f"skipped {path}: {why}")
     if len(labels) == 0:

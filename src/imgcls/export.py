@@ -1,12 +1,15 @@
 """Export: a model folder -> a self-describing ONNX file, checked against torch on real images.
 
 The graph takes the normalised float32 batch (B, 3, H, W) named "input" (B dynamic) and returns
-"logits"; class names, the preprocessing spec, arch, imgcls version, the calibration
-("calibration", "unknown", "conformal": `inference.trust`) and the TTA mode live in the ONNX
-metadata, so a .onnx file alone is enough to predict (`inference.runners.OnnxRunner`, which also
-runs the parity check here). This module only exports; loading a model for prediction never
-calls it. onnx and onnxruntime are the optional extra `imgcls[onnx]` and are imported only
-inside functions.
+"logits"; a multi-label model's graph also returns "probabilities", sigmoid(logits / T) with its
+per-label temperatures, for users of the file outside imgcls, and its metadata holds "task",
+"thresholds" and "label_temperatures" (imgcls's runner reads the logits and applies those, as
+torch predict does; the parity check compares both outputs with torch). Class names, the
+preprocessing spec, arch, imgcls version, the calibration ("calibration", "unknown", "conformal":
+`inference.trust`) and the TTA mode live in the ONNX metadata, so a .onnx file alone is enough
+to predict (`inference.runners.OnnxRunner`, which also runs the parity check here). This module
+only exports; loading a model for prediction never calls it. onnx and onnxruntime are the
+optional extra `imgcls[onnx]` and are imported only inside functions.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import torch
 import imgcls
 from imgcls.artifact import load_artifact, resolve_artifact_dir, spec_of
 from imgcls.atomic import atomic_path
-from imgcls.inference.runners import INPUT_NAME, JSON_KEYS, ONNX_FORMAT, OUTPUT_NAME, OnnxRunner
+from imgcls.inference.runners import INPUT_NAME, JSON_KEYS, ONNX_FORMAT, OUTPUT_NAME, PROBS_NAME, OnnxRunner
 from imgcls.inference.runners import ONNX_FILE as ONNX_FILE  # the default output; `imgcls export` names it from here
+from imgcls.inference.trust import MULTI_LABEL, Trust
 from imgcls.io import ImageDecodeError, is_image_path, load_image
 from imgcls.runtime import batch_slices, batched_logits
 from imgcls.transforms import PreprocessSpec, eval_transform, resize_image, to_batch
@@ -66,7 +70,8 @@ def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
         "preprocess": spec_of(meta).to_dict(),
         "imgcls_version": imgcls.__version__,
     }
-    for key in ("calibration", "unknown", "conformal", "tta"):  # temperature, "unknown" rule, conformal scores; the default TTA mode
+    keys = ("calibration", "unknown", "conformal", "tta", "task", "thresholds", "label_temperatures")
+    for key in keys:  # temperature, "unknown" rule, conformal scores; the default TTA mode; multi-label thresholds
         if meta.get(key) is not None:
             keep[key] = meta[key]
     return {"format": ONNX_FORMAT, **{k: json.dumps(v) if k in JSON_KEYS else str(v) for k, v in keep.items()}}
@@ -174,8 +179,33 @@ def _split_labels(root: Path, paths: list[str], class_names: list[str], allow_ou
     return None if any(y is None for y in labels) else labels  # type: ignore[return-value]
 
 
+class _WithSigmoid(torch.nn.Module):
+    """A multi-label model's export: (logits, sigmoid(logits / T)) with its per-label temperatures T (C,)."""
+
+    def __init__(self, model: torch.nn.Module, temperatures: np.ndarray) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("temperatures", torch.as_tensor(temperatures, dtype=torch.float32).reshape(1, -1))  # (1, C)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.model(x)  # (B, C)
+        return z, torch.sigmoid(z / self.temperatures)
+
+
+def _decisions(probs: np.ndarray, trust: Trust) -> np.ndarray:
+    """What a prediction decides, to count agreement: the top class (N,), or a multi-label
+    model's labels at or above their thresholds (N, C)."""
+    return probs >= trust.thresholds if trust.multilabel else probs.argmax(1)
+
+
+def _probs(logits: torch.Tensor, trust: Trust) -> np.ndarray:
+    """Probabilities compared by the parity check: softmax without temperature, or a multi-label model's calibrated sigmoids."""
+    return trust.apply(logits).probs if trust.multilabel else torch.softmax(logits, 1).numpy()
+
+
 def _export_graph(model: torch.nn.Module, spec: PreprocessSpec, opset: int) -> Any:
     onnx, _ = _import_onnx()
+    outputs = [OUTPUT_NAME, PROBS_NAME] if isinstance(model, _WithSigmoid) else [OUTPUT_NAME]
     x = torch.zeros(2, 3, spec.img_size, spec.img_size)  # (B, 3, H, W); B = 2 so no size-1 broadcast gets baked in
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -190,8 +220,8 @@ def _export_graph(model: torch.nn.Module, spec: PreprocessSpec, opset: int) -> A
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             do_constant_folding=True,
         )
     return onnx.load_from_string(buf.getvalue())
@@ -221,30 +251,39 @@ def export_onnx(
     spec = spec_of(meta)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    check = check_images(src, meta, spec, data, need_labels=quantize is not None)
+    trust = Trust.from_meta(meta) if meta.get("task") == MULTI_LABEL else Trust()  # only the thresholds matter here
+    # A multi-label dataset is not indexed by class folders: its int8 accuracy is not measured (agreement is).
+    check = check_images(src, meta, spec, data, need_labels=quantize is not None and not trust.multilabel)
     images = check.images
     log(f"check images: {check.source}")
     if quantize and not check.real:  # noise is no calibration set: its ranges would clip real activations
         raise ExportError("int8 quantisation calibrates on real images: pass --data DIR (labeled, to measure accuracy)")
-    ref = torch.softmax(batched_logits(model, images, spec, amp_dtype=None), 1).numpy()  # (N, num_classes)
+    ref = _probs(batched_logits(model, images, spec, amp_dtype=None), trust)  # (N, num_classes)
 
-    graph = _export_graph(model, spec, opset)
+    graph = _export_graph(_WithSigmoid(model, trust.label_temperatures).eval() if trust.multilabel else model, spec, opset)  # type: ignore[arg-type]
     props = onnx_metadata(meta)
     _set_metadata(graph, props)
+    what = "the labels above their thresholds" if trust.multilabel else "the top-1 class"
     with atomic_path(out) as tmp:  # renamed over `out` only when the parity check passes
         onnx.save(graph, str(tmp))
-        probs = torch.softmax(OnnxRunner(tmp)(images), 1).numpy()
+        runner = OnnxRunner(tmp)
+        probs = _probs(runner(images), trust)
         diff = float(np.abs(probs - ref).max())
-        agree = int((probs.argmax(1) == ref.argmax(1)).sum())
+        if trust.multilabel:  # the graph's own sigmoid output, as a user outside imgcls reads it
+            x = eval_transform(to_batch(images), spec).contiguous().numpy()  # (N, 3, H, W)
+            diff = max(diff, float(np.abs(runner.session.run([PROBS_NAME], {INPUT_NAME: x})[0] - ref).max()))
+        same = _decisions(probs, trust) == _decisions(ref, trust)
+        agree = int((same.all(1) if same.ndim == 2 else same).sum())
         log(
             f"parity onnxruntime vs torch fp32 on {len(images)} images: max abs diff of probabilities {diff:.2e}, "
-            f"top-1 agreement {agree}/{len(images)}"
+            f"{'label-set' if trust.multilabel else 'top-1'} agreement {agree}/{len(images)}"
         )
         if agree < len(images):
             wrong = len(images) - agree
-            raise ExportError(f"ONNX export disagrees with torch on the top-1 class of {wrong} of {len(images)} images; {out} not written")
+            raise ExportError(f"ONNX export disagrees with torch on {what} of {wrong} of {len(images)} images; {out} not written")
     shape = f"(batch, 3, {spec.img_size}, {spec.img_size})"
-    log(f"wrote {out} (opset {opset}, input {INPUT_NAME!r} {shape} float32 normalised, output {OUTPUT_NAME!r})")
+    outputs = f"outputs {OUTPUT_NAME!r}, {PROBS_NAME!r} (calibrated sigmoids)" if trust.multilabel else f"output {OUTPUT_NAME!r}"
+    log(f"wrote {out} (opset {opset}, input {INPUT_NAME!r} {shape} float32 normalised, {outputs})")
     report: dict[str, Any] = {
         "path": str(out),
         "opset": opset,
@@ -254,12 +293,18 @@ def export_onnx(
         "top1_agreement": agree / len(images),
     }
     if quantize == "int8":
-        report.update(_quantize_int8(out, props, check, probs, spec, log=log))
+        report.update(_quantize_int8(out, props, check, probs, spec, trust, log=log))
     return report
 
 
 def _quantize_int8(
-    out: Path, props: dict[str, str], check: CheckImages, fp32_probs: np.ndarray, spec: PreprocessSpec, log: Callable[[str], None]
+    out: Path,
+    props: dict[str, str],
+    check: CheckImages,
+    fp32_probs: np.ndarray,
+    spec: PreprocessSpec,
+    trust: Trust,
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Write `<out stem>.int8.onnx`: static QDQ int8, calibrated on the check images; accuracy before and after."""
     import onnx
@@ -305,14 +350,16 @@ def _quantize_int8(
         q = onnx.load(str(tmp))
         _set_metadata(q, {**props, "quantization": f"int8 {how}"})
         onnx.save(q, str(tmp))
-        q_probs = torch.softmax(OnnxRunner(tmp)(check.images), 1).numpy()
+        q_probs = _probs(OnnxRunner(tmp)(check.images), trust)
     probs = {"fp32": fp32_probs, "int8": q_probs}
     acc = {k: None if check.labels is None else float((p.argmax(1) == check.labels).mean()) for k, p in probs.items()}
-    agree = float((q_probs.argmax(1) == fp32_probs.argmax(1)).mean())
+    same = _decisions(q_probs, trust) == _decisions(fp32_probs, trust)
+    agree = float((same.all(1) if same.ndim == 2 else same).mean())
     log(f"wrote {q_out} (int8, {how}; {q_out.stat().st_size / 1e6:.2f} MB vs {out.stat().st_size / 1e6:.2f} MB)")
     shown = "n/a (labels unknown)" if check.labels is None else f"fp32 {acc['fp32']:.4f} -> int8 {acc['int8']:.4f}"
     views = "" if props.get("tta", "none") == "none" else f" (one view each, not the model's {props['tta']} TTA)"
-    log(f"accuracy on {len(check.images)} check images{views}: {shown}; int8 top-1 agrees with fp32 on {agree:.1%}")
+    what = "label set" if trust.multilabel else "top-1"
+    log(f"accuracy on {len(check.images)} check images{views}: {shown}; int8 {what} agrees with fp32 on {agree:.1%}")
     return {
         "int8_path": str(q_out),
         "accuracy_fp32": acc["fp32"],

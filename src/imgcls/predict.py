@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,14 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgcls.artifact import load_artifact, spec_of
+from imgcls.artifact import load_artifact, resolve_artifact_dir, spec_of
 from imgcls.config import BACKENDS
-from imgcls.inference.answer import answer, error_answer, postprocess
-from imgcls.inference.runners import Runner, TorchRunner, load_onnx_runner
-from imgcls.inference.trust import Outputs, Trust
+from imgcls.inference.answer import answer, error_answer, explain_target, postprocess
+from imgcls.inference.runners import Runner, TorchRunner, load_onnx_runner, split_features
+from imgcls.inference.trust import Outputs, Trust, logits_only, read_ood_stats
 from imgcls.io import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, is_image_path, load_image
 from imgcls.models import create_model, get_entry
 from imgcls.runtime import prepare_inference_model, resolve_device, resolve_precision, resolve_tta, tta_logits, tta_view_count
+from imgcls.threads import ThreadTuner, usable_cores
 from imgcls.transforms import PreprocessSpec, resize_image
 
 PRETRAINED_PREFIX = "imagenet"
@@ -54,6 +56,11 @@ class Classifier:
     `trust` (`inference.trust.Trust`, from model.json) holds the temperature the probabilities are
     calibrated with, the "unknown" rule and the conformal scores; unknown_threshold overrides the
     rule's threshold (in its method's units, a probability for msp; 0 turns "unknown" answers off).
+    A mahalanobis or knn rule scores pooled features against `ood_stats` (the model folder's
+    ood.safetensors, which `load` reads): the TorchRunner then returns the features with the
+    logits; a runner without features (onnx) applies the rule's stored msp fallback, with a warning.
+    threads: torch intra-op threads of the forward passes; None: one or every usable core,
+    whichever the first passes ran faster, re-checked as the load changes (`threads.ThreadTuner`).
     """
 
     def __init__(
@@ -68,14 +75,20 @@ class Classifier:
         compile: str = "auto",
         log: Callable[[str], None] | None = None,
         unknown_threshold: float | None = None,
+        ood_stats: dict[str, torch.Tensor] | None = None,
+        threads: int | None = None,
     ) -> None:
         if runner is None and model is None:
             raise ValueError("Classifier needs a model or a runner")
+        if runner is not None and not getattr(runner, "features", False):  # onnx: no pooled features for a mahalanobis/knn rule
+            meta, note = logits_only(meta)
+            if note:
+                (log or warnings.warn)(note)
         self.meta = meta
         self.class_names: list[str] = list(meta["class_names"])
         self.spec: PreprocessSpec = spec_of(meta)
         self.max_pixels = max_pixels
-        self.trust = Trust.from_meta(meta, unknown_threshold)
+        self.trust = Trust.from_meta(meta, unknown_threshold, ood_stats)
         self.tta = resolve_tta(tta, meta)  # "auto": model.json's recommendation, as `imgcls evaluate` uses
         if runner is not None:  # onnxruntime runs on the CPU in float32
             self.device, self.amp_dtype, self.model, self.runner = torch.device("cpu"), None, model, runner
@@ -84,7 +97,14 @@ class Classifier:
         self.amp_dtype = resolve_precision(precision, self.device)  # names the precision even when the weights carry it
         # bf16 weights once on AMX CPUs (autocast then off), as evaluate does
         self.model, run_dtype = prepare_inference_model(model, self.device, self.amp_dtype)
-        self.runner = TorchRunner(self.model, self.spec, self.device, run_dtype, compile, log)
+        # threads None/0: timed from the first forward passes, on the CPU (CUDA's are asynchronous)
+        tuner = ThreadTuner(fixed=threads or (None if self.device.type == "cpu" else torch.get_num_threads()), log=log)
+        self.runner = TorchRunner(self.model, self.spec, self.device, run_dtype, compile, log, self.trust.uses_features, tuner)
+
+    @property
+    def multilabel(self) -> bool:
+        """True for a multi-label model (model.json "task": "multi-label"): answers list every label above its threshold."""
+        return self.trust.multilabel
 
     @classmethod
     def load(
@@ -109,7 +129,8 @@ class Classifier:
             return cls.imagenet(s.partition(":")[2] or DEFAULT_IMAGENET_MODEL, device=device, precision=precision, **kwargs)
         model, meta = load_artifact(path)
         meta = {**meta, "source": str(path)}
-        return cls(model, meta, device=device, precision=precision, **kwargs)
+        stats = read_ood_stats(resolve_artifact_dir(path), meta)  # a mahalanobis or knn "unknown" rule's statistics
+        return cls(model, meta, device=device, precision=precision, ood_stats=stats, **kwargs)
 
     @classmethod
     def imagenet(cls, arch: str = DEFAULT_IMAGENET_MODEL, **kwargs: Any) -> Classifier:
@@ -147,8 +168,9 @@ class Classifier:
         and the "unknown" verdicts (N,). The runner, the TTA views on top (`runtime.tta_logits`),
         then `inference.answer.postprocess` with `trust` (default: the model's). batch_size None:
         the cache-friendly size for the model's input (`runtime.inference_batch_size`)."""
-        logits = tta_logits(lambda a: self.runner(a, batch_size), arrays, self.tta)  # (N, C)
-        return postprocess(logits, trust or self.trust)
+        out = tta_logits(lambda a: self.runner(a, batch_size), arrays, self.tta)  # (N, C), or (N, F + C) with features
+        features, logits = split_features(out, len(self.class_names)) if self.runner.features else (None, out)
+        return postprocess(logits, trust or self.trust, features)
 
     def predict_arrays(self, arrays: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """uint8 (N, S, S, 3) prepared images -> calibrated probabilities (N, num_classes) (`infer_arrays`)."""
@@ -167,7 +189,9 @@ class Classifier:
 
         An input is a path, bytes, a PIL image or a NumPy array. One input gives one dict, a list
         gives a list. An input the model's "unknown" rule turns away gets label "unknown" and its
-        "best_guess"; coverage (e.g. 0.9) adds each input's prediction "set". errors="raise" raises
+        "best_guess"; coverage (e.g. 0.9) adds each input's prediction "set". A multi-label model
+        (`self.multilabel`) answers {"path", "labels", "probabilities"} instead
+        (`inference.answer.multilabel_answer`; top_k does not apply, coverage is a ValueError). errors="raise" raises
         `ImageDecodeError` for an unreadable input; errors="report" returns {"path", "error"} in its
         place instead.
         """
@@ -197,7 +221,7 @@ class Classifier:
         if errors not in ("raise", "report"):
             raise ValueError("errors must be 'raise' or 'report'")
         qhat = None if coverage is None else self.trust.qhat(coverage)  # before any image is read
-        workers = workers or min(4, os.cpu_count() or 1)
+        workers = workers or min(4, usable_cores())
         if hasattr(items, "__len__"):  # a long job may compile the model
             self.runner.expect(len(items) * tta_view_count(self.tta))  # type: ignore[arg-type]
         chunk_size = max(DECODE_CHUNK, batch_size or 0)
@@ -232,7 +256,8 @@ class Classifier:
         for i, name in enumerate(names):
             if i in row:
                 j = row[i]
-                yield answer(out.probs[j], self.class_names, top_k, name, probabilities, known=bool(out.known[j]), set_indices=sets[j])
+                known, st = bool(out.known[j]), sets[j]
+                yield answer(out.probs[j], self.class_names, top_k, name, probabilities, known, st, self.trust.thresholds)
             else:
                 err = prepared[i]
                 if errors == "raise":
@@ -246,7 +271,7 @@ def write_explanations(model: str | os.PathLike, results: list[dict[str, Any]], 
     from imgcls.inference.explain import Explainer, explain_files
 
     ok = [r for r in results if "error" not in r]
-    labels = [(r.get("best_guess") or r)["label"] for r in ok]  # an "unknown" answer is explained for its best guess
+    labels = [explain_target(r) for r in ok]  # an "unknown" answer for its best guess, a multi-label one for its top label
     return explain_files(Explainer.load(model), [r["path"] for r in ok], out_dir, labels=labels)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from imgcls.config import COMPILE_MODES, PRECISIONS, TTA_MODES
+from imgcls.threads import usable_cores
 from imgcls.transforms import PreprocessSpec, eval_transform, to_batch
 
 
@@ -76,8 +76,9 @@ def prepare_inference_model(model: nn.Module, device: torch.device, amp_dtype: t
 
 
 def default_threads() -> int:
-    """torch intra-op threads when none are asked for: one per core (2 on the machines here)."""
-    return max(1, os.cpu_count() or 1)
+    """torch intra-op threads when none are asked for and none measured: one per usable core
+    (`threads.usable_cores`: affinity and cgroup quota; 2 on the machines here)."""
+    return usable_cores()
 
 
 def set_threads(threads: int | None) -> None:

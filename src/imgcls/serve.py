@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from fastapi import FastAPI, Query, Request  # imgcls[serve]; cli imports this m
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from imgcls.batching import Batcher, BudgetExhausted, ByteBudget, ClientLimits
-from imgcls.inference.answer import answer
+from imgcls.inference.answer import answer, explain_target
 from imgcls.inference.explain import UNAVAILABLE, UploadExplainer
 from imgcls.inference.trust import Outputs
 from imgcls.io import ImageDecodeError, read_header
@@ -54,6 +53,7 @@ from imgcls.serve_schema import (  # re-exported: callers import the schema from
     predict_body,
     predict_errors,
 )
+from imgcls.threads import decode_workers, usable_cores
 from imgcls.uploads import ClientGone, RequestError, parse_top_k, read_uploads
 
 log = logging.getLogger("imgcls.serve")
@@ -86,14 +86,22 @@ __all__ = [
 
 
 def _prediction(
-    probs: np.ndarray, class_names: list[str], top_k: int, filename: str | None, known: bool = True, set_indices: list[int] | None = None
+    probs: np.ndarray,
+    class_names: list[str],
+    top_k: int,
+    filename: str | None,
+    known: bool = True,
+    set_indices: list[int] | None = None,
+    thresholds: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """`inference.answer.answer` for one upload's probability row, without the per-class dict.
+    """`inference.answer.answer` for one upload's probability row, without the per-class dict
+    (a multi-label model's answer keeps it: every label's score is part of that answer).
 
     "path" is the upload's filename (None for a raw body), as `Classifier.predict` names its
     inputs; "filename" repeats it because that is the HTTP API's documented name for it.
     """
-    return {**answer(probs, class_names, top_k, filename, probabilities=False, known=known, set_indices=set_indices), "filename": filename}
+    a = answer(probs, class_names, top_k, filename, thresholds is not None, known, set_indices, thresholds)
+    return {**a, "filename": filename}
 
 
 # ---------------------------------------------------------------------------------- the app
@@ -111,7 +119,10 @@ class _Service:
         self.model_ref = {"name": str(self.meta.get("arch", "model")), "version": model_version(self.meta)}
         infer = infer or (lambda x: classifier.infer_arrays(x, batch_size=s.max_batch))
         self.batcher = Batcher(infer, s.max_batch, s.batch_wait_ms, s.queue_size, s.batching)
-        self.decode_workers = s.decode_workers or min(4, os.cpu_count() or 1)
+        # The cores the inference thread's forward passes leave (one decode thread on 2 cores): decoding
+        # beside two intra-op threads made their barriers wait; the forward's ThreadTuner (predict.Classifier)
+        # drops to one thread when decoding still competes.
+        self.decode_workers = s.decode_workers or decode_workers(usable_cores())
         self.budget = ByteBudget(s.decode_budget_bytes)  # decoding memory across the decode threads
         self.clients = ClientLimits(s.max_client_requests)
         self.runtime: dict[str, ThreadPoolExecutor] = {}  # the thread pools, while the app runs
@@ -227,14 +238,16 @@ class _Service:
     def answers(self, out: Outputs, uploads: list[tuple[str | None, bytearray]], k: int, qhat: float | None) -> list[dict[str, Any]]:
         """One answer dict per upload from the batch's outputs, with its conformal set under ?coverage=."""
         sets = self.classifier.trust.sets(out.probs, qhat) if qhat is not None else [None] * len(out)
-        return [_prediction(p, self.class_names, k, fn, bool(ok), st) for p, ok, st, (fn, _) in zip(out.probs, out.known, sets, uploads)]
+        th = self.classifier.trust.thresholds  # None for a single-label model
+        rows = zip(out.probs, out.known, sets, uploads)
+        return [_prediction(p, self.class_names, k, fn, bool(ok), st, th) for p, ok, st, (fn, _) in rows]
 
     async def explain(self, answers: list[dict[str, Any]], uploads: list[tuple[str | None, bytearray]]) -> None:
         """Add "explanation" to each answer: a Grad-CAM overlay of its label."""
         # Off the event loop and outside the batching queue, one image at a time in the explanation thread.
         loop = asyncio.get_running_loop()
         for a, (_, data) in zip(answers, uploads):
-            target = (a.get("best_guess") or a)["label"]  # an "unknown" answer is explained for its best guess
+            target = explain_target(a)  # an "unknown" answer for its best guess, a multi-label one for its top label
             a["explanation"] = await loop.run_in_executor(self.runtime["explain"], self.explainer, data, target)
 
     # ------------------------------------------------------------------ /v1/health, /v1/model
@@ -263,6 +276,7 @@ class _Service:
             "preprocess": classifier.spec.to_dict(),
             "metrics": meta.get("metrics", {}),
             "calibration": classifier.trust.describe(),  # temperature, "unknown" rule, conformal scores (for ?coverage=)
+            **_task(classifier),
             "training": meta.get("training", {}),
             "versions": meta.get("versions", {}),
             "runtime": {
@@ -272,6 +286,14 @@ class _Service:
             },
             "limits": {**asdict(self.s), "max_pixels": classifier.max_pixels},
         }
+
+
+def _task(classifier: Classifier) -> dict[str, Any]:
+    """/v1/model's "task", and a multi-label model's "thresholds" {label: threshold} (the page marks them on its bars)."""
+    th = classifier.trust.thresholds
+    if th is None:
+        return {"task": "single-label"}
+    return {"task": "multi-label", "thresholds": dict(zip(classifier.class_names, th.tolist()))}
 
 
 async def _refuse(request: Request, exc: RequestError) -> JSONResponse:
@@ -309,7 +331,9 @@ def _add_predict_route(app: FastAPI, service: _Service) -> None:
         request: Request, top_k: int | None = top_k_query, explain: bool = explain_query, coverage: float | None = coverage_query
     ) -> dict[str, Any]:
         """Label, score and top-k classes for each image: multipart field `file` (repeatable) or a raw image body.
-        An image the model's "unknown" rule turns away is answered label "unknown" with its `best_guess`."""
+        An image the model's "unknown" rule turns away is answered label "unknown" with its `best_guess`.
+        A multi-label model answers `labels` (those at or above their threshold, maybe none) and every label's
+        score in `probabilities` instead (top_k and coverage do not apply; the thresholds are in /v1/model)."""
         return await service.predict(request, top_k, explain, coverage)
 
 

@@ -30,7 +30,8 @@ class ServeSettings:
     queue_size: requests with their body in and not yet in a forward pass (being decoded or
         queued); when full, a new request gets 503 at once, before its body is read.
     batching: False runs one forward per request (the baseline the benchmark compares with).
-    decode_workers: threads decoding uploads; 0 = min(4, cores).
+    decode_workers: threads decoding uploads; 0 = the usable cores less the inference thread's one,
+        1 to 4 (`threads.decode_workers`).
     default_top_k: classes listed per image when the request gives no top_k.
     body_timeout_s: the whole body must arrive within this many seconds of the request's
         headers; later -> 408 and the connection is closed (a client trickling bytes holds nothing
@@ -121,10 +122,15 @@ class Explanation(BaseModel):
 
 
 class Prediction(BaseModel):
+    """One image's answer: label, score and top_k from a single-label model; labels and
+    probabilities from a multi-label one (`inference.answer.multilabel_answer`)."""
+
     path: str | None
-    label: str
-    score: float
-    top_k: list[LabelScore]
+    label: str | None = None  # single-label: the top class, or "unknown"
+    score: float | None = None  # single-label: the top class's probability
+    top_k: list[LabelScore] | None = None  # single-label: the k most probable classes
+    labels: list[LabelScore] | None = None  # multi-label: every label at or above its threshold, highest score first (maybe none)
+    probabilities: dict[str, float] | None = None  # multi-label: every label's score (thresholds: /v1/model)
     filename: str | None  # the same as path: the name this API gave it before answers were unified
     best_guess: LabelScore | None = None  # only when label is "unknown": the top class and its probability
     set: list[str] | None = None  # only with ?coverage=: the conformal prediction set, most probable first

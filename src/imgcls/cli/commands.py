@@ -26,6 +26,8 @@ def _run_config(a: argparse.Namespace) -> Any:
             workers=a.workers,
             allow_outside_root=a.allow_outside_root,
             exclude_from=a.exclude_from,
+            task=a.task,
+            label_sep=a.label_sep,
         ),
         model=ModelConfig(name=a.model, pretrained=a.pretrained, weights=a.weights, weights_sha256=a.weights_sha256, strategy=a.strategy),
         train=TrainConfig(
@@ -51,6 +53,8 @@ def _run_config(a: argparse.Namespace) -> Any:
             device=a.device,
             class_balance=a.class_balance,
             unknown_method=a.unknown_method,
+            pos_weight=a.pos_weight,
+            label_precision=a.label_precision,
             augment=AugmentSpec(hflip=not a.no_hflip, crop=a.crop, translate=a.translate, color_jitter=a.color_jitter),
         ),
     )
@@ -93,12 +97,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         log=lambda s: print(s, file=sys.stderr),
         coverage=a.coverage,
         unknown_threshold=a.unknown_threshold,
+        threads=a.threads or None,
     )
     m.pop("predictions")
     if a.json:
         print(json.dumps(m, indent=2))
         return 0
     print(f"{m['num_samples']} images ({m['split']} split of {m['data']})")
+    if m.get("task") == "multi-label":
+        from imgcls.multilabel import format_multilabel_metrics
+
+        print(format_multilabel_metrics(m))
+        print(f"\nmetrics: {m['report']}")
+        return 0
     for k in ("accuracy", "top5_accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece", "ece_uncalibrated", "temperature"):
         print(f"  {k:<18} {_fmt(m[k])}")
     _print_trust(m)
@@ -154,15 +165,20 @@ def cmd_predict(a: argparse.Namespace) -> int:
         backend=a.backend,
         tta=a.tta,
         unknown_threshold=a.unknown_threshold,
-        **({"compile": a.compile, "log": lambda s: print(s, file=sys.stderr)} if a.backend == "torch" else {}),
+        **(
+            {"compile": a.compile, "log": lambda s: print(s, file=sys.stderr), "threads": a.threads or None} if a.backend == "torch" else {}
+        ),
     )
     if a.coverage is not None:
-        clf.trust.qhat(a.coverage)  # a model without conformal scores fails before any image is read
+        clf.trust.qhat(a.coverage)  # a model without conformal scores (or a multi-label one) fails before any image is read
+    if clf.multilabel and a.unknown_threshold is not None:
+        print("imgcls: --unknown-threshold does not apply to a multi-label model (a threshold per label instead); ignored", file=sys.stderr)
     paths = expand_inputs(a.paths)
     if not paths:
         print("imgcls: no input images", file=sys.stderr)
         return 1
-    results = list(clf.iter_predict(paths, top_k=a.top_k, batch_size=a.batch_size, probabilities=False, coverage=a.coverage))
+    # A multi-label answer is its labels plus every label's score, so it keeps its "probabilities".
+    results = list(clf.iter_predict(paths, top_k=a.top_k, batch_size=a.batch_size, probabilities=clf.multilabel, coverage=a.coverage))
     n_ok = sum("error" not in r for r in results)
     if a.explain and n_ok:
         from imgcls.predict import write_explanations
@@ -172,6 +188,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
         print(f"imgcls: {n} Grad-CAM overlays (each for its predicted label) in {a.explain}", file=sys.stderr)
     if a.json:
         print(json.dumps(results, indent=2))
+    elif clf.multilabel:
+        _write_multilabel(results, clf.class_names, a.csv)
     elif a.csv:
         import csv
 
@@ -201,6 +219,27 @@ def _print_predictions(results: list[dict[str, Any]]) -> None:
         rest = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top_k"][1:])
         tail = f"   set {{{', '.join(r['set'])}}}" if "set" in r else ""
         print(f"{r['path']:<{width}}  {head}" + (f"   ({rest})" if rest else "") + tail)
+
+
+def _write_multilabel(results: list[dict[str, Any]], class_names: list[str], as_csv: bool) -> None:
+    """predict's multi-label output: CSV rows (path, labels joined by ';', one score column per
+    label, error) or text lines "path: label score, label score" (labels above their thresholds)."""
+    if as_csv:
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(["path", "labels", *class_names, "error"])
+        for r in results:
+            probs = r.get("probabilities", {})
+            scores = [f"{probs[c]:.6f}" if c in probs else "" for c in class_names]
+            w.writerow([r["path"], ";".join(x["label"] for x in r.get("labels", [])), *scores, r.get("error", "")])
+        return
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']}: ERROR: {r['error']}")
+        else:
+            shown = ", ".join(f"{x['label']} {x['score']:.3f}" for x in r["labels"]) or "(no label above its threshold)"
+            print(f"{r['path']}: {shown}")
 
 
 def _note_unknown(results: list[dict[str, Any]], trust: Any) -> None:
@@ -258,7 +297,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.threads:
         set_threads(a.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    clf = Classifier.load(a.model, device=a.device, precision=a.precision, backend=a.backend, unknown_threshold=a.unknown_threshold)
+    clf = Classifier.load(
+        a.model, device=a.device, precision=a.precision, backend=a.backend, unknown_threshold=a.unknown_threshold, threads=a.threads or None
+    )
     run_server(clf, settings, host=a.host, port=a.port)
     return 0
 

@@ -24,11 +24,13 @@ from imgcls.config import (
     CROPS,
     IMBALANCE_RATIO_LIMIT,
     OPTIMIZERS,
+    POS_WEIGHT_MODES,
     PRECISIONS,
     RECIPES,
     RESIZE_MODES,
     SCHEDULES,
     STRATEGIES,
+    TASKS,
     TTA_CHOICES,
     UNKNOWN_ACCEPT,
     UNKNOWN_METHODS,
@@ -70,7 +72,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="run folder; it becomes the model folder (model.safetensors + model.json)")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="small_cnn", help="architecture (see `imgcls models`); default small_cnn")
+    g.add_argument(
+        "--model",
+        default="auto",
+        help="architecture (see `imgcls models`); auto (default): chosen from the data: small_cnn from scratch for small "
+        "images, efficientnet_lite0 pretrained (linear probe, then its last blocks) for photos and few images, both tried on "
+        "validation where unclear; the choice and the candidates go into model.json",
+    )
     g.add_argument(
         "--pretrained",
         action="store_true",
@@ -88,7 +96,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="linear-probe: frozen backbone, head fitted on cached features (seconds); "
         "fine-tune: probe, then all layers with smaller LRs for early ones; "
-        "full: all layers from the start; auto: full from scratch, else linear-probe under 500 training images, fine-tune above",
+        "fine-tune-last: probe, then only the last blocks of EfficientNet-Lite, on cached activations of the early ones (fast on CPUs); "
+        "full: all layers from the start; auto: full from scratch, else linear-probe under 500 training images, fine-tune above "
+        "(--model auto: fine-tune-last); a fine-tune keeps the probe's model unless an epoch validates better",
     )
     g.add_argument("--img-size", type=int, help="input size in pixels (default: the model's, 32 for small_cnn)")
     g.add_argument("--resize-mode", choices=RESIZE_MODES, help="how non-square images are made square (default: the model's, crop)")
@@ -109,10 +119,35 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="leave out the files that an audit.json from `imgcls audit DATA` marks to exclude: unreadable files, "
         "extra copies of duplicates, likely label errors, blank images",
     )
+    _add_multilabel_args(p)
     _add_optimisation_args(p)
     _add_augmentation_args(p)
     _add_trust_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_multilabel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-label (several labels per image: a CSV with a 'labels' column like 'sea;sunset', or 0/1 columns)")
+    g.add_argument(
+        "--task",
+        choices=TASKS,
+        default="auto",
+        help="auto: multi-label for a CSV manifest with a 'labels' column, or with one 0/1 column per label and no 'label' column; "
+        "multi-label also reads a 'label' column as a list",
+    )
+    g.add_argument("--label-sep", default=";", help="separator of the labels in a 'labels' column")
+    g.add_argument(
+        "--pos-weight",
+        choices=POS_WEIGHT_MODES,
+        default="none",
+        help="auto: weigh each label's positive images by n_neg / n_pos (1 to 10) in the binary cross-entropy, for rare labels",
+    )
+    g.add_argument(
+        "--label-precision",
+        type=float,
+        metavar="P",
+        help="choose each label's threshold on validation for this precision (the most recall that keeps it) instead of the best F1",
+    )
 
 
 def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
@@ -130,7 +165,8 @@ def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
         "--time-budget",
         type=float,
         metavar="MINUTES",
-        help="fit the whole run, decoding included, in this many minutes: the number of epochs is chosen from a timed trial of a few steps",
+        help="fit the whole run, decoding included, in this many minutes: the number of epochs is chosen from a timed trial of a few steps "
+        "(every strategy; with --model auto and no --epochs the default is 5 minutes)",
     )
     g.add_argument(
         "--batch-size", type=int, help="images per step (fast 256, fewer for small datasets; generic 128, on CPUs 32-64 from 96 px up)"
@@ -178,7 +214,9 @@ def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
         "bf16 on CPUs with AMX/AVX512-BF16, else fp32, without a timed trial; the thread count is fixed); "
         "not with --time-budget",
     )
-    g.add_argument("--threads", type=int, help="torch intra-op threads (default: one per core)")
+    g.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: one or every usable core, whichever a timed trial runs faster)"
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its saved settings")
     g.add_argument(
@@ -220,13 +258,17 @@ def _add_trust_args(p: argparse.ArgumentParser) -> None:
         choices=UNKNOWN_METHODS,
         default="msp",
         help=f"the score of the 'unknown' answer, its threshold fitted to accept {UNKNOWN_ACCEPT * 100:.0f}%% of the validation images: "
-        "msp (the calibrated top probability) or energy (logsumexp of the calibrated logits) (default msp)",
+        "msp (the calibrated top probability), energy (logsumexp of the calibrated logits), or on the pooled features of the "
+        "training images (saved as ood.safetensors): mahalanobis (distance to the nearest class mean) or knn (cosine "
+        "similarity to the 10th nearest); the onnx backend has no features and applies msp for those (default msp)",
     )
 
 
+THREADS_HELP = "torch intra-op threads (0: one or every usable core, whichever the first batches run faster)"
 UNKNOWN_HELP = (
     "answer 'unknown' (with the best guess) below this score instead of model.json's threshold, in the units of the model's "
-    "'unknown' method (msp: the calibrated top probability, e.g. 0.5); 0 turns 'unknown' answers off "
+    "'unknown' method (msp: the calibrated top probability, e.g. 0.5; knn: a cosine similarity; mahalanobis: minus a squared "
+    "distance); 0 turns 'unknown' answers off "
     f"(default: model.json's threshold, which accepts {UNKNOWN_ACCEPT * 100:.0f}%% of the validation images)"
 )
 COVERAGE_HELP = (
@@ -271,7 +313,9 @@ def _add_serve_command(sub: Any) -> None:
     s.add_argument(
         "--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32"
     )
-    s.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: one per core)")
+    s.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: one or every usable core, timed on the first batches)"
+    )
     s.add_argument("--unknown-threshold", type=float, metavar="X", help=UNKNOWN_HELP)
     g = s.add_argument_group("limits and batching")
     g.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body; larger gets 413")
@@ -280,7 +324,7 @@ def _add_serve_command(sub: Any) -> None:
     g.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to wait for more requests to fill a batch")
     g.add_argument("--queue-size", type=int, default=64, help="requests waiting for the model; one more gets 503 at once")
     g.add_argument("--no-batching", action="store_true", help="one forward pass per request (the benchmark's baseline)")
-    g.add_argument("--decode-workers", type=int, default=0, help="threads decoding uploads (0: min(4, cores))")
+    g.add_argument("--decode-workers", type=int, default=0, help="threads decoding uploads (0: usable cores - 1, 1 to 4)")
     g.add_argument("--default-top-k", type=int, default=5, help="classes listed per image when a request gives no top_k")
     g.add_argument("--body-timeout-s", type=float, default=20.0, help="seconds for a request's whole body to arrive; later gets 408")
     g.add_argument(
@@ -395,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     e.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
     e.add_argument("--compile", choices=COMPILE_MODES, default="auto", help=COMPILE_HELP)
+    e.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     e.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE_ROOT_HELP)
     e.add_argument("--coverage", type=float, metavar="P", help=COVERAGE_HELP + "; reports their empirical coverage and mean size")
     e.add_argument("--unknown-threshold", type=float, metavar="X", help=UNKNOWN_HELP + "; reports the share accepted and their accuracy")
@@ -418,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     r.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
     r.add_argument("--compile", choices=COMPILE_MODES, default="auto", help=COMPILE_HELP + "; torch backend only")
+    r.add_argument("--threads", type=int, default=0, help=THREADS_HELP + "; torch backend only")
     r.add_argument(
         "--backend",
         choices=BACKENDS,

@@ -4,7 +4,11 @@ A `Runner` maps uint8 prepared images (N, S, S, 3) (decoded and resized by `Clas
 to float32 logits (N, num_classes) on the CPU, a batch at a time. `TorchRunner` runs the model
 through `runtime.batched_logits` (bf16 weights, channels_last, torch.compile once it pays);
 `OnnxRunner` runs a graph written by `imgcls export` with onnxruntime. Test-time augmentation is
-not a runner's job: `runtime.tta_logits` applies it on top of any runner.
+not a runner's job: `runtime.tta_logits` applies it on top of any runner. A TorchRunner made with
+features=True returns the pooled pre-logit features before the logits, (N, F + C) (`FeaturesAndLogits`,
+`split_features`), for an "unknown" rule that scores features (mahalanobis, knn); TTA averages both
+alike. The onnx graph gives logits only (`features` False): such a rule falls back to msp there
+(`inference.trust.logits_only`).
 
 Loading never exports: `load_onnx_runner` on a model folder whose model.onnx is missing or older
 than the model raises `BackendError` saying to run `imgcls export MODEL`. This module also holds
@@ -26,24 +30,53 @@ from torch import nn
 
 from imgcls.artifact import META_FILE, WEIGHTS_FILE, ArtifactError, resolve_artifact_dir
 from imgcls.runtime import CompiledForward, as_nchw, batch_slices, batched_logits, inference_batch_size
+from imgcls.threads import ThreadTuner, usable_cores
 from imgcls.transforms import PreprocessSpec, eval_transform
 
 ONNX_FILE = "model.onnx"  # a model folder's graph, as `imgcls export MODEL` writes it
 ONNX_FORMAT = "imgcls-onnx"  # metadata "format" of an imgcls export
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+# A multi-label export's second output: sigmoid(logits / label temperature), for users of the .onnx
+# outside imgcls; OnnxRunner reads "logits" and applies the metadata as torch does.
+PROBS_NAME = "probabilities"
 # Metadata values stored as JSON (the rest are plain strings); calibration, unknown and conformal
-# are model.json's sections that `inference.trust.Trust` applies, so the onnx backend answers as torch does.
-JSON_KEYS = ("class_names", "preprocess", "calibration", "unknown", "conformal")
+# are model.json's sections, and a multi-label model's thresholds and label_temperatures (its "task"
+# a plain string), that `inference.trust.Trust` applies, so the onnx backend answers as torch does.
+JSON_KEYS = ("class_names", "preprocess", "calibration", "unknown", "conformal", "thresholds", "label_temperatures")
 
 
 class BackendError(ValueError):
     """A prediction backend cannot run as asked: no (or a stale) model.onnx, onnxruntime missing."""
 
 
+class FeaturesAndLogits(nn.Module):
+    """`model`'s pooled pre-logit features and logits in one forward pass: (B, F + C), features first.
+
+    Every registered model has logits == classifier(forward_head(feats, pre_logits=True)), where
+    the classifier is the module named by its `classifier_name` (as the linear probe uses it).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # (B, F)
+        logits = self.model.get_submodule(self.model.classifier_name)(pooled)  # (B, C)
+        return torch.cat([pooled, logits.to(pooled.dtype)], dim=1)  # (B, F + C)
+
+
+def split_features(out: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, F), logits (N, C)) of a features-and-logits output (N, F + C)."""
+    return out[:, : out.shape[1] - num_classes], out[:, out.shape[1] - num_classes :]
+
+
 class Runner(Protocol):
-    """A backend's forward pass: uint8 prepared images (N, S, S, 3) -> float32 logits (N, C)."""
+    """A backend's forward pass: uint8 prepared images (N, S, S, 3) -> float32 logits (N, C), or
+    (N, F + C) pooled features then logits when `features` is True."""
 
     spec: PreprocessSpec  # how the images were prepared; also how the runner normalises them
+    features: bool  # whether each row starts with the pooled features (F) before the logits
 
     def __call__(self, images: np.ndarray | torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Logits (N, num_classes) on the CPU; batch_size: images per forward pass (None: by input size)."""
@@ -55,7 +88,8 @@ class Runner(Protocol):
 
 
 class TorchRunner:
-    """The `Runner` for a torch model, through `runtime.batched_logits`."""
+    """The `Runner` for a torch model, through `runtime.batched_logits`; features=True: rows are
+    pooled features then logits (`FeaturesAndLogits`), compiled alike."""
 
     def __init__(
         self,
@@ -65,17 +99,22 @@ class TorchRunner:
         amp_dtype: torch.dtype | None,
         compile: str = "auto",
         log: Callable[[str], None] | None = None,
+        features: bool = False,
+        threads: ThreadTuner | None = None,
     ) -> None:
-        self.model, self.spec, self.device, self.amp_dtype = model, spec, device, amp_dtype
-        self.forward = CompiledForward(model, compile, log)
+        self.model, self.spec, self.device, self.amp_dtype, self.features = model, spec, device, amp_dtype, features
+        self.forward = CompiledForward(FeaturesAndLogits(model) if features else model, compile, log)
+        # intra-op threads per forward pass, timed from the passes themselves (threads.ThreadTuner)
+        self.threads = threads or ThreadTuner(log=log)
 
     def expect(self, n_images: int) -> None:
         """Forward images still to come: a long enough job compiles the model (see CompiledForward)."""
         self.forward.expect(n_images)
 
     def __call__(self, images: np.ndarray | torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        forward = self.threads.wrap(self.forward, frozen=lambda: self.forward.compiled is not None)
         return batched_logits(
-            self.model, images, self.spec, batch_size=batch_size, device=self.device, amp_dtype=self.amp_dtype, forward=self.forward
+            self.model, images, self.spec, batch_size=batch_size, device=self.device, amp_dtype=self.amp_dtype, forward=forward
         )
 
 
@@ -91,13 +130,15 @@ class OnnxRunner:
     """The `Runner` for an `imgcls export`ed .onnx file, via onnxruntime on the CPU.
 
     The file is self-describing: `meta` (class names, preprocessing, arch, TTA mode, calibration)
-    comes from its metadata.
+    comes from its metadata. The graph gives logits only (`features` False).
     """
+
+    features = False
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         ort = import_onnxruntime()
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
+        opts.intra_op_num_threads = threads or usable_cores()
         opts.log_severity_level = 3  # errors only: graph optimisation warns about every constant it folds away
         self.path = Path(path)
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import PurePath
 from typing import Any
 
@@ -362,9 +362,10 @@ SECTIONS = (
 )
 
 
-def render_page(c: dict[str, Any]) -> str:
-    """The whole page from write_report's content dict: title, facts, metrics, figures, ..."""
-    rendered = [(sid, label, fn(c)) for sid, label, fn in SECTIONS]
+def render_page(c: dict[str, Any], sections: Sequence[tuple[str, str, Callable[[dict[str, Any]], str]]] = SECTIONS) -> str:
+    """The whole page from write_report's content dict: title, facts, metrics, figures, ...;
+    `sections` (id, menu label, renderer) in page order (a multi-label model's: `report.multilabel.SECTIONS`)."""
+    rendered = [(sid, label, fn(c)) for sid, label, fn in sections]
     nav = "".join(f'<a href="#{sid}">{e(label)}</a>' for sid, label, body in rendered if body)
     facts = "".join(f"<span>{e(k)} <b>{e(str(v))}</b></span>" for k, v in c["facts"].items() if v not in (None, ""))
     return (

@@ -20,8 +20,10 @@ import numpy as np
 from imgcls.atomic import atomic_write_bytes, atomic_write_text
 from imgcls.metrics import format_confusion_matrix, most_confused
 from imgcls.report import gallery, plots
+from imgcls.report import multilabel as ml
 from imgcls.report.gallery import Predictions
-from imgcls.report.page import render_page
+from imgcls.report.multilabel import MultiLabelPredictions
+from imgcls.report.page import SECTIONS, render_page
 
 AUDIT_FILE = "audit.json"  # `imgcls audit DATA --out RUN` puts it beside the model, where the report looks for it
 TOP_LOSSES = 20  # misclassified images listed; the first gallery.EXPLAIN_TOP as cards with Grad-CAM
@@ -88,7 +90,7 @@ def write_report(
     class_names: list[str],
     history: list[dict[str, float]] | None = None,
     title: str = "imgcls evaluation",
-    predictions: Predictions | None = None,
+    predictions: Predictions | MultiLabelPredictions | None = None,
     model_dir: str | os.PathLike | None = None,
     probe_sweep: Sequence[dict[str, float]] | None = None,
     audit: str | os.PathLike | None = None,
@@ -107,7 +109,12 @@ def write_report(
     model.json (strategy, kept epoch) and an audit.json beside it. probe_sweep: the linear
     probe's L2 sweep (`report.history.read_probe_sweep`). audit: an audit.json to summarise
     instead of MODEL/audit.json. html_path: the page's path instead of OUT/report.html.
+
+    A multi-label model's report (metrics from `multilabel.multilabel_metrics`, predictions
+    `MultiLabelPredictions`) has per-label PR curves and each label's most wrong images instead
+    of the confusion matrix, top losses, confused pairs and reliability diagram (`report.multilabel`).
     """
+    multi = isinstance(predictions, MultiLabelPredictions) or metrics.get("task") == "multi-label"
     out = Path(out_dir)
     if files:
         out.mkdir(parents=True, exist_ok=True)
@@ -115,10 +122,11 @@ def write_report(
     page.parent.mkdir(parents=True, exist_ok=True)
     mdir = Path(model_dir) if model_dir is not None else None
     beside = out if files else None
-    cm = np.asarray(metrics["confusion_matrix"])
+    cm = np.asarray(metrics["confusion_matrix"]) if not multi else np.zeros((0, 0), np.int64)
     if files:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-        atomic_write_text(out / "confusion_matrix.txt", format_confusion_matrix(cm, class_names) + "\n")
+        if not multi:
+            atomic_write_text(out / "confusion_matrix.txt", format_confusion_matrix(cm, class_names) + "\n")
     meta = _model_facts(mdir)
     training = meta.get("training", {})
     content: dict[str, Any] = {
@@ -128,20 +136,22 @@ def write_report(
         "probe_sweep": list(probe_sweep or []),
         "strategy": meta.get("strategy") or training.get("strategy"),
         "best_epoch": training.get("best_epoch"),
-        "confused_counts": most_confused(cm, class_names),
-        "facts": {"images": metrics.get("num_samples"), "classes": len(class_names), **(facts or {})},
+        "confused_counts": most_confused(cm, class_names) if not multi else [],
+        "facts": {"images": metrics.get("num_samples"), "labels" if multi else "classes": len(class_names), **(facts or {})},
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "version": _version(),
     }
     content["figures"] = {
-        "confusion": _figure("confusion_matrix", plots.confusion_figure(cm, class_names), beside),
+        "confusion": _figure("confusion_matrix", plots.confusion_figure(cm, class_names), beside) if not multi else None,
         "training": _figure("training_curves", plots.training_figure(content["history"]), beside),
         "probe": _figure("probe_sweep", plots.probe_figure(content["probe_sweep"]), beside),
     }
-    if predictions is not None:
+    if isinstance(predictions, MultiLabelPredictions):
+        ml.add_predictions(content, predictions, class_names, lambda name, fig: _figure(name, fig, beside))
+    elif predictions is not None:
         _add_predictions(content, predictions, class_names, top_losses, mdir, beside, log)
     content["audit"] = _audit(audit, mdir, log)
-    atomic_write_text(page, render_page(content))
+    atomic_write_text(page, render_page(content, ml.SECTIONS if multi else SECTIONS))
     return page
 
 

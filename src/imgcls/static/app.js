@@ -6,6 +6,10 @@ const TOP_K = 5;
 // Open the page as /?coverage=0.9 to have each answer's prediction set shown too.
 const COVERAGE = new URLSearchParams(window.location.search).get("coverage");
 const $ = (id) => document.getElementById(id);
+// A multi-label model's thresholds {label: threshold} from /v1/model (null for a single-label model),
+// read once the page loads; an answer waits for them (modelReady) before it is drawn.
+let THRESHOLDS = null;
+let modelReady = Promise.resolve();
 
 function setStatus(text, isError = false) {
   const s = $("status");
@@ -17,7 +21,9 @@ async function showModel() {
   try {
     const res = await fetch("/v1/model");
     const m = await res.json();
-    $("model-info").textContent = `${m.name} · ${m.num_classes} classes · version ${m.version}`;
+    THRESHOLDS = m.task === "multi-label" ? m.thresholds : null;
+    const kind = THRESHOLDS ? "labels (multi-label)" : "classes";
+    $("model-info").textContent = `${m.name} · ${m.num_classes} ${kind} · version ${m.version}`;
   } catch (e) {
     $("model-info").textContent = "model information unavailable";
   }
@@ -71,7 +77,57 @@ function pct(score) {
   return `${(score * 100).toFixed(1)}%`;
 }
 
+// One bar row: name, bar (with a tick at the label's threshold for a multi-label model), percentage.
+function barRow(t, threshold) {
+  const row = document.createElement("li");
+  row.className = "bar-row";
+  const name = document.createElement("span");
+  name.className = "bar-label";
+  name.textContent = name.title = t.label;
+  const bar = document.createElement("div");
+  bar.className = "bar";
+  const fill = document.createElement("div");
+  fill.className = "bar-fill";
+  fill.style.width = pct(t.score);
+  bar.append(fill);
+  if (threshold !== undefined) {
+    row.classList.add("multi");
+    row.classList.toggle("above", t.score >= threshold);
+    const tick = document.createElement("div");
+    tick.className = "bar-threshold";
+    tick.style.left = pct(threshold);
+    tick.title = `threshold ${pct(threshold)}`;
+    bar.append(tick);
+  }
+  const value = document.createElement("span");
+  value.className = "bar-pct";
+  value.textContent = pct(t.score);
+  row.append(name, bar, value);
+  return row;
+}
+
+// A multi-label answer: the labels above their thresholds as the heading, one bar per label (highest first).
+function renderLabels(p) {
+  const label = $("prediction");
+  label.textContent = p.labels.length ? p.labels.map((t) => t.label).join(", ") : "no label";
+  label.dataset.label = p.labels.map((t) => t.label).join(";");
+  $("score").textContent = p.labels.length ? "" : "(none above its threshold)";
+  const note = $("pred-set");
+  note.hidden = false;
+  note.textContent = "Every label's score; the tick marks its threshold, labels at or above it in bold.";
+  const scores = Object.entries(p.probabilities || {}).map(([l, s]) => ({ label: l, score: s }));
+  scores.sort((a, b) => b.score - a.score);
+  $("bars").replaceChildren(...scores.map((t) => barRow(t, (THRESHOLDS || {})[t.label])));
+}
+
 function render(p, ms) {
+  if (p.labels) {
+    renderLabels(p);
+    $("timing").textContent = `${Math.round(ms)} ms`;
+    $("result").hidden = false;
+    setStatus("");
+    return;
+  }
   const label = $("prediction");
   label.textContent = p.label;
   label.dataset.label = p.label;
@@ -82,24 +138,7 @@ function render(p, ms) {
   set.hidden = !p.set;
   set.textContent = p.set ? `${pct(Number(COVERAGE))} prediction set: ${p.set.join(", ")}` : "";
   const bars = $("bars");
-  bars.replaceChildren(...p.top_k.map((t) => {
-    const row = document.createElement("li");
-    row.className = "bar-row";
-    const name = document.createElement("span");
-    name.className = "bar-label";
-    name.textContent = name.title = t.label;
-    const bar = document.createElement("div");
-    bar.className = "bar";
-    const fill = document.createElement("div");
-    fill.className = "bar-fill";
-    fill.style.width = pct(t.score);
-    bar.append(fill);
-    const value = document.createElement("span");
-    value.className = "bar-pct";
-    value.textContent = pct(t.score);
-    row.append(name, bar, value);
-    return row;
-  }));
+  bars.replaceChildren(...p.top_k.map((t) => barRow(t)));
   $("timing").textContent = `${Math.round(ms)} ms`;
   $("result").hidden = false;
   setStatus("");
@@ -140,6 +179,7 @@ async function classify(file, keepPreview = false) {
     if (!res.ok) throw new Error(data.detail || `${res.status} ${res.statusText}`);
     if (file !== current.file) return;  // another file was chosen meanwhile
     current.answer = data.predictions[0];
+    await modelReady;
     render(current.answer, performance.now() - t0);
     if (current.answer.explanation) await drawExplanation(current.answer.explanation);
     showOverlay();
@@ -173,7 +213,7 @@ function setUp() {
   });
   document.body.dataset.state = "ready";
   showOverlay();
-  showModel();
+  modelReady = showModel();
 }
 
 // For tests and scripts: the overlay canvas (sized to the image's pixels) and its reset.

@@ -12,13 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgcls.config import ModelConfig, RunConfig
+from imgcls.config import ModelConfig, RunConfig, TrainConfig
 from imgcls.models import create_model, get_entry
+from imgcls.threads import HOW_DEFAULT, ThreadChoice, fixed_choice, usable_cores
 from imgcls.training.balance import ClassBalance, resolve_class_balance
 from imgcls.training.checkpoint import TrainState
 from imgcls.training.finetune import resolve_strategy
 from imgcls.training.loop import StepOptions, TrainData
-from imgcls.training.measure import faster_train_dtype, time_eval
+from imgcls.training.measure import faster_thread_count, faster_train_dtype, time_eval
+from imgcls.training.multilabel import build_multilabel_loss, multilabel_recipe
 from imgcls.training.optim import build_optimizer, param_groups
 from imgcls.training.prepare import RunData, SplitData
 from imgcls.training.recipes import Recipe, init_whitening, resolve_recipe
@@ -106,6 +108,30 @@ def choose_train_dtype(
     return options.amp_dtype, None
 
 
+def choose_train_threads(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    data: TrainData,
+    options: StepOptions,
+    t_cfg: TrainConfig,
+    trial: bool,
+    log: Log,
+) -> tuple[ThreadChoice, float | None]:
+    """The intra-op threads of the training steps (torch is left at them) and the seconds per
+    step measured at them, if any. --threads and --deterministic fix the count and time nothing;
+    otherwise, on a CPU with more than one usable core, a short trial picks one thread or all
+    (measure.faster_thread_count); trial False (a linear probe trains no steps) keeps all."""
+    usable = usable_cores()
+    choice = fixed_choice(t_cfg.threads, usable, t_cfg.deterministic)
+    if choice is None and (not trial or options.device.type != "cpu"):
+        choice = ThreadChoice(torch.get_num_threads(), usable, HOW_DEFAULT)
+    if choice is not None:
+        log(choice.describe())
+        return choice, None
+    return faster_thread_count(model, optimizer, loss_fn, data, options, usable, log)
+
+
 @dataclass(frozen=True)
 class Setup:
     """What trains. Built once; a time budget may swap in a narrower network before the first epoch."""
@@ -119,10 +145,20 @@ class Setup:
     model_kwargs: dict[str, Any]  # builder arguments beyond num_classes, recorded in model.json
     trial_step_s: float | None = None  # seconds per step the precision trial measured (a time budget's first plan uses them)
     class_balance: ClassBalance | None = None  # --class-balance resolved; None: none
+    threads: ThreadChoice | None = None  # the training steps' intra-op threads, and how they were chosen
+    pos_weight: torch.Tensor | None = None  # multi-label: BCE's positive weights (C,) (--pos-weight), which the probe uses too
 
     @property
     def recipe(self) -> Recipe:
         return self.blueprint.recipe
+
+    @property
+    def best_key(self) -> str:
+        """The validation measure the kept epoch is chosen on (a metrics.csv row's key): macro mAP
+        for multi-label data, balanced accuracy while classes are rebalanced, else accuracy."""
+        if self.data.labels.ndim == 2:
+            return "val_map"
+        return "val_balanced_acc" if self.class_balance and self.class_balance.on else "val_acc"
 
     @property
     def strategy(self) -> str:
@@ -167,21 +203,36 @@ def build_setup(
     strategy = resolve_strategy(cfg.model.strategy, cfg.model.starts_pretrained, n_train)
     aug = t_cfg.augment.resolve(spec.img_size)
     recipe = resolve_recipe(t_cfg, cfg.model, aug, n_train, spec.img_size, device.type)
+    multilabel = data.train.labels.ndim == 2  # (N, C) multi-hot: sigmoid + BCE (training.multilabel)
+    if multilabel:
+        recipe = multilabel_recipe(recipe, t_cfg, log)
     weights_cache = Path(cfg.data.cache_dir) / "weights" if cfg.data.cache_dir else None
     bp = Blueprint(cfg.model, len(data.class_names), recipe, strategy, spec, device, t_cfg.channels_last, data.train.images, weights_cache)
     model_kwargs = saved.model_kwargs if saved is not None else {}
     model, optimizer = build_trainable(bp, model_kwargs, log)
-    balance = resolve_class_balance(t_cfg.class_balance, data.train.labels, len(data.class_names))
-    log(balance.describe())
-    loss_weights = balance.loss_weights()
-    loss_fn = build_loss(recipe, None if loss_weights is None else loss_weights.to(device))
+    balance, pos_weight = None, None
+    if multilabel:
+        loss_fn, pos_weight = build_multilabel_loss(recipe, data.train.labels, t_cfg.pos_weight, device, log)
+    else:
+        balance = resolve_class_balance(t_cfg.class_balance, data.train.labels, len(data.class_names))
+        log(balance.describe())
+        loss_weights = balance.loss_weights()
+        loss_fn = build_loss(recipe, None if loss_weights is None else loss_weights.to(device))
     batch = min(recipe.batch_size, n_train)
-    train_data = TrainData(data.train.images, data.train.labels, spec, aug, batch, balance.sample_weights(data.train.labels))
+    sample_weights = balance.sample_weights(data.train.labels) if balance else None
+    train_data = TrainData(data.train.images, data.train.labels, spec, aug, batch, sample_weights)
     eval_options = StepOptions(device, amp_dtype, t_cfg.channels_last)
-    trial = saved is None and strategy != "linear-probe"
+    trial = saved is None and strategy not in ("linear-probe", "fine-tune-last")  # neither trains the whole network
+    # Threads first: with a neighbour busy on a core, two threads ran 4-20x slower and scattered,
+    # which would blur the precision trial; at the chosen count it compares like with like.
+    threads, thread_step_s = choose_train_threads(
+        model, optimizer, loss_fn, train_data, eval_options, t_cfg, strategy not in ("linear-probe", "fine-tune-last"), log
+    )
     train_dtype, trial_step_s = choose_train_dtype(model, optimizer, loss_fn, train_data, eval_options, t_cfg.precision, trial, log)
     if saved is not None:
         train_dtype = DTYPES.get(saved.train_precision, train_dtype)  # the precision the run measured and chose
+    if trial_step_s is None and train_dtype == amp_dtype:
+        trial_step_s = thread_step_s  # the thread trial timed these very steps
     scaler = torch.amp.GradScaler(device.type) if train_dtype == torch.float16 else None
     options = StepOptions(device, train_dtype, t_cfg.channels_last, t_cfg.grad_clip, scaler)
     precision = "bf16 autocast" if train_dtype == torch.bfloat16 else "fp16 autocast" if train_dtype else "fp32"
@@ -191,4 +242,4 @@ def build_setup(
         f"model {cfg.model.name} ({millions:.2f}M parameters), strategy {strategy}, recipe {recipe.name}, {spec.img_size} px, "
         f"{precision} on {device}, {recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch_size}{tta}"
     )
-    return Setup(bp, model, optimizer, loss_fn, train_data, options, model_kwargs, trial_step_s, balance)
+    return Setup(bp, model, optimizer, loss_fn, train_data, options, model_kwargs, trial_step_s, balance, threads, pos_weight)

@@ -10,6 +10,9 @@ Strategies (`--strategy`):
   earlier layers. Starting from a fitted head is LP-FT (Kumar et al. 2022, "Fine-Tuning can
   Distort Pretrained Features"): the random-head phase of fastai's `fine_tune` is replaced by the
   exact probe, which takes seconds and keeps early gradients from wrecking the features.
+- fine-tune-last: the probe, then only the last blocks, trained on cached activations of the
+  frozen early blocks (imgcls.training.partial; EfficientNet-Lite): a fraction of full
+  fine-tuning's cost on a CPU.
 - full: every layer from the start at one learning rate.
 """
 
@@ -26,6 +29,7 @@ from torch import nn
 
 from imgcls.config import STRATEGIES
 from imgcls.runtime import batched_logits
+from imgcls.training.multilabel import fit_multilabel_head
 from imgcls.training.prepare import SplitData
 from imgcls.transforms import PreprocessSpec
 
@@ -36,7 +40,7 @@ def resolve_strategy(strategy: str, pretrained: bool, n_train: int) -> str:
     """auto: from scratch -> full; pretrained with few images -> linear-probe, else fine-tune."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy in ("linear-probe", "fine-tune") and not pretrained:
+    if strategy in ("linear-probe", "fine-tune", "fine-tune-last") and not pretrained:
         # A head fitted on a random backbone validates at chance (50% on two classes): never silently.
         raise ValueError(
             f"--strategy {strategy} needs pretrained weights (the backbone stays frozen or nearly so): add --pretrained "
@@ -128,7 +132,7 @@ def fit_linear_head(
             vl = ((x_val - mean) / std) @ w.T + (b if has_bias else 0)
             row["val_loss"] = float(nn.functional.cross_entropy(vl, y_val))
             row["val_acc"] = float((vl.argmax(1) == y_val).float().mean())
-            row["val_balanced_acc"] = _balanced_accuracy(vl, y_val)
+            row["val_balanced_acc"] = balanced_accuracy(vl, y_val)
             log(
                 f"  linear probe  L2 {reg:g}: train acc {row['train_acc']:.4f}  "
                 f"val acc {row['val_acc']:.4f}  val loss {row['val_loss']:.4f}"
@@ -148,7 +152,7 @@ def fit_linear_head(
     return {**{k: v for k, v in best.items() if k not in ("w", "b")}, "sweep": sweep}
 
 
-def _balanced_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+def balanced_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     """Mean recall over the classes present in y."""
     right = logits.argmax(1) == y
     counts = torch.bincount(y, minlength=logits.shape[1])
@@ -182,7 +186,9 @@ def linear_probe(
     n_img = len(x_tr) + (len(x_va) if x_va is not None else 0)
     log(f"features: {n_img} images in {t_feat:.1f}s ({n_img / max(t_feat, 1e-9):.0f} img/s)")
     y_va = val.labels if x_va is not None and val is not None else None
-    fit = fit_linear_head(classifier_of(model), x_tr, train.labels, x_va, y_va, log=log, class_weights=class_weights)
+    # multi-label (N, C) targets: one logistic regression per label; class_weights are then BCE's positive weights
+    fit_head = fit_multilabel_head if train.labels.ndim == 2 else fit_linear_head
+    fit = fit_head(classifier_of(model), x_tr, train.labels, x_va, y_va, log=log, class_weights=class_weights)
     seconds = time.perf_counter() - t0
     log(f"linear probe: L2 {fit['reg']:g}, train acc {fit['train_acc']:.4f}, val acc {fit['val_acc']:.4f} ({seconds:.1f}s)")
     return {
@@ -195,5 +201,6 @@ def linear_probe(
         "lr": 0.0,
         "epoch_time_s": seconds,
         "images_per_s": n_img / max(t_feat, 1e-9),
-        "probe_sweep": [{**r, "chosen": r["reg"] == fit["reg"]} for r in fit["sweep"]],
+        "probe_sweep": [{**r, "chosen": r.get("chosen", r["reg"] == fit["reg"])} for r in fit["sweep"]],
+        **({"val_map": fit["val_map"]} if "val_map" in fit else {}),  # multi-label: the best epoch's measure
     }

@@ -34,11 +34,21 @@ import torch
 from torch import nn
 
 from imgcls.artifact import package_versions
-from imgcls.config import RunConfig, TrainConfig
+from imgcls.config import FEATURE_OOD_METHODS, OOD_FIT_MAX_IMAGES, RunConfig, TrainConfig
 from imgcls.inference.answer import postprocess
-from imgcls.inference.trust import Trust, describe_fit, fit_trust, trust_metrics, uncalibrated
+from imgcls.inference.runners import FeaturesAndLogits, split_features
+from imgcls.inference.trust import (
+    OOD_FILE,
+    Trust,
+    describe_fit,
+    fit_feature_rule,
+    fit_trust,
+    trust_metrics,
+    uncalibrated,
+    write_ood_stats,
+)
 from imgcls.metrics import classification_metrics
-from imgcls.report import Predictions, read_probe_sweep, write_probe_sweep, write_report
+from imgcls.report import MultiLabelPredictions, Predictions, read_probe_sweep, write_probe_sweep, write_report
 from imgcls.runtime import (
     batched_logits,
     default_threads,
@@ -47,10 +57,14 @@ from imgcls.runtime import (
     resolve_precision,
     set_threads,
 )
+from imgcls.training.auto import choose_model
 from imgcls.training.build import Evaluation, Log, Setup, build_setup, dtype_name
 from imgcls.training.checkpoint import RunFolder, TrainState, read_checkpoint
-from imgcls.training.finetune import linear_probe
+from imgcls.training.finetune import extract_features, linear_probe
 from imgcls.training.loop import EpochStats, train_one_epoch, validate
+from imgcls.training.measure import recheck_threads, watch_threads
+from imgcls.training.multilabel import MULTI_LABEL, finish_multilabel, validate_multilabel
+from imgcls.training.partial import fine_tune_last_step
 from imgcls.training.plan import build_schedule, plan_run
 from imgcls.training.prepare import SPLIT_FILE, RunData, SplitData, check_run_folder, prepare_run, resolve_spec
 from imgcls.training.recipes import Lookahead, whiten_bias_trains
@@ -93,28 +107,38 @@ def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log
         cfg = pin_timed_choices(cfg, log)
     check_run_folder(run_dir, resume, overwrite)  # at once; the folder is cleared only once DATA has decoded
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, auto = choose_model(cfg, run_dir, progress, log)  # --model auto: a concrete model, candidates tried where unclear
     device, amp_dtype = start_process(cfg.train, cfg.data.seed)
     spec = resolve_spec(cfg)
     t_start = time.perf_counter()
 
     data = prepare_run(cfg, spec, run_dir, progress, log, resume, overwrite)  # 1
     setup = build_setup(cfg, data, spec, device, amp_dtype, saved, log)  # 2
-    ev = Evaluation(spec, device, amp_dtype, setup.recipe.tta, data.val, final_splits(data, cfg.train), progress)
+    splits = final_splits(data, cfg.train, keep_test=bool(auto and auto["default_budget"]))
+    ev = Evaluation(spec, device, amp_dtype, setup.recipe.tta, data.val, splits, progress)
     state, setup, final_eval_s = plan_run(cfg.train, setup, ev, data, saved, t_start, log)  # 3
     folder = RunFolder(run_dir, artifact_meta(cfg, data, setup, spec, device), cfg.to_dict())
+    if auto is not None:
+        folder.meta["auto"] = auto  # what --model auto chose and why, the candidates it tried
     if setup.strategy in ("linear-probe", "fine-tune") and saved is None:
         probe_first(setup, data, ev, state, folder, log)  # 4
+    elif setup.strategy == "fine-tune-last" and saved is None:
+        fine_tune_last_step(setup, data, ev, state, folder, cfg.train, t_start, log)  # 4-5: the probe, then the last blocks (partial.py)
     schedule = build_schedule(setup, state, cfg.train, t_start, final_eval_s, resumed=saved is not None)
     stopped_early = train_epochs(setup, schedule, state, folder, ev, cfg.train, cfg.data.seed, log)  # 5
     if data.test is not None and ev.final_splits["test"] is None:
         log(f"test split not evaluated inside the time budget: imgcls evaluate {run_dir} {cfg.data.path} --split test")
     training = {
         "strategy": setup.strategy,
+        "kept": kept_stage(setup.strategy, state, log),
         "best_epoch": state.best_epoch + 1,
         "epochs_run": state.epoch + 1,
         "stopped_early": stopped_early,
     }
-    metrics, probs = finish_run(folder, ev, training, t_start, log, cfg.train.unknown_method)  # 6
+    if data.index.multilabel:  # 6, multi-label: thresholds and temperatures per label (training.multilabel)
+        metrics, probs = finish_multilabel(folder, ev, training, t_start, log, cfg.train.label_precision)
+    else:
+        metrics, probs = finish_run(folder, ev, training, t_start, log, cfg.train.unknown_method, data.train, cfg.data.seed)  # 6
     report_run(run_dir, metrics, probs, data, state.history, cfg.model.name, log, ev)
     return run_dir
 
@@ -129,8 +153,9 @@ def pin_timed_choices(cfg: RunConfig, log: Log) -> RunConfig:
       AMX or AVX512-BF16 (runtime.cpu_has_fast_bf16; and on CUDA), else fp32. That keeps bf16's
       2-4x speed where the CPU has it; --precision fp32 remains the choice for bit-identical
       results across machines with and without bf16 units.
-    - threads: the count set_threads picks by default (one per core), written down, since the
-      order of a reduction, and so its rounding, can depend on how many threads share it.
+    - threads: the count set_threads picks by default (one per usable core), written down, not
+      measured (threads.ThreadChoice), since the order of a reduction, and so its rounding, can
+      depend on how many threads share it.
     - a time budget picks the number of epochs (and small_cnn's width) from timed steps: refused.
     """
     t = cfg.train
@@ -158,11 +183,13 @@ def start_process(t_cfg: TrainConfig, seed: int) -> tuple[torch.device, torch.dt
     return device, resolve_precision(t_cfg.precision, device)
 
 
-def final_splits(data: RunData, t_cfg: TrainConfig) -> dict[str, SplitData | None]:
+def final_splits(data: RunData, t_cfg: TrainConfig, keep_test: bool = False) -> dict[str, SplitData | None]:
     """The splits evaluated at the end with the recipe's TTA: val, and test unless there is a time
     budget. Under a budget the test split is left to `imgcls evaluate`, so the budget's seconds go
-    to training (CIFAR-10's 10,000 test images with 6 TTA views took 34 s of a 4-minute budget on 2 cores)."""
-    return {"val": data.val, "test": data.test if t_cfg.time_budget is None else None}
+    to training (CIFAR-10's 10,000 test images with 6 TTA views took 34 s of a 4-minute budget on 2 cores).
+    keep_test: evaluate it anyway (--model auto's default budget, which the user did not ask for;
+    the plan keeps its seconds back)."""
+    return {"val": data.val, "test": data.test if t_cfg.time_budget is None or keep_test else None}
 
 
 def artifact_meta(cfg: RunConfig, data: RunData, setup: Setup, spec: PreprocessSpec, device: torch.device) -> dict[str, Any]:
@@ -172,6 +199,8 @@ def artifact_meta(cfg: RunConfig, data: RunData, setup: Setup, spec: PreprocessS
         "arch": cfg.model.name,
         "model_kwargs": setup.model_kwargs,
         "class_names": data.class_names,
+        # multi-label: 0.5 until the run's end fits each label's threshold on validation (training.multilabel)
+        **({"task": MULTI_LABEL, "thresholds": [0.5] * len(data.class_names)} if data.index.multilabel else {}),
         "preprocess": spec.to_dict(),
         "augment": setup.data.aug.to_dict(),
         "strategy": setup.strategy,
@@ -189,7 +218,8 @@ def artifact_meta(cfg: RunConfig, data: RunData, setup: Setup, spec: PreprocessS
         "versions": package_versions(),
         "device": str(device),
         "precision": dtype_name(setup.options.amp_dtype),  # of the training steps
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(),  # of the first epoch; thread_choice says how, and any later switch
+        "thread_choice": {**setup.threads.to_dict(), "switches": []} if setup.threads else None,
         "recipe": setup.recipe.to_dict(),
         "tta": setup.recipe.tta,  # what `imgcls evaluate` and `predict` use unless told otherwise (--tta)
         "class_balance": setup.class_balance.to_dict() if setup.class_balance else None,  # --class-balance as resolved
@@ -199,14 +229,29 @@ def artifact_meta(cfg: RunConfig, data: RunData, setup: Setup, spec: PreprocessS
 def probe_first(setup: Setup, data: RunData, ev: Evaluation, state: TrainState, folder: RunFolder, log: Log) -> None:
     """Step 4: fit the classifier on frozen features (finetune.linear_probe) and keep the model.
     For linear-probe that is the whole training (one history row); fine-tune goes on from it."""
-    weights = setup.class_balance.probe_weights() if setup.class_balance else None
+    weights = setup.class_balance.probe_weights() if setup.class_balance else setup.pos_weight  # multi-label: BCE's positive weights
     row = linear_probe(setup.model, data.train, data.val, ev.spec, ev.device, ev.amp_dtype, ev.progress, log, weights)
     write_probe_sweep(folder.path, row.pop("probe_sweep"))  # probe.csv: the report's L2 sweep
     if setup.strategy == "linear-probe":
         state.history.append(row)
         folder.write_history(state.history)
         state.best_epoch = state.epoch = 0
+    elif ev.val is not None and len(ev.val.paths):
+        # The probe's head on the frozen backbone is a complete model: a fine-tune epoch is kept only
+        # when it validates better (issue 11: cats vs dogs fell from the probe's 99.5% to 94.5%).
+        state.best_acc, state.best_loss = row[setup.best_key], row["val_loss"]
     folder.save_model(setup.model, {"strategy": setup.strategy, "stage": "linear-probe"})
+
+
+def kept_stage(strategy: str, state: TrainState, log: Log) -> str:
+    """Which weights the run keeps, as model.json's training "kept" says it: "linear-probe" (the
+    probe, also when no fine-tune epoch validated better than it) or "epoch N"."""
+    probe_kept = (strategy == "fine-tune" and state.best_epoch < 0) or (strategy == "fine-tune-last" and state.best_epoch == 0)
+    if strategy == "linear-probe" or probe_kept:
+        if probe_kept:
+            log(f"no fine-tune epoch validated better than the linear probe ({state.best_acc:.4f}): keeping the probe's model")
+        return "linear-probe"
+    return f"epoch {state.best_epoch + 1}"
 
 
 def train_epochs(
@@ -222,6 +267,10 @@ def train_epochs(
     # --compile: inductor on the training forward (same parameters). Off by default: on 2 CPU cores it
     # took 30 s to compile and then ran small_cnn slower than eager (bench/RESULTS.md).
     train_model = torch.compile(model) if t_cfg.compile else model
+    # A measured thread count is re-checked between epochs (not under --compile: inductor's kernels
+    # keep the count they were compiled with).
+    adaptive = setup.threads is not None and setup.threads.adaptive and not t_cfg.compile
+    watch = watch_threads(setup.threads, setup.data.batch_size, setup.trial_step_s) if adaptive else None
     while epoch < state.planned_epochs:
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # per-epoch stream: resume replays it
         if whiten_bias is not None:
@@ -240,10 +289,16 @@ def train_epochs(
         if schedule.budget_s is not None:
             full_epoch = schedule.total_steps >= (epoch + 1) * spe and not out_of_time
             replan_budget(schedule, state, epoch, full_epoch, ev, model)
+        if watch is not None and epoch + 1 < state.planned_epochs:
+            parts = (model, setup.optimizer, setup.loss_fn, setup.data, setup.options)
+            switch = recheck_threads(watch, *parts, stats.images, stats.seconds, log)
+            if switch is not None:  # model.json's record, written with the next kept model
+                folder.meta["thread_choice"]["switches"].append({"after_epoch": epoch + 1, **switch.to_dict()})
         folder.save_checkpoint(model, setup.optimizer, state)
         log(
             f"epoch {epoch + 1}/{state.planned_epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  {stats.seconds:.1f}s  {row['images_per_s']:.0f} img/s"
+            + (f"  val_mAP {row['val_map']:.4f}" if "val_map" in row else "")
             + ("  *" if improved else "")
         )
         if ev.val is not None and t_cfg.patience and state.bad_epochs >= t_cfg.patience:
@@ -260,7 +315,8 @@ def record_epoch(
     best so far; the row, and whether they were."""
     val = ev.val
     if val is not None and len(val.paths):
-        val_loss, val_acc, val_bal = validate(setup.model, val.images, val.labels, ev.spec, ev.device, ev.amp_dtype, ev.progress)
+        check = validate_multilabel if val.labels.ndim == 2 else validate  # multi-label: (loss, label accuracy, macro mAP)
+        val_loss, val_acc, val_bal = check(setup.model, val.images, val.labels, ev.spec, ev.device, ev.amp_dtype, ev.progress)
     else:
         val_loss, val_acc, val_bal = math.nan, math.nan, math.nan
     row = {
@@ -272,10 +328,10 @@ def record_epoch(
         "lr": setup.optimizer.param_groups[0]["lr"],
         "epoch_time_s": stats.seconds,
         "images_per_s": stats.images / max(stats.seconds, 1e-9),
-        "val_balanced_acc": val_bal,  # kept in the checkpoint's history; metrics.csv writes HISTORY_FIELDS only
+        # kept in the checkpoint's history; metrics.csv writes HISTORY_FIELDS only. Multi-label: macro mAP
+        "val_map" if setup.best_key == "val_map" else "val_balanced_acc": val_bal,
     }
-    key = "val_balanced_acc" if setup.class_balance and setup.class_balance.on else "val_acc"  # rebalanced: judged on every class alike
-    improved = state.record_epoch(epoch, row, has_val=val is not None, key=key)
+    improved = state.record_epoch(epoch, row, has_val=val is not None, key=setup.best_key)  # rebalanced: judged on every class alike
     folder.write_history(state.history)
     if improved:
         folder.save_model(setup.model, {"best_epoch": epoch + 1, "epochs_run": epoch + 1})
@@ -295,13 +351,22 @@ def replan_budget(schedule: Schedule, state: TrainState, epoch: int, full_epoch:
 
 
 def finish_run(
-    folder: RunFolder, ev: Evaluation, training: dict[str, Any], t_start: float, log: Log = print, unknown_method: str = "msp"
+    folder: RunFolder,
+    ev: Evaluation,
+    training: dict[str, Any],
+    t_start: float,
+    log: Log = print,
+    unknown_method: str = "msp",
+    train: SplitData | None = None,
+    seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Step 6, once the best weights are kept: calibrate them on the validation split
     (`inference.trust.fit_trust`: temperature, "unknown" threshold, conformal scores), evaluate
     them on the final splits with that calibration, and write the final model.json (with the
     calibration, `training` and the run's wall time); return the metrics and the calibrated
-    probabilities (N, num_classes) per split (the report draws from them).
+    probabilities (N, num_classes) per split (the report draws from them). A mahalanobis or knn
+    `unknown_method` also reads the pooled features of the final splits and of (at most
+    OOD_FIT_MAX_IMAGES of) the `train` split, and saves its statistics as inference.trust.OOD_FILE.
     """
     from imgcls.artifact import load_artifact
 
@@ -309,11 +374,12 @@ def finish_run(
     # prepare_inference_model converts a model to bf16 in place where bf16 pays, so it gets a copy:
     # `best` stays as trained, for the artifact saved below.
     best_eval, eval_dtype = prepare_inference_model(copy.deepcopy(best), ev.device, ev.amp_dtype)  # what evaluate and predict run
-    logits, labels = {}, {}
+    logits, labels, feats = {}, {}, {}
+    with_features = unknown_method in FEATURE_OOD_METHODS and train is not None and len(train.paths) > 0
     for name, split in ev.final_splits.items():
         if split is not None and len(split.paths):
             logits[name] = batched_logits(
-                best_eval,
+                FeaturesAndLogits(best_eval) if with_features else best_eval,
                 split.images.numpy(),
                 ev.spec,
                 device=ev.device,
@@ -321,15 +387,29 @@ def finish_run(
                 progress=ev.progress,
                 desc=f"evaluate {name}",
                 tta=ev.tta,
-            )  # (N, num_classes)
+            )  # (N, num_classes), or (N, F + num_classes) with the pooled features first
             labels[name] = split.labels.numpy()
+            if with_features:
+                feats[name], logits[name] = split_features(logits[name], len(folder.meta["class_names"]))
     # Calibrated on the logits evaluate and predict compute (the kept weights, their precision, the TTA).
-    sections = fit_trust(logits["val"], labels["val"], unknown_method) if "val" in logits else uncalibrated("no validation split")
+    method = "msp" if unknown_method in FEATURE_OOD_METHODS else unknown_method  # a feature rule keeps msp as its fallback
+    sections = fit_trust(logits["val"], labels["val"], method) if "val" in logits else uncalibrated("no validation split")
+    stats = None
+    if with_features and "unknown" in sections:
+        train_feats, train_labels = ood_train_features(best_eval, train, ev, eval_dtype, seed)
+        sections, stats = fit_feature_rule(sections, unknown_method, feats["val"], train_feats, train_labels, seed)
+        write_ood_stats(folder.path, stats)  # before model.json, which names it
+        log(f"'unknown' rule: {unknown_method} on the pooled features of {len(train_labels)} training images ({OOD_FILE})")
+    elif unknown_method != method and "unknown" in sections:
+        log(f"--unknown-method {unknown_method}: no training images to fit it on; the 'unknown' rule stays msp")
     log(describe_fit(sections))
-    trust = Trust.from_meta(sections)
-    probs = {name: postprocess(z, trust).probs for name, z in logits.items()}
+    trust = Trust.from_meta(sections, stats=stats)
+    probs = {name: postprocess(z, trust, feats.get(name)).probs for name, z in logits.items()}
     metrics: dict[str, Any] = {
-        name: {**classification_metrics(probs[name], labels[name], folder.meta["class_names"]), **trust_metrics(z, labels[name], trust)}
+        name: {
+            **classification_metrics(probs[name], labels[name], folder.meta["class_names"]),
+            **trust_metrics(z, labels[name], trust, features=feats.get(name)),
+        }
         for name, z in logits.items()
     }
     training = {
@@ -339,6 +419,19 @@ def finish_run(
     }
     folder.save_model(best, training, metrics, sections)
     return metrics, probs
+
+
+def ood_train_features(
+    model: nn.Module, train: SplitData, ev: Evaluation, amp_dtype: torch.dtype | None, seed: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Pooled features (n, F) and labels (n,) of at most OOD_FIT_MAX_IMAGES training images (a
+    seeded random subset beyond), for a feature-space "unknown" rule. One view per image, no TTA:
+    they are the reference statistics, the validation images that set the threshold get the TTA."""
+    idx = np.arange(len(train.paths))
+    if len(idx) > OOD_FIT_MAX_IMAGES:
+        idx = np.sort(np.random.default_rng(seed).choice(len(idx), OOD_FIT_MAX_IMAGES, replace=False))
+    images = train.images[torch.from_numpy(idx)].numpy()  # (n, S, S, 3) uint8
+    return extract_features(model, images, ev.spec, ev.device, amp_dtype, progress=ev.progress), train.labels.numpy()[idx]
 
 
 def report_run(
@@ -357,7 +450,13 @@ def report_run(
     split = "val" if "val" in metrics else ("test" if "test" in metrics else None)
     if split:
         s = data.splits[split]
-        pred = Predictions(probs[split], s.labels.numpy(), s.paths)
+        labels, m = s.labels.numpy(), metrics[split]
+        if labels.ndim == 2:  # multi-label: (N, C) targets, each label decided by its threshold
+            pred: Predictions | MultiLabelPredictions = MultiLabelPredictions(
+                probs[split], labels, s.paths, np.array([p["threshold"] for p in m["per_label"]])
+            )
+        else:
+            pred = Predictions(probs[split], labels, s.paths)
         write_report(
             run_dir / "report",
             metrics[split],
@@ -370,6 +469,6 @@ def report_run(
             facts={"model": f"{arch} ({run_dir})", "data": f"{data.index.root} ({split} split)", "TTA": ev.tta},
             log=log,
         )
-        m = metrics[split]
-        log(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  report: {run_dir / 'report' / 'report.html'}")
+        score = f"macro mAP {m['macro_map']:.4f}" if labels.ndim == 2 else f"accuracy {m['accuracy']:.4f}"
+        log(f"{split}: {score}  macro-F1 {m['macro_f1']:.4f}  report: {run_dir / 'report' / 'report.html'}")
     log(f"model saved to {run_dir}")

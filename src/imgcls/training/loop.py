@@ -20,7 +20,7 @@ class TrainData:
     """The training images as the loop reads them: decoded once, augmented a batch at a time."""
 
     images: torch.Tensor  # (N, S, S, 3) uint8
-    labels: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64, or multi-label (N, C) float32 multi-hot
     spec: PreprocessSpec
     aug: AugmentSpec
     batch_size: int
@@ -130,7 +130,10 @@ def train_one_epoch(
             lookahead.update(step, schedule.total_steps, epoch_end=b == n_batches - 1)
         steps += 1
         total_loss += loss.item() * len(idx)
-        total_correct += int((logits.argmax(1) == y).sum())
+        if y.ndim == 2:  # multi-label (N, C) targets: the share of labels right at probability 0.5
+            total_correct += float(((logits > 0) == (y > 0.5)).float().mean(1).sum())
+        else:
+            total_correct += int((logits.argmax(1) == y).sum())
         seen += len(idx)
         bar.update(len(idx))
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.3f}", refresh=False)

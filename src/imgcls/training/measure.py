@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from imgcls.runtime import batched_logits
+from imgcls.threads import ThreadChoice, ThreadWatch, measure_choice, with_threads
 from imgcls.training.loop import StepOptions, TrainData, train_one_epoch
 from imgcls.transforms import PreprocessSpec
 
@@ -24,14 +25,15 @@ def time_train_steps(
     options: StepOptions,
     n_steps: int,
     passes: int = 2,
+    warm_up_steps: int = 2,
 ) -> float:
     """Seconds per training step, measured on up to `n_steps` real batches of `data` at a learning
-    rate of zero; model and optimizer are restored after."""
+    rate of zero, after `warm_up_steps` untimed ones; model and optimizer are restored after."""
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
     bs = data.batch_size
     n = min(len(data.images), bs * n_steps)
     sub = TrainData(data.images[:n], data.labels[:n], data.spec, data.aug, bs)
-    warm_up = TrainData(sub.images[: 2 * bs], sub.labels[: 2 * bs], data.spec, data.aug, bs)
+    warm_up = TrainData(sub.images[: warm_up_steps * bs], sub.labels[: warm_up_steps * bs], data.spec, data.aug, bs)
     for group in optimizer.param_groups:
         group["lr"] = 0.0  # timing only
     g = torch.Generator().manual_seed(0)
@@ -72,6 +74,80 @@ def faster_train_dtype(
     rates = f"{bs / t[torch.bfloat16]:.0f} img/s bf16, {bs / t[None]:.0f} img/s fp32"
     log(f"training precision: {'bf16 autocast' if pick else 'fp32'} (measured {rates})")
     return pick, t[pick]
+
+
+# Steps a thread timing runs: one untimed (oneDNN builds its kernels per thread count), two timed.
+THREAD_WARM_UP_STEPS, THREAD_TIMED_STEPS = 1, 2
+
+
+def _rate_at(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, data: TrainData, options: StepOptions
+) -> Callable[[int], float]:
+    """threads -> images/s of a few training steps at that many intra-op threads (time_train_steps)."""
+
+    def rate_at(threads: int) -> float:
+        step_s = with_threads(
+            threads,
+            lambda: time_train_steps(model, optimizer, loss_fn, data, options, THREAD_TIMED_STEPS, 1, THREAD_WARM_UP_STEPS),
+        )
+        return data.batch_size / step_s
+
+    return rate_at
+
+
+def watch_threads(choice: ThreadChoice, batch_size: int, step_s: float | None = None) -> ThreadWatch:
+    """The between-epochs re-check of a measured choice, expecting `step_s` seconds per step (the
+    precision trial's, at the chosen count) when given. Its first probe is priced at what the
+    trial's slowest count took, so a run whose epochs are short next to that never probes."""
+    steps = THREAD_WARM_UP_STEPS + THREAD_TIMED_STEPS
+    watch = ThreadWatch(choice, probe_s=steps * batch_size / max(min(choice.rates.values(), default=1.0), 1e-9))
+    if step_s:
+        watch.expected = batch_size / step_s
+    return watch
+
+
+def faster_thread_count(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    data: TrainData,
+    options: StepOptions,
+    usable: int,
+    log: Callable[[str], None],
+) -> tuple[ThreadChoice, float]:
+    """One intra-op thread or all `usable` ones for the training steps, whichever runs faster
+    now (`threads.pick_threads`: all of them unless one is clearly faster), and its seconds per
+    step.
+
+    On 2 cores with one other busy process, two threads trained small_cnn at 108 img/s and one
+    at 240; on a quiet machine two ran 428 (issue 19). Two real steps at each count decide;
+    `recheck_threads` re-checks between epochs. Leaves torch at the chosen count.
+    """
+    choice = measure_choice(usable, _rate_at(model, optimizer, loss_fn, data, options))
+    torch.set_num_threads(choice.threads)
+    log(choice.describe())
+    return choice, data.batch_size / choice.rates[choice.threads]
+
+
+def recheck_threads(
+    watch: ThreadWatch,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    data: TrainData,
+    options: StepOptions,
+    images: int,
+    seconds: float,
+    log: Callable[[str], None],
+) -> ThreadChoice | None:
+    """Between epochs: `watch` re-checks the thread count against the epoch just run (`images`
+    in `seconds`), probing the other count with two timed steps (learning rate zero, model and
+    optimizer restored) when it asks to; switches torch's count and says so when it changes."""
+    new = watch.after_epoch(images / max(seconds, 1e-9), seconds, _rate_at(model, optimizer, loss_fn, data, options))
+    if new is not None:
+        torch.set_num_threads(new.threads)
+        log(f"{new.describe()}: switched, the load on the cores changed")
+    return new
 
 
 def time_eval(

@@ -26,6 +26,8 @@ from imgcls.training.recipes import BUDGET_WIDTHS, MIN_BUDGET_EPOCHS
 from imgcls.training.schedule import Schedule
 
 DEFAULT_EPOCHS = 30
+LONG_RUN_S = 120.0  # a run estimated to take longer says so before it starts (issue 11)
+FORWARD_SHARE = 1 / 3  # a forward pass (validation, the probe's features) costs about a third of a training step
 
 
 def plan_run(
@@ -40,7 +42,7 @@ def plan_run(
         log(f"resumed after epoch {state.epoch + 1}/{state.planned_epochs}")
         return state, setup, None
     final_eval_s = None
-    if setup.strategy == "linear-probe":
+    if setup.strategy in ("linear-probe", "fine-tune-last"):  # no epochs of the whole network (partial.py plans its own)
         epochs, total_steps = 0, spe
     elif t_cfg.time_budget is not None:
         final_eval_s = ev.time_final(setup.model)
@@ -49,6 +51,12 @@ def plan_run(
     else:
         epochs = t_cfg.epochs or DEFAULT_EPOCHS
         total_steps = spe * epochs
+        if setup.trial_step_s:  # measured by the precision trial; no extra steps are timed just for this
+            forward_s = setup.trial_step_s * FORWARD_SHARE / setup.data.batch_size  # per image
+            n_val = len(data.val.paths) if data.val is not None else 0
+            probe_s = (len(data.train.paths) + n_val) * forward_s if setup.strategy == "fine-tune" else 0.0
+            per_epoch = spe * setup.trial_step_s + n_val * forward_s
+            announce_estimate(probe_s + epochs * per_epoch, epochs, per_epoch, log, "; --time-budget MINUTES caps it")
     return TrainState(epochs, total_steps, dtype_name(setup.options.amp_dtype), setup.model_kwargs), setup, final_eval_s
 
 
@@ -79,12 +87,21 @@ def plan_time_budget(
         built[widths] = build_trainable(bp, {"widths": list(widths)})
         timings.append(measure_candidate(setup, *built[widths], widths, deadline - time.perf_counter(), ev, data.val))
         log(budget.describe(request, timings[-1]))
+    chosen = next(t for t in timings if t.widths == plan.widths)
+    per_epoch = chosen.step_s * setup.steps_per_epoch + chosen.val_s
+    announce_estimate(time.perf_counter() - t_start + t_probe + plan.epochs * per_epoch + final_eval_s, plan.epochs, per_epoch, log)
     if plan.widths is not None:
         # Too few epochs for the full width: a narrower net trains more of them (see recipes.BUDGET_WIDTHS).
         model, optimizer = built[plan.widths]
         setup = dataclasses.replace(setup, model=model, optimizer=optimizer, model_kwargs={"widths": list(plan.widths)})
         log(f"time budget: {bp.model.name} narrowed to widths {list(plan.widths)} to train {plan.epochs:.1f} epochs")
     return plan, setup
+
+
+def announce_estimate(total_s: float, epochs: float, per_epoch_s: float, log: Log, hint: str = "") -> None:
+    """Log how long the run will take when that is over LONG_RUN_S, before it takes long."""
+    if total_s > LONG_RUN_S:
+        log(f"estimate: this run takes about {total_s / 60:.1f} minutes ({epochs:.1f} epochs of about {per_epoch_s:.0f}s){hint}")
 
 
 def measure_candidate(

@@ -25,6 +25,7 @@ from imgcls.audit.quick import drop_excluded, excluded_paths, quick_checks
 from imgcls.config import RunConfig
 from imgcls.data import DatasetIndex, dataset_fingerprint, index_dataset, load_split, stratified_split
 from imgcls.models import get_entry
+from imgcls.multilabel import iterative_stratified_split, label_strings
 from imgcls.report import HISTORY_FILE, PROBE_FILE
 from imgcls.training.checkpoint import CHECKPOINT_FILE
 from imgcls.transforms import PreprocessSpec
@@ -35,7 +36,7 @@ MODEL_FILES = (META_FILE, WEIGHTS_FILE, CHECKPOINT_FILE)  # a folder with any of
 # What imgcls writes into a run folder: training's files, and `imgcls export`'s model.onnx and
 # model.int8.onnx (model.*), which would describe the earlier model. Not audit.json: it describes
 # the data, and `imgcls audit DATA --out RUN` may have put it there for this run's report.
-RUN_FILES = ("model.*", "checkpoint.*", HISTORY_FILE, PROBE_FILE, SPLIT_FILE, BAD_FILES)
+RUN_FILES = ("model.*", "checkpoint.*", "ood.*", HISTORY_FILE, PROBE_FILE, SPLIT_FILE, BAD_FILES)  # ood.*: inference.trust.OOD_FILE
 RUN_DIRS = ("report", "evaluation")  # training's report, `imgcls evaluate`'s default output
 
 
@@ -48,7 +49,7 @@ class SplitData:
     """One split, decoded."""
 
     images: torch.Tensor  # (N, S, S, 3) uint8
-    labels: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64, or multi-label (N, C) float32 multi-hot
     paths: list[str]
     hashes: list[str]
 
@@ -156,7 +157,8 @@ def prepare_run(
 ) -> RunData:
     """Index and decode DATA, clear RUN_DIR of an earlier run's files (`clear_run_folder`), write
     RUN_DIR/split.json (and bad_files.csv when files were left out)."""
-    index = index_dataset(cfg.data.path, allow_outside_root=cfg.data.allow_outside_root)
+    d = cfg.data
+    index = index_dataset(d.path, allow_outside_root=d.allow_outside_root, task=d.task, label_sep=d.label_sep)
     log(index.summary())
     excluded = leave_out_excluded(index, cfg.data.exclude_from, log) if cfg.data.exclude_from else 0
     splits, failures, split_info = decode_splits(cfg, index, spec, progress, log)
@@ -173,8 +175,13 @@ def prepare_run(
     root = index.root.parent if index.root.is_file() else index.root
     atomic_write_text(run_dir / SPLIT_FILE, json.dumps({k: [os.path.relpath(p, root) for p in v.paths] for k, v in splits.items()}))
     all_paths = [p for s in splits.values() for p in s.paths]
-    all_labels = [int(y) for s in splits.values() for y in s.labels]
-    fingerprint = dataset_fingerprint(all_paths, all_labels, [h for s in splits.values() for h in s.hashes], index.class_names, root)
+    all_hashes = [h for s in splits.values() for h in s.hashes]
+    if index.multilabel:  # each image's label set as its "class": "a;b"
+        names = [n for s in splits.values() for n in label_strings(s.labels.numpy(), index.class_names)]
+        fingerprint = dataset_fingerprint(all_paths, list(range(len(names))), all_hashes, names, root)
+    else:
+        all_labels = [int(y) for s in splits.values() for y in s.labels]
+        fingerprint = dataset_fingerprint(all_paths, all_labels, all_hashes, index.class_names, root)
     return RunData(index, splits, failures, split_info, fingerprint, excluded)
 
 
@@ -200,9 +207,12 @@ def warn_quick_checks(index: DatasetIndex, splits: dict[str, SplitData], log: Ca
     imbalance) on the splits as the run uses them: a validation split cut from DATA counts as a split,
     so a duplicate that lands in train and val is caught. Uses the decode step's content hashes;
     nothing is changed or left out."""
-    as_run = DatasetIndex(
-        index.root, index.layout, index.class_names, {name: list(zip(s.paths, s.labels.tolist())) for name, s in splits.items()}
-    )
+    if index.multilabel:  # duplicates across splits only: classes and their balance are single-label notions
+        as_run = DatasetIndex(index.root, index.layout, ["image"], {name: [(p, 0) for p in s.paths] for name, s in splits.items()})
+    else:
+        as_run = DatasetIndex(
+            index.root, index.layout, index.class_names, {name: list(zip(s.paths, s.labels.tolist())) for name, s in splits.items()}
+        )
     hashes = {p: h for s in splits.values() for p, h in zip(s.paths, s.hashes)}
     for warning in quick_checks(as_run, hashes):
         log(f"warning: {warning}")
@@ -216,7 +226,7 @@ def decode_splits(
     decoded: dict[str, SplitData] = {}
     failures: list[tuple[str, str]] = []
     for name, samples in index.splits.items():
-        dec, labels = load_split(samples, spec, d.cache_dir, d.workers, d.max_pixels, progress, f"decode {name}")
+        dec, labels = load_split(samples, spec, d.cache_dir, d.workers, d.max_pixels, progress, f"decode {name}", index.targets)
         failures += dec.failures
         decoded[name] = SplitData(torch.from_numpy(np.ascontiguousarray(dec.images)), torch.from_numpy(labels), dec.paths, dec.hashes)
     source = "train" if "train" in decoded else "all"
@@ -225,17 +235,20 @@ def decode_splits(
     split_info: dict[str, Any] = {"layout": index.layout, "seed": d.seed}
     if "val" not in decoded and d.val_fraction > 0:
         full = decoded.pop(source)
-        tr, va = stratified_split(full.labels.numpy(), d.val_fraction, d.seed, index.class_names)
+        split = iterative_stratified_split if index.multilabel else stratified_split  # multi-label: every label in both parts
+        tr, va = split(full.labels.numpy(), d.val_fraction, d.seed, index.class_names)
         for name, idx in (("train", tr), ("val", va)):
             ti = torch.from_numpy(idx)
             decoded[name] = SplitData(full.images[ti], full.labels[ti], [full.paths[i] for i in idx], [full.hashes[i] for i in idx])
-        split_info.update(method="stratified", val_fraction=d.val_fraction)
+        split_info.update(method="iterative-stratified" if index.multilabel else "stratified", val_fraction=d.val_fraction)
     else:
         if source == "all":
             decoded["train"] = decoded.pop("all")
         split_info.update(method="folders" if index.layout != "csv" else "manifest", val_fraction=0.0 if "val" not in decoded else None)
     split_info["counts"] = {k: int(len(v.paths)) for k, v in decoded.items()}
+    train_labels = decoded["train"].labels
+    per_class = train_labels.sum(0) if index.multilabel else torch.bincount(train_labels, minlength=len(index.class_names))
     for c, name in enumerate(index.class_names):
-        if int((decoded["train"].labels == c).sum()) == 0:
-            log(f"warning: class {name!r} has no training images")
+        if int(per_class[c]) == 0:
+            log(f"warning: {'label' if index.multilabel else 'class'} {name!r} has no training images")
     return decoded, failures, split_info
