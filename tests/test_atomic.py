@@ -156,6 +156,7 @@ def test_decode_cache_mode_and_memory_map(tmp_path, umask022):
 
 def test_decode_failure_leaves_no_cache_and_no_temp(tmp_path, monkeypatch):
     import imgcls.data as data
+    import imgcls.decode as decode
     from imgcls.transforms import PreprocessSpec
 
     paths = _images(tmp_path / "img", 2)
@@ -163,7 +164,7 @@ def test_decode_failure_leaves_no_cache_and_no_temp(tmp_path, monkeypatch):
     def crash(job):
         raise KeyboardInterrupt  # a user stopping a long decode
 
-    monkeypatch.setattr(data, "_decode_run", crash)
+    monkeypatch.setattr(decode, "_decode_run", crash)
     with pytest.raises(KeyboardInterrupt):
         data.decode_images(paths, PreprocessSpec(img_size=8), cache_dir=tmp_path / "cache", workers=1, progress=False)
     assert os.listdir(tmp_path / "cache") == []

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from badfiles import make_bad_files, make_good_image
-from imgcls import data as data_mod
+from imgcls import decode as decode_mod
 from imgcls.data import DatasetError, dataset_fingerprint, decode_images, index_dataset, load_split, stratified_split
 from imgcls.transforms import PreprocessSpec
 from synth import make_class_folders, make_csv_manifest, make_split_folders
@@ -325,7 +325,7 @@ def test_decode_cache_is_reused_and_keyed_by_spec(tmp_path, corpus, monkeypatch)
     def boom(args):
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(data_mod, "_decode_one", boom)
+    monkeypatch.setattr(decode_mod, "_decode_one", boom)
     second = decode_images(paths, SPEC, cache_dir=cache, progress=False)
     assert np.array_equal(np.asarray(second.images), first_images)
     assert second.paths == first.paths and second.hashes == first.hashes
