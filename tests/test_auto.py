@@ -98,26 +98,54 @@ def test_few_colour_images_use_the_pretrained_probe(tmp_path):
     cfg = auto_cfg(data, tmp_path / "run", epochs=1)
     run = fit(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, img_size=32)), progress=False, log=quiet)
     meta = json.loads((run / "model.json").read_text())
-    assert meta["arch"] == "efficientnet_lite0" and meta["strategy"] == "fine-tune-last" and meta["preprocess"]["img_size"] == 32
-    assert meta["training"]["kept"] in ("linear-probe", "epoch 2")  # the probe, or the one epoch of the last blocks if better
+    assert meta["arch"] == "efficientnet_lite0" and meta["strategy"] == "linear-probe" and meta["preprocess"]["img_size"] == 32
     assert meta["auto"]["chosen"] == "efficientnet_lite0" and "few images" in meta["auto"]["reason"]
 
 
+def test_pretrained_strategy_follows_the_image_count():
+    """The probe alone for a few hundred images, then the last blocks too; the user's --strategy wins."""
+    cfg = RunConfig(data=DataConfig(path="d"), model=ModelConfig(name="auto"))
+    strategy = {n: auto.concrete_config(cfg, "efficientnet_lite0", profile(500, n)).model.strategy for n in (68, 1_360)}
+    assert strategy == {68: "linear-probe", 1_360: "fine-tune-last"}
+    multilabel = dataclasses.replace(profile(500, 1_360), multilabel=True)
+    assert auto.concrete_config(cfg, "efficientnet_lite0", multilabel).model.strategy == "auto"  # fine-tune-last is single-label
+    asked = dataclasses.replace(cfg, model=ModelConfig(name="auto", strategy="fine-tune"))
+    assert auto.concrete_config(asked, "efficientnet_lite0", profile(500, 1_360)).model.strategy == "fine-tune"
+    m = auto.concrete_config(cfg, "efficientnet_lite0", profile(64, 1_360))
+    assert m.model.pretrained and m.data.img_size == auto.SMALL_PROBE_SIZE  # upscaled for ImageNet features, cheaper than 224
+
+
 def test_unclear_data_try_both_candidates_and_keep_the_better(tmp_path, monkeypatch):
+    """Both candidates are tried (their training stubbed: each is an ordinary fit into its own
+    folder), the better one on validation is trained, and model.json says so."""
     monkeypatch.setattr(auto, "FEW_IMAGES", 0)  # 48 px colour images, no longer "few": not clear
+    tried: list[tuple[str, RunConfig]] = []
+
+    def fake_run(name, cfg, out, progress, log):
+        tried.append((name, cfg))
+        assert out.parent == tmp_path / "run" / auto.CANDIDATES_DIR
+        out.mkdir(parents=True)
+        score = {"efficientnet_lite0": 0.5, "small_cnn": 0.9}[cfg.model.name]
+        return {"name": name, "model": cfg.model.name, "strategy": cfg.model.strategy, "val_acc": score, "seconds": 1.0}
+
+    monkeypatch.setattr(auto, "run_candidate", fake_run)
     data = make_class_folders(tmp_path / "d", per_class=8, size=48, seed=5)
-    cfg = auto_cfg(data, tmp_path / "run", epochs=1, batch_size=8)
     lines: list[str] = []
-    run = fit(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, img_size=32)), progress=False, log=lines.append)
-    rec = json.loads((run / "model.json").read_text())["auto"]
-    assert [c["model"] for c in rec["candidates"]] == ["efficientnet_lite0", "small_cnn"]
-    assert [c["strategy"] for c in rec["candidates"]] == ["linear-probe", "auto"]
-    assert all(0.0 <= c["val_acc"] <= 1.0 and c["seconds"] > 0 for c in rec["candidates"])
-    best = max(rec["candidates"], key=lambda c: c["val_acc"])
-    assert rec["chosen"] == best["model"] and "validated best" in rec["reason"]
-    assert json.loads((run / "model.json").read_text())["arch"] == rec["chosen"]
+    run = fit(auto_cfg(data, tmp_path / "run", epochs=1, batch_size=8), progress=False, log=lines.append)
+    assert [(n, c.model.name, c.model.strategy) for n, c in tried] == [
+        ("linear-probe", "efficientnet_lite0", "linear-probe"),
+        ("small_cnn trial", "small_cnn", "auto"),
+    ]
+    assert tried[0][1].model.pretrained and tried[1][1].train.time_budget is not None  # the trial is time-boxed
+    meta = json.loads((run / "model.json").read_text())
+    rec = meta["auto"]
+    assert [c["val_acc"] for c in rec["candidates"]] == [0.5, 0.9]
+    assert (
+        rec["chosen"] == "small_cnn" == meta["arch"]
+        and "small_cnn trial validated best (0.9000 against linear-probe 0.5000)" in rec["reason"]
+    )
     assert not (run / auto.CANDIDATES_DIR).exists()  # the candidates' folders are gone
-    assert any(s.startswith("  [linear-probe] ") for s in lines)  # the candidates' own logs, marked
+    assert any(s.startswith("auto: 48x48 colour, 24 images, 3 classes -> small_cnn from scratch") for s in lines)
 
 
 def test_explicit_model_is_unchanged(tmp_path):

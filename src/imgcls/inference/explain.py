@@ -15,9 +15,7 @@ pointing game in tests/test_explain.py (numbers in `class_activation_map`). The 
 (`imgcls.inference.targets`) is the last conv block before global pooling, `forward_features`'
 output, except for VGG (its last ReLU, before the final max-pool: 14 x 14 at 224 px instead of
 7 x 7, as the Grad-CAM paper used for VGG-16), small_cnn (its second block) and inputs so small
-that this layer has fewer than 7 cells a side (then the deepest stage that has them); the map is
-drawn where that layer's cells sit on the input, which for ResNet and EfficientNet-Lite is half a
-cell away from an even spread (see `TargetLayer.offset`).
+that this layer has fewer than 7 cells a side (then the deepest stage that has them).
 
 The image passes through exactly what `Classifier` does (io.load_image with the same JPEG draft,
 transforms.resize_image, the evaluation centre crop), in fp32, eval mode, one view (no TTA), and
@@ -44,7 +42,7 @@ from torch import nn
 
 from imgcls.atomic import atomic_path
 from imgcls.config import DEFAULT_MAX_PIXELS
-from imgcls.inference.targets import FEATURES, default_target_layer, target_layer  # noqa: F401  (default_target_layer: re-exported)
+from imgcls.inference.targets import FEATURES, default_target_layer
 from imgcls.io import ImageDecodeError, ImageSource, load_image, open_image_file
 from imgcls.transforms import PreprocessSpec, eval_transform, resize_image, to_batch
 
@@ -163,14 +161,13 @@ def input_box(width: int, height: int, spec: PreprocessSpec) -> Box:
     return (off - ax) / bx, (off - ay) / by, (off + size - ax) / bx, (off + size - ay) / by
 
 
-def _resample_matrix(n_out: int, n_in: int, lo: float, hi: float, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def _resample_matrix(n_out: int, n_in: int, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
     """(n_out, n_in) bilinear weights taking n_in cells spread over [lo, hi] (fractions of the
-    image), each moved by `shift` (a fraction of [lo, hi]), to the centres of n_out image pixels,
-    and which pixels [lo, hi] covers at all."""
+    image) to the centres of n_out image pixels, and which pixels [lo, hi] covers at all."""
     centre = (np.arange(n_out) + 0.5) / n_out  # pixel centres as fractions of the image
     t = (centre - lo) / (hi - lo)  # position in the model input, 0..1 where it is seen
     visible = (t >= 0) & (t <= 1)
-    f = np.clip((t - shift) * n_in - 0.5, 0, n_in - 1)  # cell coordinate, cell centres at 0.5 / n_in + shift
+    f = np.clip(t * n_in - 0.5, 0, n_in - 1)  # cell coordinate, cell centres at 0.5 / n_in (align_corners=False)
     i0 = np.floor(f).astype(np.int64)
     i1 = np.minimum(i0 + 1, n_in - 1)
     w1 = (f - i0).astype(np.float32)
@@ -182,14 +179,13 @@ def _resample_matrix(n_out: int, n_in: int, lo: float, hi: float, shift: float =
     return m, visible
 
 
-def map_to_image(cam: np.ndarray, box: Box, width: int, height: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def map_to_image(cam: np.ndarray, box: Box, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """Low-resolution cam (h, w) over the model input -> (map (height, width) float32 in [0, 1],
     seen (height, width) bool): bilinear, separable (two small matrix products, so a 20 MP photo
-    costs no (H, W, 2) sampling grid), 0 outside the region the model saw, scaled to max 1.
-    shift: how far right and down of an even spread the cells sit, as a fraction of the input side."""
+    costs no (H, W, 2) sampling grid), 0 outside the region the model saw, scaled to max 1."""
     u0, v0, u1, v1 = box
-    rx, seen_x = _resample_matrix(width, cam.shape[1], u0, u1, shift)  # (W, w)
-    ry, seen_y = _resample_matrix(height, cam.shape[0], v0, v1, shift)  # (H, h)
+    rx, seen_x = _resample_matrix(width, cam.shape[1], u0, u1)  # (W, w)
+    ry, seen_y = _resample_matrix(height, cam.shape[0], v0, v1)  # (H, h)
     heat = ry @ cam.astype(np.float32) @ rx.T  # (H, W)
     peak = float(heat.max())
     heat = heat / peak if peak > 0 else np.zeros_like(heat)
@@ -285,16 +281,15 @@ def explain_images(
     param = next(model.parameters())
     if param.dtype != torch.float32:
         raise ValueError(f"explain needs the model in float32, got {param.dtype} (load it with artifact.load_artifact)")
-    target = target_layer(model, spec.img_size, layer)
-    shift = target.offset / spec.img_size  # where the cells sit, as a fraction of the model input
+    layer = layer if layer is not None else default_target_layer(model, spec.img_size)
     out = []
     for start in range(0, len(images), batch_size):
         pairs = [_decode_pair(img, spec, max_pixels, max_side) for img in images[start : start + batch_size]]
         x = eval_transform(to_batch([resize_image(seen, spec) for _, seen in pairs]), spec).to(param.device)  # (n, 3, S, S)
-        cams, probs = class_activation_maps(model, x, indices[start : start + batch_size], target.name)  # (n, h, w), (n, K)
+        cams, probs = class_activation_maps(model, x, indices[start : start + batch_size], layer)  # (n, h, w), (n, K)
         for (full, seen_by_model), cam, p, index in zip(pairs, cams, probs, indices[start : start + batch_size]):
             k = int(p.argmax()) if index is None else index
-            heat, seen = map_to_image(cam, input_box(*seen_by_model.size, spec), *full.size, shift)
+            heat, seen = map_to_image(cam, input_box(*seen_by_model.size, spec), *full.size)
             out.append(Explanation(class_names[k], float(p[k]), k, heat, overlay_heatmap(full, heat, seen)))
     return out
 

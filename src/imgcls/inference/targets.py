@@ -1,24 +1,26 @@
-"""Where Grad-CAM reads each model family: the target layer for an input size, and where that
-layer's cells sit on the model input.
+"""Where Grad-CAM reads each model family: the target layer for an input size.
 
 The standard targets (the Grad-CAM paper; the pytorch-grad-cam package: ResNet layer4[-1],
 EfficientNet's last conv block) give 7 x 7 cells at 224 px, and imgcls keeps them there (VGG: its
 last ReLU, 14 x 14, as the paper used for VGG-16). At a smaller input the same layer has fewer
 cells (2 x 2 at 64 px), too few to point at anything, so `target_layer` takes the deepest stage
-with at least MIN_CAM_SIDE cells a side. On the pointing game of tests/test_pointing.py (numbers
-in bench/RESULTS.md and bench/pointing.py) that moved the peak into the patch for far more images:
-at 64 px ResNet-18 layer2 (8 x 8) 54-66 % against 2-6 % for layer4 (2 x 2), VGG-11 features.20
-(8 x 8) 58 % against 12 % for its last ReLU (4 x 4).
+with at least MIN_CAM_SIDE cells a side. On the pointing game of tests/test_pointing.py (models
+trained there; bench/pointing.py plays it at larger sizes) the map's peak fell inside the patch
+for 54-66 % of images with ResNet-18's layer2 at 64 px (8 x 8) against 2-6 % with layer4 (2 x 2),
+and for 58 % with VGG-11's features.20 (8 x 8) against 12 % with its last ReLU (4 x 4); within
+half a cell, at the test's sizes: ResNet-18 layer1 (32 px) 83-97 %, VGG-11 features.13 (32 px)
+97-100 % against 32-50 % for its last ReLU (2 x 2), EfficientNet-Lite0 _blocks.10 (128 px)
+62-72 % against 23-28 % for its head (4 x 4).
 
-`TargetLayer.offset`: a stride-2 conv or pool that pads k // 2 on both sides (ResNet) centres
-output cell j on input pixel 2j, half a pixel before the middle of the 2 x 2 pixels it replaces;
-over five halvings cell j of layer4 sits 15.5 px up and left of (j + 0.5) * 32, where plain
-bilinear upsampling (pytorch-grad-cam's cv2.resize) puts it. TensorFlow's "SAME" padding
-(EfficientNet-Lite) puts the odd pixel after, so there the cells sit down and right by as much
-(where each halving's input is even, as at 224 px; an odd one pads both sides alike, -0.5 px).
-VGG's 2 x 2 pools tile exactly. Measured as the centroid of |d cell / d input| at 224 px: ResNet-18
-layer4/3/2 -11.8/-7.4/-3.5 px (the deepest pulled back by the image border), EfficientNet-Lite0
-head/_blocks.10/_blocks.4 +12.3/+8.0/+3.7, VGG-11 +0.9/+0.0.
+The map is drawn on an even spread of the cells over the input, as pytorch-grad-cam's resize does.
+Geometrically the cells sit half a cell off that spread (stride-2 layers padding k // 2 on both
+sides centre cell j of ResNet's layer4 15.5 px up and left; TensorFlow "SAME" padding puts
+EfficientNet-Lite's 15.5 px down and right; the centroid of |d cell / d input| with positive
+weights at 224 px: -11.8 and +12.3 px), but trained weights make up for it: a red patch moved
+across the pretrained EfficientNet-Lite0's input excited the cells whose even-spread centres were
+2 px from it on average, and drawing the maps shifted lowered the pointing game (EfficientNet-Lite0
+at 224 px: 43 -> 23 % of peaks within half a cell of the patch; ResNet-18 at 64 px, layer2:
+55 -> 42 % inside it), so no shift is applied.
 """
 
 from __future__ import annotations
@@ -38,24 +40,13 @@ MIN_CAM_SIDE = 7  # cells a side: what the standard target layers give at 224 px
 
 @dataclass(frozen=True)
 class TargetLayer:
-    """A layer Grad-CAM can read: its module name (or FEATURES), input pixels per cell, and how far
-    (input pixels, right and down) cell j's centre sits past (j + 0.5) * stride."""
+    """A layer Grad-CAM can read: its module name (or FEATURES) and input pixels per cell."""
 
     name: str
     stride: int
-    offset: float = 0.0
 
 
-def _tf_same_offset(img_size: int | None, halvings: int) -> float:
-    """Input pixels by which TF "SAME" stride-2 layers move a cell's centre past the even spread."""
-    offset, n, scale = 0.0, img_size or 2**halvings, 1
-    for _ in range(halvings):
-        offset += 0.5 * scale if n % 2 == 0 else -0.5 * scale  # even input: the padding pixel goes after
-        n, scale = -(-n // 2), scale * 2
-    return offset
-
-
-def candidate_layers(model: nn.Module, img_size: int | None = None) -> list[TargetLayer]:
+def candidate_layers(model: nn.Module) -> list[TargetLayer]:
     """The stage outputs Grad-CAM can read, deepest first (the first is the standard target)."""
     if isinstance(model, SmallCNN):
         # Its second block, not the last, whose map is 3 x 3 at 32 px. On the pointing game of
@@ -64,8 +55,7 @@ def candidate_layers(model: nn.Module, img_size: int | None = None) -> list[Targ
         # 64 px, against 97-100 % with blocks.1 at both sizes.
         return [TargetLayer(f"blocks.{len(model.blocks) - 2}", 2 ** (len(model.blocks) - 1))]
     if isinstance(model, ResNet):
-        stages = [(FEATURES, 32), ("layer3", 16), ("layer2", 8), ("layer1", 4)]
-        return [TargetLayer(name, s, -(s - 1) / 2) for name, s in stages]
+        return [TargetLayer(FEATURES, 32), TargetLayer("layer3", 16), TargetLayer("layer2", 8), TargetLayer("layer1", 4)]
     if isinstance(model, VGG):  # the ReLU before each max-pool, as the last one keeps twice the final resolution
         out, stride = [], 1
         for i, m in enumerate(model.features):
@@ -79,19 +69,16 @@ def candidate_layers(model: nn.Module, img_size: int | None = None) -> list[Targ
         for i, block in enumerate(model._blocks):
             stride *= block._depthwise_conv.stride[0]
             last[stride] = i  # the last block at each resolution
-        out = [TargetLayer(FEATURES, stride, _tf_same_offset(img_size, stride.bit_length() - 1))]
-        stages = sorted(last.items(), reverse=True)
-        return out + [TargetLayer(f"_blocks.{i}", s, _tf_same_offset(img_size, s.bit_length() - 1)) for s, i in stages if s < stride]
+        return [TargetLayer(FEATURES, stride)] + [
+            TargetLayer(f"_blocks.{i}", s) for s, i in sorted(last.items(), reverse=True) if s < stride
+        ]
     return [TargetLayer(FEATURES, 32)]
 
 
-def target_layer(model: nn.Module, img_size: int | None = None, layer: str | None = None) -> TargetLayer:
-    """The layer to read: `layer` when given (offset 0 unless it is one of the candidates), else the
-    deepest candidate with at least MIN_CAM_SIDE cells a side at img_size (the finest one when
-    none has; the standard target when img_size is None)."""
-    candidates = candidate_layers(model, img_size)
-    if layer is not None:
-        return next((c for c in candidates if c.name == layer), TargetLayer(layer, 1))
+def target_layer(model: nn.Module, img_size: int | None = None) -> TargetLayer:
+    """The deepest candidate layer with at least MIN_CAM_SIDE cells a side at img_size (the finest
+    one when none has; the standard target when img_size is None)."""
+    candidates = candidate_layers(model)
     if img_size is None:
         return candidates[0]
     return next((c for c in candidates if img_size // c.stride >= MIN_CAM_SIDE), candidates[-1])

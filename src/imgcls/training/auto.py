@@ -9,8 +9,9 @@ What decides, in order (`decide`, numbers from bench/RESULTS.md and issue 11's t
   99.67%, the digits demo 99.4%), where ImageNet features of upscaled thumbnails lose;
 - photos (shorter side >= 160 px) or few images (< 1,000): EfficientNet-Lite0 with its ImageNet
   weights, linear probe first (flowers 97.4% in 28 s; cats vs dogs 99.3% against 87.5% from
-  scratch), then the last blocks fine-tuned on cached activations (--strategy fine-tune-last,
-  training/partial.py), whose epochs are kept only where they validate better than the probe;
+  scratch), then, from FINE_TUNE_LAST_MIN_IMAGES images, the last blocks fine-tuned on cached
+  activations (--strategy fine-tune-last, training/partial.py), whose epochs are kept only where
+  they validate better than the probe;
 - in between (hand-sign digits at 100x100, ~1,650 images: from scratch 99.3%, probe 94.4%; EuroSAT's
   64 px colour tiles) it is not clear: both cheap candidates are tried on the validation split, the
   probe (seconds on cached features) and a short time-boxed small_cnn run, and the better one gets
@@ -51,6 +52,7 @@ PHOTO_SIDE = 160  # px: at least this, the pretrained network is clear
 FEW_IMAGES = 1_000  # fewer, the pretrained network is clear (the probe needs few examples per class)
 SMALL_PROBE_SIZE = 128  # px the pretrained network sees below PROBE_FULL_SIDE (224 px costs 3x more for little gain on upscaled images)
 PROBE_FULL_SIDE = 112
+FINE_TUNE_LAST_MIN_IMAGES = 300  # from this many images (train + val) auto fine-tunes the last blocks after the probe
 TINY_SIDE = 16  # images this small are trained at 16 px (the demo's 8x8 digits: 4x cheaper than 32 px, as accurate)
 DEFAULT_BUDGET_MIN = 5.0  # a first run without --time-budget keeps to this many minutes
 TRIAL_SHARE = 0.25  # share of the time left that the small_cnn trial may take, between TRIAL_MIN_MIN and TRIAL_MAX_MIN
@@ -160,9 +162,12 @@ def concrete_config(
     d, t = cfg.data, cfg.train
     img_size = d.img_size
     if model == PRETRAINED_MODEL:
-        # auto: the probe, then the last blocks on cached activations (partial.py): flowers, 20 a class,
-        # probe 95.6% -> 98.5% validation; a fine-tune epoch is kept only where it validates better.
-        last = "fine-tune-last" if not profile.multilabel else AUTO  # multi-label: the probe, then fine-tune from 500 images
+        # auto: the probe, then the last blocks on cached activations (partial.py): flowers, 20 a class
+        # (340 images), probe 95.6% -> 98.5% validation; at 4 a class (68) every tail epoch validated
+        # worse than the probe (88% -> 76%, 41%), so few images get the probe alone. A fine-tune epoch
+        # is kept only where it validates better. Multi-label: probe, then fine-tune from 500 images.
+        last = "fine-tune-last" if profile.num_images >= FINE_TUNE_LAST_MIN_IMAGES else "linear-probe"
+        last = AUTO if profile.multilabel else last
         chosen = strategy or (cfg.model.strategy if cfg.model.strategy != AUTO else last)
         m = ModelConfig(name=model, pretrained=True, strategy=chosen)
         if img_size is None and profile.side < PROBE_FULL_SIDE:
@@ -211,17 +216,21 @@ def choose_model(cfg: RunConfig, run_dir: Path, progress: bool, log: Log) -> tup
     decision = decide(profile, cfg.model)
     candidates: list[dict[str, Any]] = []
     model, reason = decision.model, decision.reason
+    if model is None and d.val_fraction == 0 and "val" not in index.splits:
+        model, reason = PRETRAINED_MODEL, "no validation split to compare candidates on: ImageNet features, the safer start"
     if model is None:
         model, candidates = try_candidates(cfg, profile, run_dir, budget, progress, log)
-        best = max(candidates, key=lambda c: c["val_acc"])
+        best = next(c for c in candidates if c["model"] == model)
         reason = (
             f"{best['name']} validated best ({best['val_acc']:.4f} against "
             + ", ".join(f"{c['name']} {c['val_acc']:.4f}" for c in candidates if c is not best)
             + ")"
         )
     left = None if budget is None else max(0.5, budget - (time.perf_counter() - t0) / 60)
-    # The default budget is a cap, not a target: a small data set still stops after DEFAULT_EPOCHS.
-    out = concrete_config(cfg, model, profile, time_budget=left, epochs=DEFAULT_EPOCHS if default_budget else None)
+    # The default budget is a cap, not a target: a small data set from scratch still stops after
+    # DEFAULT_EPOCHS (the pretrained strategies have their own: partial.DEFAULT_EPOCHS, early stopping).
+    cap = DEFAULT_EPOCHS if default_budget and model == SCRATCH_MODEL else None
+    out = concrete_config(cfg, model, profile, time_budget=left, epochs=cap)
     fast = out.train.recipe in (AUTO, "fast")
     log(f"auto: {profile.describe()} -> {describe_choice(model, out.model.strategy, profile.num_images, fast)} ({reason})")
     if default_budget:
@@ -253,9 +262,8 @@ def try_candidates(
     try:
         probe_cfg = concrete_config(cfg, PRETRAINED_MODEL, profile, "linear-probe")
         records = [run_candidate("linear-probe", probe_cfg, base / "probe", progress, log)]
-        trial_cfg = scratch_trial_config(
-            cfg, profile, budget, (time.perf_counter() - t0) / 60
-        )  # time-boxed once the probe's seconds are known
+        # time-boxed once the probe's seconds are known
+        trial_cfg = scratch_trial_config(cfg, profile, budget, (time.perf_counter() - t0) / 60)
         records.append(run_candidate("small_cnn trial", trial_cfg, base / "small_cnn", progress, log))
     finally:
         shutil.rmtree(base, ignore_errors=True)

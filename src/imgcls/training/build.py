@@ -127,6 +127,7 @@ def choose_train_threads(
     if choice is None and (not trial or options.device.type != "cpu"):
         choice = ThreadChoice(torch.get_num_threads(), usable, HOW_DEFAULT)
     if choice is not None:
+        torch.set_num_threads(choice.threads)  # what start_process set, unless the usable cores say otherwise
         log(choice.describe())
         return choice, None
     return faster_thread_count(model, optimizer, loss_fn, data, options, usable, log)
