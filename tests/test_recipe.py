@@ -355,7 +355,9 @@ def test_time_budget_behind_plan_shortens_the_decay_instead_of_stopping_at_peak_
     monkeypatch.setattr(loop_mod, "train_transform", slow_transform)
     cfg = RunConfig(
         data=DataConfig(path=str(data), img_size=16, seed=0),
-        train=TrainConfig(out=str(tmp_path / "run"), time_budget=0.25, batch_size=16, epochs=1000, patience=0, threads=1),  # threads: no re-check trial
+        train=TrainConfig(
+            out=str(tmp_path / "run"), time_budget=0.25, batch_size=16, epochs=1000, patience=0, threads=1
+        ),  # threads: no re-check trial
     )
     t0 = time.perf_counter()
     run = fit(cfg, progress=False, log=quiet)
