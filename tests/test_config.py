@@ -187,3 +187,11 @@ def test_import_does_not_import_torch():
     code = "import sys, imgcls.config; assert 'torch' not in sys.modules, 'imgcls.config imported torch'; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_unknown_method_auto_is_knn_for_pretrained_networks_and_msp_otherwise():
+    from imgcls.config import resolve_unknown_method
+
+    assert resolve_unknown_method("auto", pretrained=True) == "knn"
+    assert resolve_unknown_method("auto", pretrained=False) == "msp"
+    assert resolve_unknown_method("energy", pretrained=True) == "energy"

@@ -54,6 +54,7 @@ def test_linear_probe_fits_only_the_head_in_one_history_row(transfer_data, tmp_p
     meta = json.loads((run / "model.json").read_text())
     assert meta["strategy"] == "linear-probe" and meta["training"]["best_epoch"] == 1 and meta["training"]["epochs_run"] == 1
     assert meta["metrics"]["val"]["num_samples"] == 6
+    assert meta["unknown"]["method"] == "knn" and (run / meta["unknown"]["file"]).is_file()  # auto: knn for a network given weights
     model, _ = load_artifact(run)
     start, kept = load_file(str(weights)), model.state_dict()
     head = model.classifier_name + "."

@@ -33,7 +33,7 @@ from imgcls.config import (
     TASKS,
     TTA_CHOICES,
     UNKNOWN_ACCEPT,
-    UNKNOWN_METHODS,
+    UNKNOWN_CHOICES,
 )
 
 EPILOG = """examples:
@@ -255,12 +255,13 @@ def _add_trust_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--unknown-method",
-        choices=UNKNOWN_METHODS,
-        default="msp",
+        choices=UNKNOWN_CHOICES,
+        default="auto",
         help=f"the score of the 'unknown' answer, its threshold fitted to accept {UNKNOWN_ACCEPT * 100:.0f}%% of the validation images: "
         "msp (the calibrated top probability), energy (logsumexp of the calibrated logits), or on the pooled features of the "
         "training images (saved as ood.safetensors): mahalanobis (distance to the nearest class mean) or knn (cosine "
-        "similarity to the 10th nearest); the onnx backend has no features and applies msp for those (default msp)",
+        "similarity to the 10th nearest); the onnx backend has no features and applies msp for those; auto (default): knn for a "
+        "network started from pretrained weights, msp for one trained from scratch",
     )
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from imgcls.artifact import package_versions
-from imgcls.config import FEATURE_OOD_METHODS, OOD_FIT_MAX_IMAGES, RunConfig, TrainConfig
+from imgcls.config import FEATURE_OOD_METHODS, OOD_FIT_MAX_IMAGES, RunConfig, TrainConfig, resolve_unknown_method
 from imgcls.inference.answer import postprocess
 from imgcls.inference.runners import FeaturesAndLogits, split_features
 from imgcls.inference.trust import (
@@ -138,7 +138,8 @@ def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log
     if data.index.multilabel:  # 6, multi-label: thresholds and temperatures per label (training.multilabel)
         metrics, probs = finish_multilabel(folder, ev, training, t_start, log, cfg.train.label_precision)
     else:
-        metrics, probs = finish_run(folder, ev, training, t_start, log, cfg.train.unknown_method, data.train, cfg.data.seed)  # 6
+        unknown = resolve_unknown_method(cfg.train.unknown_method, bool(cfg.model.pretrained or cfg.model.weights))
+        metrics, probs = finish_run(folder, ev, training, t_start, log, unknown, data.train, cfg.data.seed)  # 6
     report_run(run_dir, metrics, probs, data, state.history, cfg.model.name, log, ev)
     return run_dir
 
