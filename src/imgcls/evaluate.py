@@ -116,24 +116,7 @@ def evaluate(
     class_names = meta["class_names"]
     name, decoded, labels = _decode_split(data_path, meta, split, workers, allow_outside_root, progress, log)
     tta_mode = resolve_tta(tta, meta)
-    model, amp_dtype = prepare_inference_model(model, dev, resolve_precision(precision, dev))  # as predict does
-    forward = CompiledForward(FeaturesAndLogits(model) if trust.uses_features else model, compile, log)  # mahalanobis/knn: features too
-    forward.expect(len(decoded.images) * tta_view_count(tta_mode))
-    # intra-op threads: `threads`, else one or every usable core, timed on the first batches (CPU only: CUDA's are asynchronous)
-    tuned = forward
-    if dev.type == "cpu":
-        tuned = ThreadTuner(fixed=threads or None, log=log).wrap(forward, lambda: forward.compiled is not None)
-    out = batched_logits(
-        model,
-        decoded.images,
-        spec_of(meta),
-        batch_size=batch_size,
-        device=dev,
-        amp_dtype=amp_dtype,
-        progress=progress,
-        tta=tta_mode,
-        forward=tuned,
-    )  # (N, C), or (N, F + C) with the pooled features first
+    out = _forward(model, trust, decoded.images, meta, dev, precision, tta_mode, compile, threads, batch_size, progress, log)
     features, logits = split_features(out, len(class_names)) if trust.uses_features else (None, out)
     probs = postprocess(logits, trust, features).probs  # (N, C) calibrated, as predict answers
     if trust.multilabel:  # a sigmoid per label, each decided by its threshold in model.json
@@ -143,12 +126,8 @@ def evaluate(
         metrics = {**classification_metrics(probs, labels, class_names), **trust_metrics(logits, labels, trust, coverage, features)}
         predictions = Predictions(probs, labels, decoded.paths)
     metrics.update(split=name, data=str(data_path), model=str(model_dir), skipped_files=len(decoded.failures), tta=tta_mode)
-    facts = {
-        "model": f"{meta['arch']} ({model_dir})",
-        "data": f"{data_path} ({name} split)",
-        "TTA": tta_mode,
-        "skipped files": len(decoded.failures) or None,
-    }
+    skipped = len(decoded.failures) or None
+    facts = {"model": f"{meta['arch']} ({model_dir})", "data": f"{data_path} ({name} split)", "TTA": tta_mode, "skipped files": skipped}
     report = write_report(
         Path(out_dir) if out_dir else default_out_dir(model_dir, data_path),
         metrics,
@@ -169,6 +148,35 @@ def evaluate(
     predicted = (probs >= np.asarray(trust.thresholds)[None, :]).astype(int) if trust.multilabel else probs.argmax(1)  # (N, C) or (N,)
     metrics["predictions"] = {"paths": decoded.paths, "predicted": predicted.tolist(), "labels": labels.astype(int).tolist()}
     return metrics
+
+
+def _forward(
+    model: Any,
+    trust: Trust,
+    images: np.ndarray,
+    meta: dict[str, Any],
+    dev: Any,
+    precision: str,
+    tta_mode: str,
+    compile: str,
+    threads: int | None,
+    batch_size: int | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> Any:
+    """The model over the decoded images (N, S, S, 3) as predict runs it (inference precision, TTA,
+    compiled when it pays, threads chosen by timing): logits (N, C), or (N, F + C) with the pooled
+    features first when the "unknown" rule needs them."""
+    model, amp_dtype = prepare_inference_model(model, dev, resolve_precision(precision, dev))  # as predict does
+    forward = CompiledForward(FeaturesAndLogits(model) if trust.uses_features else model, compile, log)  # mahalanobis/knn: features too
+    forward.expect(len(images) * tta_view_count(tta_mode))
+    # intra-op threads: `threads`, else one or every usable core, timed on the first batches (CPU only: CUDA's are asynchronous)
+    tuned = forward
+    if dev.type == "cpu":
+        tuned = ThreadTuner(fixed=threads or None, log=log).wrap(forward, lambda: forward.compiled is not None)
+    return batched_logits(
+        model, images, spec_of(meta), batch_size=batch_size, device=dev, amp_dtype=amp_dtype, progress=progress, tta=tta_mode, forward=tuned
+    )
 
 
 def _decode_split(
