@@ -97,6 +97,7 @@ class Trust:
     thresholds: np.ndarray | None = None  # (C,) a multi-label model's decision thresholds; None: single-label
     label_temperatures: np.ndarray | None = None  # (C,) a multi-label model's temperature per label
     detector: ood.OodDetector | None = None  # the feature statistics of a mahalanobis or knn rule
+    conformal_inclusive: bool = False  # the scores of a model before "score": "mass_above" (calibration.conformal_scores)
 
     @property
     def uses_features(self) -> bool:
@@ -125,16 +126,19 @@ class Trust:
             raise ValueError(f"model.json unknown.method {method!r} is not one this imgcls applies ({', '.join(UNKNOWN_METHODS)})")
         if threshold is not None and (not isinstance(threshold, (int, float)) or not math.isfinite(threshold)):
             raise ValueError(f"model.json unknown.threshold must be a number, found {threshold!r}")
-        scores = None
+        scores, inclusive = None, False
         if s.get("scores"):
             if s.get("method", "aps") != "aps" or s.get("randomized", False):
                 raise ValueError("model.json conformal: only non-randomised APS scores can be applied by this imgcls")
             scores = np.sort(np.asarray(s["scores"], dtype=np.float64))
+            inclusive = s.get("score", "inclusive") != "mass_above"
         detector = None
         rule_on = threshold is not None if unknown_threshold is None else unknown_threshold != 0
         if method in FEATURE_OOD_METHODS and rule_on:
             detector = feature_detector(u, stats)
-        trust = cls(float(t), method, None if threshold is None else float(threshold), scores, detector=detector)
+        trust = cls(
+            float(t), method, None if threshold is None else float(threshold), scores, detector=detector, conformal_inclusive=inclusive
+        )
         return trust if unknown_threshold is None else trust.with_unknown_threshold(unknown_threshold)
 
     @classmethod
@@ -214,7 +218,7 @@ class Trust:
 
     def sets(self, probs: np.ndarray, qhat: float) -> list[list[int]]:
         """Class indices of each row's prediction set (N lists), most probable first."""
-        return cal.prediction_sets(probs, qhat)
+        return cal.prediction_sets(probs, qhat, inclusive=self.conformal_inclusive)
 
     def describe(self) -> dict[str, Any]:
         """JSON for the server's /v1/model."""
@@ -251,7 +255,7 @@ def fit_trust(
     calibration = {"temperature": t, **figures, "fitted_on": "val", "n": n}
     threshold = ood.fit_ood_detector(method, val_logits=z, accept=accept, temperature=t).threshold
     unknown = {"method": method, "threshold": threshold, "accept": accept, "fitted_on": "val", "n": n}
-    scores = cal.conformal_scores(cal.softmax(z, t), y)  # (N,) non-randomised APS
+    scores = cal.conformal_scores(cal.softmax(z, t), y)  # (N,) non-randomised APS: the mass ranked above the label
     if len(scores) > max_scores:
         scores = scores[np.random.default_rng(seed).choice(len(scores), max_scores, replace=False)]
     # Six decimals keep model.json readable; rounded up, a kept score is never below the exact
@@ -264,6 +268,7 @@ def fit_trust(
     conformal = {
         "method": "aps",
         "randomized": False,
+        "score": "mass_above",  # absent in models before it: the mass up to and including the label
         "coverage": coverage,
         "qhat": qhat,
         "n": len(scores),
