@@ -160,6 +160,12 @@ def balanced_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((hits[counts > 0] / counts[counts > 0]).mean())
 
 
+def probe_history_row(fit: dict[str, Any], seconds: float, images_per_s: float) -> dict[str, Any]:
+    """metrics.csv's one row for a fitted linear probe (`fit_linear_head`'s answer): epoch 1, no optimizer steps."""
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc")
+    return {"epoch": 1, **{k: fit[k] for k in keys}, "lr": 0.0, "epoch_time_s": seconds, "images_per_s": images_per_s}
+
+
 def linear_probe(
     model: nn.Module,
     train: SplitData,
@@ -192,15 +198,7 @@ def linear_probe(
     seconds = time.perf_counter() - t0
     log(f"linear probe: L2 {fit['reg']:g}, train acc {fit['train_acc']:.4f}, val acc {fit['val_acc']:.4f} ({seconds:.1f}s)")
     return {
-        "epoch": 1,
-        "train_loss": fit["train_loss"],
-        "train_acc": fit["train_acc"],
-        "val_loss": fit["val_loss"],
-        "val_acc": fit["val_acc"],
-        "val_balanced_acc": fit["val_balanced_acc"],
-        "lr": 0.0,
-        "epoch_time_s": seconds,
-        "images_per_s": n_img / max(t_feat, 1e-9),
+        **probe_history_row(fit, seconds, n_img / max(t_feat, 1e-9)),
         "probe_sweep": [{**r, "chosen": r.get("chosen", r["reg"] == fit["reg"])} for r in fit["sweep"]],
         **({"val_map": fit["val_map"]} if "val_map" in fit else {}),  # multi-label: the best epoch's measure
     }

@@ -50,7 +50,6 @@ from imgcls.inference.trust import (
 from imgcls.metrics import classification_metrics
 from imgcls.report import MultiLabelPredictions, Predictions, read_probe_sweep, write_probe_sweep, write_report
 from imgcls.runtime import (
-    batched_logits,
     default_threads,
     prepare_inference_model,
     resolve_device,
@@ -61,7 +60,7 @@ from imgcls.training.auto import choose_model
 from imgcls.training.build import Evaluation, Log, Setup, build_setup, dtype_name
 from imgcls.training.checkpoint import RunFolder, TrainState, read_checkpoint
 from imgcls.training.finetune import extract_features, linear_probe
-from imgcls.training.loop import EpochStats, train_one_epoch, validate
+from imgcls.training.loop import EpochStats, final_logits, train_one_epoch, validate
 from imgcls.training.measure import recheck_threads, watch_threads
 from imgcls.training.multilabel import MULTI_LABEL, finish_multilabel, validate_multilabel
 from imgcls.training.partial import fine_tune_last_step
@@ -377,21 +376,11 @@ def finish_run(
     best_eval, eval_dtype = prepare_inference_model(copy.deepcopy(best), ev.device, ev.amp_dtype)  # what evaluate and predict run
     logits, labels, feats = {}, {}, {}
     with_features = unknown_method in FEATURE_OOD_METHODS and train is not None and len(train.paths) > 0
-    for name, split in ev.final_splits.items():
-        if split is not None and len(split.paths):
-            logits[name] = batched_logits(
-                FeaturesAndLogits(best_eval) if with_features else best_eval,
-                split.images.numpy(),
-                ev.spec,
-                device=ev.device,
-                amp_dtype=eval_dtype,
-                progress=ev.progress,
-                desc=f"evaluate {name}",
-                tta=ev.tta,
-            )  # (N, num_classes), or (N, F + num_classes) with the pooled features first
-            labels[name] = split.labels.numpy()
-            if with_features:
-                feats[name], logits[name] = split_features(logits[name], len(folder.meta["class_names"]))
+    final = final_logits(FeaturesAndLogits(best_eval) if with_features else best_eval, ev, eval_dtype)
+    for name, (z, y) in final.items():  # z: (N, num_classes), or (N, F + num_classes) with the pooled features first
+        logits[name], labels[name] = z, y.numpy()
+        if with_features:
+            feats[name], logits[name] = split_features(z, len(folder.meta["class_names"]))
     # Calibrated on the logits evaluate and predict compute (the kept weights, their precision, the TTA).
     method = "msp" if unknown_method in FEATURE_OOD_METHODS else unknown_method  # a feature rule keeps msp as its fallback
     sections = fit_trust(logits["val"], labels["val"], method) if "val" in logits else uncalibrated("no validation split")

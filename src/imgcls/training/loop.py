@@ -161,3 +161,24 @@ def validate(
     hits = torch.bincount(labels[right], minlength=logits.shape[1])
     present = counts > 0
     return loss, float(right.float().mean()), float((hits[present] / counts[present]).mean())
+
+
+def final_logits(model: nn.Module, ev: object, amp_dtype: torch.dtype | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The kept model over each non-empty split of `ev.final_splits` (build.Evaluation) as evaluate
+    runs it (its TTA, `amp_dtype`): {split name: (logits (N, out), labels)}. `model` may be
+    `inference.runners.FeaturesAndLogits`, whose output has the pooled features first."""
+    out = {}
+    for name, split in ev.final_splits.items():
+        if split is not None and len(split.paths):
+            z = batched_logits(
+                model,
+                split.images.numpy(),
+                ev.spec,
+                device=ev.device,
+                amp_dtype=amp_dtype,
+                progress=ev.progress,
+                desc=f"evaluate {name}",
+                tta=ev.tta,
+            )
+            out[name] = (z, split.labels)
+    return out

@@ -35,6 +35,7 @@ from imgcls.multilabel import (
     sigmoid_probs,
 )
 from imgcls.runtime import batched_logits, prepare_inference_model
+from imgcls.training.loop import final_logits
 from imgcls.training.recipes import Recipe
 from imgcls.transforms import PreprocessSpec
 
@@ -221,20 +222,9 @@ def finish_multilabel(
 
     best, _ = load_artifact(folder.path, device=ev.device)
     best_eval, eval_dtype = prepare_inference_model(copy.deepcopy(best), ev.device, ev.amp_dtype)  # `best` stays as trained
-    logits, targets = {}, {}
-    for name, split in ev.final_splits.items():
-        if split is not None and len(split.paths):
-            z = batched_logits(
-                best_eval,
-                split.images.numpy(),
-                ev.spec,
-                device=ev.device,
-                amp_dtype=eval_dtype,
-                progress=ev.progress,
-                desc=f"evaluate {name}",
-                tta=ev.tta,
-            )  # (N, C)
-            logits[name], targets[name] = z.numpy(), split.labels.numpy()
+    final = final_logits(best_eval, ev, eval_dtype)  # {split: ((N, C) logits, (N, C) targets)}
+    logits = {name: z.numpy() for name, (z, _) in final.items()}
+    targets = {name: y.numpy() for name, (_, y) in final.items()}
     names = folder.meta["class_names"]
     sections = fit_label_decisions(logits.get("val"), targets.get("val"), len(names), precision, log)
     probs = {name: sigmoid_probs(z, sections["label_temperatures"]) for name, z in logits.items()}

@@ -31,7 +31,7 @@ from imgcls.runtime import as_nchw, autocast, batch_slices
 from imgcls.training import budget
 from imgcls.training.build import Evaluation, Log, Setup, dtype_name
 from imgcls.training.checkpoint import RunFolder, TrainState
-from imgcls.training.finetune import balanced_accuracy, classifier_of, fit_linear_head
+from imgcls.training.finetune import balanced_accuracy, classifier_of, fit_linear_head, probe_history_row
 from imgcls.training.plan import announce_estimate
 from imgcls.training.prepare import RunData, SplitData
 from imgcls.transforms import eval_transform
@@ -167,17 +167,7 @@ def probe_row(
     fit = fit_linear_head(classifier_of(model), x_tr, y, x_va, val.labels if x_va is not None else None, log=log, class_weights=weights)
     seconds = time.perf_counter() - t0
     log(f"linear probe: L2 {fit['reg']:g}, train acc {fit['train_acc']:.4f}, val acc {fit['val_acc']:.4f} ({seconds:.1f}s)")
-    return {
-        "epoch": 1,
-        "train_loss": fit["train_loss"],
-        "train_acc": fit["train_acc"],
-        "val_loss": fit["val_loss"],
-        "val_acc": fit["val_acc"],
-        "val_balanced_acc": fit["val_balanced_acc"],
-        "lr": 0.0,
-        "epoch_time_s": seconds,
-        "images_per_s": (len(x_tr) + (len(x_va) if x_va is not None else 0)) / max(seconds, 1e-9),
-    }
+    return probe_history_row(fit, seconds, (len(x_tr) + (len(x_va) if x_va is not None else 0)) / max(seconds, 1e-9))
 
 
 def tail_optimizer(model: nn.Module, tail: nn.ModuleList, lr: float) -> torch.optim.AdamW:
