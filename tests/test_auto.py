@@ -108,7 +108,7 @@ def test_pretrained_strategy_follows_the_image_count():
     strategy = {n: auto.concrete_config(cfg, "efficientnet_lite0", profile(500, n)).model.strategy for n in (68, 1_360)}
     assert strategy == {68: "linear-probe", 1_360: "fine-tune-last"}
     multilabel = dataclasses.replace(profile(500, 1_360), multilabel=True)
-    assert auto.concrete_config(cfg, "efficientnet_lite0", multilabel).model.strategy == "auto"  # fine-tune-last is single-label
+    assert auto.concrete_config(cfg, "efficientnet_lite0", multilabel).model.strategy == "linear-probe"  # the probe alone
     asked = dataclasses.replace(cfg, model=ModelConfig(name="auto", strategy="fine-tune"))
     assert auto.concrete_config(asked, "efficientnet_lite0", profile(500, 1_360)).model.strategy == "fine-tune"
     m = auto.concrete_config(cfg, "efficientnet_lite0", profile(64, 1_360))
@@ -146,6 +146,37 @@ def test_unclear_data_try_both_candidates_and_keep_the_better(tmp_path, monkeypa
     )
     assert not (run / auto.CANDIDATES_DIR).exists()  # the candidates' folders are gone
     assert any(s.startswith("auto: 48x48 colour, 24 images, 3 classes -> small_cnn from scratch") for s in lines)
+
+
+def test_short_budget_keeps_the_winning_candidate(tmp_path, monkeypatch):
+    """Both candidates really trained; the time left in a short budget would not train a better
+    model, so the winner is moved into the run folder as it is: loadable, predicting, its model.json
+    saying which candidate it is, and no second run."""
+    import imgcls
+
+    monkeypatch.setattr(auto, "FEW_IMAGES", 0)  # not clear from the data: both candidates
+    data = make_class_folders(tmp_path / "d", per_class=8, size=48, seed=5)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "bad_files.csv").write_text("stale\n")  # left by an earlier run: removed
+    lines: list[str] = []
+    cfg = auto_cfg(data, tmp_path / "run", epochs=2, batch_size=8, time_budget=0.05)
+    run = fit(cfg, progress=False, log=lines.append, overwrite=True)
+    meta = json.loads((run / "model.json").read_text())
+    rec = meta["auto"]
+    assert [c["name"] for c in rec["candidates"]] == ["linear-probe", "small_cnn trial"]
+    best = max(rec["candidates"], key=lambda c: c["val_acc"])
+    assert rec["kept_candidate"] == best["name"] and meta["arch"] == best["model"] == rec["chosen"]
+    assert meta["config"]["train"]["out"] == str(run) and "dir" not in best
+    assert not (run / auto.CANDIDATES_DIR).exists() and not (run / "bad_files.csv").exists()
+    assert any(s.startswith("auto: kept the ") for s in lines)
+    assert len(imgcls.load(str(run)).predict(str(next(data.rglob("*.png"))))["top_k"]) >= 1
+
+
+def test_keep_candidate_rule():
+    probe = {"model": "efficientnet_lite0", "seconds": 60.0}
+    trial = {"model": "small_cnn", "seconds": 60.0}
+    assert auto.keep_candidate(probe, 100) and not auto.keep_candidate(probe, 130)  # a probe again and an epoch
+    assert auto.keep_candidate(trial, 70) and not auto.keep_candidate(trial, 80)
 
 
 def test_explicit_model_is_unchanged(tmp_path):

@@ -39,7 +39,8 @@ def write_digits(root: Path, test_fraction: float = 0.2, seed: int = 0) -> Path:
 
 
 def run_demo(out: str | Path = "imgcls-demo", epochs: int = 20, progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Write the digits, train small_cnn, evaluate on the held-out test split, predict a few."""
+    """Write the digits, train with `--model auto` (the CLI's default; it picks small_cnn from scratch for
+    8x8 scans and says why), evaluate on the held-out test split, predict a few."""
     from imgcls.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from imgcls.evaluate import evaluate
     from imgcls.predict import Classifier
@@ -52,7 +53,7 @@ def run_demo(out: str | Path = "imgcls-demo", epochs: int = 20, progress: bool =
     log(f"wrote scikit-learn's 1,797 handwritten digits (8x8) to {data}/train and {data}/test")
     cfg = RunConfig(
         data=DataConfig(path=str(data), img_size=16, val_fraction=0.1, seed=0),
-        model=ModelConfig(name="small_cnn"),
+        model=ModelConfig(name="auto"),  # what `imgcls train` does without --model
         # Digits are handed: no flips (so the recipe's test-time augmentation is translate only).
         # 16 px is enough for 8x8 scans and 4x cheaper than 32 px. Optimizer, learning rate, batch
         # size and schedule are the default recipe's (small_cnn from scratch: "fast").

@@ -61,6 +61,7 @@ TRIAL_EPOCHS = 5  # the small_cnn trial under --deterministic (no time budget al
 HEADER_SAMPLE = 64  # image headers read to learn the native size and colour
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 CANDIDATES_DIR = ".auto-candidates"  # inside the run folder while candidates are tried, removed after
+KEEP_PROBE_FACTOR, KEEP_TRIAL_FACTOR = 2.0, 1.25  # keep_candidate: the time left, in candidate-times, a better run needs
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,10 @@ def concrete_config(
         # auto: the probe, then the last blocks on cached activations (partial.py): flowers, 20 a class
         # (340 images), probe 95.6% -> 98.5% validation; at 4 a class (68) every tail epoch validated
         # worse than the probe (88% -> 76%, 41%), so few images get the probe alone. A fine-tune epoch
-        # is kept only where it validates better. Multi-label: probe, then fine-tune from 500 images.
+        # is kept only where it validates better. Multi-label: the probe alone (MIML: 0.934 macro mAP in
+        # 35 s; a fine-tune after it ran 306 s of the default budget and no epoch beat it).
         last = "fine-tune-last" if profile.num_images >= FINE_TUNE_LAST_MIN_IMAGES else "linear-probe"
-        last = AUTO if profile.multilabel else last
+        last = "linear-probe" if profile.multilabel else last
         chosen = strategy or (cfg.model.strategy if cfg.model.strategy != AUTO else last)
         m = ModelConfig(name=model, pretrained=True, strategy=chosen)
         if img_size is None and profile.side < PROBE_FULL_SIDE:
@@ -202,7 +204,9 @@ def choose_model(cfg: RunConfig, run_dir: Path, progress: bool, log: Log) -> tup
     budget), and model.json's "auto" record; any other --model: cfg unchanged and None.
 
     Where the data do not make it clear, the candidates are trained into RUN_DIR/.auto-candidates
-    (removed after) and the one with the better validation accuracy gets the time left."""
+    (removed after) and the one with the better validation accuracy gets the time left; where that
+    time would not train a better model, the winning candidate is moved into RUN_DIR as the run's
+    model and the record says so ("kept_candidate": the caller has nothing left to train)."""
     if cfg.model.name != AUTO:
         return cfg, None
     t0 = time.perf_counter()
@@ -214,18 +218,21 @@ def choose_model(cfg: RunConfig, run_dir: Path, progress: bool, log: Log) -> tup
     index = index_dataset(d.path, allow_outside_root=d.allow_outside_root, task=d.task, label_sep=d.label_sep)
     profile = profile_data(index, cfg.data.max_pixels, seed=cfg.data.seed)
     decision = decide(profile, cfg.model)
-    candidates: list[dict[str, Any]] = []
     model, reason = decision.model, decision.reason
     if model is None and d.val_fraction == 0 and "val" not in index.splits:
         model, reason = PRETRAINED_MODEL, "no validation split to compare candidates on: ImageNet features, the safer start"
-    if model is None:
-        model, candidates = try_candidates(cfg, profile, run_dir, budget, progress, log)
-        best = next(c for c in candidates if c["model"] == model)
-        reason = (
-            f"{best['name']} validated best ({best['val_acc']:.4f} against "
-            + ", ".join(f"{c['name']} {c['val_acc']:.4f}" for c in candidates if c is not best)
-            + ")"
-        )
+    candidates: list[dict[str, Any]] = []
+    try:
+        if model is None:
+            model, reason, candidates = try_candidates(cfg, profile, run_dir, budget, progress, log)
+        record = auto_record(profile, candidates, model, reason, budget, default_budget)
+        best = next((c for c in candidates if c["model"] == model), None)
+        if best is not None and budget is not None and keep_candidate(best, budget * 60 - (time.perf_counter() - t0)):
+            log(f"auto: {profile.describe()} -> {describe_choice(model, best['strategy'], profile.num_images, True)} ({reason})")
+            adopt_candidate(run_dir / CANDIDATES_DIR / best["dir"], run_dir, record, best, budget, log)
+            return cfg, record
+    finally:
+        shutil.rmtree(run_dir / CANDIDATES_DIR, ignore_errors=True)
     left = None if budget is None else max(0.5, budget - (time.perf_counter() - t0) / 60)
     # The default budget is a cap, not a target: a small data set from scratch still stops after
     # DEFAULT_EPOCHS (the pretrained strategies have their own: partial.DEFAULT_EPOCHS, early stopping).
@@ -238,38 +245,80 @@ def choose_model(cfg: RunConfig, run_dir: Path, progress: bool, log: Log) -> tup
             f"auto: no --time-budget given: this run keeps to about {DEFAULT_BUDGET_MIN:g} minutes on this machine; "
             "--time-budget MINUTES (e.g. 20) buys more accuracy with more time, --epochs N trains exactly N epochs"
         )
-    record = {
+    record["strategy"] = out.model.strategy
+    return out, record
+
+
+def auto_record(
+    profile: DataProfile, candidates: list[dict[str, Any]], model: str, reason: str, budget: float | None, default_budget: bool
+) -> dict[str, Any]:
+    """model.json's "auto": the data profile, the candidates tried, the choice and why."""
+    return {
         "requested": AUTO,
         "data": profile.to_dict(),
-        "candidates": candidates,
+        "candidates": [{k: v for k, v in c.items() if k != "dir"} for c in candidates],
         "chosen": model,
-        "strategy": out.model.strategy,
         "reason": reason,
         "time_budget_min": budget,
         "default_budget": default_budget,
     }
-    return out, record
+
+
+def keep_candidate(best: dict[str, Any], left_s: float) -> bool:
+    """Whether the winning candidate is kept as it is rather than trained again in the `left_s`
+    seconds the budget leaves: a run of the chosen model repeats the candidate's work first (the
+    probe's features, or a small_cnn run as long as the trial) and can only improve on it with time
+    beyond that: the probe needs about its own time again for the last blocks' activations and an
+    epoch; the trial, a quarter more than it took."""
+    factor = KEEP_PROBE_FACTOR if best["model"] == PRETRAINED_MODEL else KEEP_TRIAL_FACTOR
+    return left_s < factor * best["seconds"]
+
+
+def adopt_candidate(src: Path, run_dir: Path, record: dict[str, Any], kept: dict[str, Any], budget: float, log: Log) -> None:
+    """Move the kept candidate's files (model, metrics, report) into the run folder, replacing what
+    an earlier run left there, and add the "auto" record to its model.json."""
+    import json
+
+    from imgcls.artifact import META_FILE, load_meta
+    from imgcls.atomic import atomic_write_text
+    from imgcls.training.prepare import remove_run_files
+
+    remove_run_files(run_dir, with_dirs=True)
+    for p in src.iterdir():
+        target = run_dir / p.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        p.rename(target)
+    meta = load_meta(run_dir)
+    record.update(strategy=kept["strategy"], kept_candidate=kept["name"])
+    meta["auto"] = record
+    meta["config"]["train"]["out"] = str(run_dir)
+    atomic_write_text(run_dir / META_FILE, json.dumps(meta, indent=2))
+    log(
+        f"auto: kept the {kept['name']} candidate as the model ({kept['val_acc']:.4f} validation): the time left in the "
+        f"{budget:g}-minute budget would not train a better one; --time-budget MINUTES buys more"
+    )
 
 
 def try_candidates(
     cfg: RunConfig, profile: DataProfile, run_dir: Path, budget: float | None, progress: bool, log: Log
-) -> tuple[str, list[dict[str, Any]]]:
+) -> tuple[str, str, list[dict[str, Any]]]:
     """Train the pretrained probe, then a short small_cnn run, on the same split, each into its own
-    folder under RUN_DIR/.auto-candidates (removed after); the model that validates better, and
-    each candidate's record (name, model, strategy, img_size, val_acc, seconds)."""
+    folder under RUN_DIR/.auto-candidates (`choose_model` removes it); the model that validates
+    better, why, and each candidate's record (name, model, strategy, img_size, val_acc, seconds, dir)."""
     t0 = time.perf_counter()
     base = run_dir / CANDIDATES_DIR
-    try:
-        probe_cfg = concrete_config(cfg, PRETRAINED_MODEL, profile, "linear-probe")
-        records = [run_candidate("linear-probe", probe_cfg, base / "probe", progress, log)]
-        # time-boxed once the probe's seconds are known
-        trial_cfg = scratch_trial_config(cfg, profile, budget, (time.perf_counter() - t0) / 60)
-        records.append(run_candidate("small_cnn trial", trial_cfg, base / "small_cnn", progress, log))
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    probe_cfg = concrete_config(cfg, PRETRAINED_MODEL, profile, "linear-probe")
+    records = [{**run_candidate("linear-probe", probe_cfg, base / "probe", progress, log), "dir": "probe"}]
+    # time-boxed once the probe's seconds are known
+    trial_cfg = scratch_trial_config(cfg, profile, budget, (time.perf_counter() - t0) / 60)
+    records.append({**run_candidate("small_cnn trial", trial_cfg, base / "small_cnn", progress, log), "dir": "small_cnn"})
     scored = [r for r in records if r["val_acc"] == r["val_acc"]]  # NaN: no validation split to judge on
     best = max(scored, key=lambda r: r["val_acc"]) if scored else records[0]
-    return best["model"], records
+    others = ", ".join(f"{r['name']} {r['val_acc']:.4f}" for r in records if r is not best)
+    return best["model"], f"{best['name']} validated best ({best['val_acc']:.4f} against {others})", records
 
 
 def run_candidate(name: str, cfg: RunConfig, out: Path, progress: bool, log: Log) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgcls.artifact import package_versions
+from imgcls.artifact import ArtifactError, load_meta, package_versions
 from imgcls.config import FEATURE_OOD_METHODS, OOD_FIT_MAX_IMAGES, RunConfig, TrainConfig, resolve_unknown_method
 from imgcls.inference.answer import postprocess
 from imgcls.inference.runners import FeaturesAndLogits, split_features
@@ -59,6 +59,20 @@ from imgcls.runtime import (
 from imgcls.training.auto import choose_model
 from imgcls.training.build import Evaluation, Log, Setup, build_setup, dtype_name
 from imgcls.training.checkpoint import RunFolder, TrainState, read_checkpoint
+from imgcls.training.distributed import (
+    QuietFolder,
+    Ranks,
+    Shard,
+    agree,
+    broadcast_state,
+    check_run,
+    check_supported,
+    group_errors,
+    join_group,
+    leave_group,
+    pin_choices,
+    sync_batchnorm,
+)
 from imgcls.training.finetune import extract_features, linear_probe
 from imgcls.training.loop import EpochStats, final_logits, train_one_epoch, validate
 from imgcls.training.measure import recheck_threads, watch_threads
@@ -71,7 +85,9 @@ from imgcls.training.schedule import Schedule
 from imgcls.transforms import PreprocessSpec
 
 
-def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Log = print, overwrite: bool = False) -> Path:
+def fit(
+    cfg: RunConfig, resume: bool = False, progress: bool = True, log: Log = print, overwrite: bool = False, ranks: Ranks | None = None
+) -> Path:
     """Train a model as `cfg` says; return the run folder, which is the model artifact.
 
     resume=True continues the run in cfg.train.out from its last checkpoint, with the config
@@ -83,48 +99,77 @@ def fit(cfg: RunConfig, resume: bool = False, progress: bool = True, log: Log = 
     to train, so it does not belong in model.json, nor in the checkpoint config a --resume reloads.
     torch's process-wide settings that a run changes (threads, deterministic algorithms) are put
     back afterwards, so calling fit from a program leaves the program as it was.
+    ranks: this process's place among torchrun's workers (distributed.ranks_from_env); None: one
+    process. Rank 0 alone logs and writes RUN_DIR (see training.distributed).
     """
     threads, deterministic, warn_only = (
         torch.get_num_threads(),
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
+    if ranks is not None and not ranks.is_main:
+        log, progress = _quiet, False
     try:
-        return _fit(cfg, resume, overwrite, progress, log)
+        with group_errors(ranks):
+            return _fit(cfg, resume, overwrite, progress, log, ranks)
     finally:
+        leave_group()
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log) -> Path:
+def _quiet(_: str) -> None:
+    """The log of distributed ranks other than 0."""
+
+
+def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log, ranks: Ranks | None = None) -> Path:
     run_dir = Path(cfg.train.out)
     saved: TrainState | None = None
     if resume:
         cfg, saved = read_checkpoint(run_dir)
         log(f"resuming {run_dir} with its saved configuration")
-    if cfg.train.deterministic:
+    if ranks is not None:
+        check_supported(cfg, ranks)
+        cfg = pin_choices(cfg, ranks)  # each rank its share of the cores; below, no timed choice (each rank would time its own)
+    if cfg.train.deterministic or ranks is not None:
         cfg = pin_timed_choices(cfg, log)
     check_run_folder(run_dir, resume, overwrite)  # at once; the folder is cleared only once DATA has decoded
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg, auto = choose_model(cfg, run_dir, progress, log)  # --model auto: a concrete model, candidates tried where unclear
+    if auto is not None and "kept_candidate" in auto:
+        return run_dir  # the winning candidate is the model: the budget's time left would not train a better one
+    if saved is not None:
+        auto = resumed_auto_record(run_dir)
     device, amp_dtype = start_process(cfg.train, cfg.data.seed)
+    if ranks is not None:
+        device = join_group(ranks, device)  # gloo on CPUs, NCCL on this rank's GPU
+        log(f"distributed: {ranks.world_size} processes, global batch split between them (training.distributed)")
     spec = resolve_spec(cfg)
     t_start = time.perf_counter()
 
-    data = prepare_run(cfg, spec, run_dir, progress, log, resume, overwrite)  # 1
+    data = prepare_run(cfg, spec, run_dir, progress, log, resume, overwrite, write=ranks is None or ranks.is_main)  # 1
+    if ranks is not None:  # every rank decoded DATA itself: the same files, labels and split, or stop
+        agree(data.fingerprint, "dataset (fingerprint of DATA's files, labels and split)", ranks)
     setup = build_setup(cfg, data, spec, device, amp_dtype, saved, log)  # 2
+    if ranks is not None:
+        check_run(setup.strategy, data.index.multilabel, ranks)
+        setup = dataclasses.replace(setup, shard=Shard(ranks))
     splits = final_splits(data, cfg.train, keep_test=bool(auto and auto["default_budget"]))
     ev = Evaluation(spec, device, amp_dtype, setup.recipe.tta, data.val, splits, progress)
     state, setup, final_eval_s = plan_run(cfg.train, setup, ev, data, saved, t_start, log)  # 3
-    folder = RunFolder(run_dir, artifact_meta(cfg, data, setup, spec, device), cfg.to_dict())
+    folder = (RunFolder if ranks is None or ranks.is_main else QuietFolder)(run_dir, artifact_meta(cfg, data, setup, spec, device), cfg.to_dict())
     if auto is not None:
         folder.meta["auto"] = auto  # what --model auto chose and why, the candidates it tried
     if setup.strategy in ("linear-probe", "fine-tune") and saved is None:
         probe_first(setup, data, ev, state, folder, log)  # 4
+        if ranks is not None:
+            broadcast_state(state)  # rank 0's probe result decides, on every rank, which epoch is kept
     elif setup.strategy == "fine-tune-last" and saved is None:
         fine_tune_last_step(setup, data, ev, state, folder, cfg.train, t_start, log)  # 4-5: the probe, then the last blocks (partial.py)
     schedule = build_schedule(setup, state, cfg.train, t_start, final_eval_s, resumed=saved is not None)
     stopped_early = train_epochs(setup, schedule, state, folder, ev, cfg.train, cfg.data.seed, log)  # 5
+    if ranks is not None and not ranks.is_main:
+        return run_dir  # rank 0 alone calibrates, evaluates and writes the final model
     if data.test is not None and ev.final_splits["test"] is None:
         log(f"test split not evaluated inside the time budget: imgcls evaluate {run_dir} {cfg.data.path} --split test")
     training = {
@@ -141,6 +186,15 @@ def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log
         metrics, probs = finish_run(folder, ev, training, t_start, log, unknown, data.train, cfg.data.seed)  # 6
     report_run(run_dir, metrics, probs, data, state.history, cfg.model.name, log, ev)
     return run_dir
+
+
+def resumed_auto_record(run_dir: Path) -> dict[str, Any] | None:
+    """A resumed run's "auto" record (what --model auto chose for it): from the model.json its first
+    epochs wrote, since the checkpoint's config names the concrete model."""
+    try:
+        return load_meta(run_dir).get("auto")
+    except (ArtifactError, OSError):
+        return None
 
 
 def pin_timed_choices(cfg: RunConfig, log: Log) -> RunConfig:
@@ -223,6 +277,7 @@ def artifact_meta(cfg: RunConfig, data: RunData, setup: Setup, spec: PreprocessS
         "recipe": setup.recipe.to_dict(),
         "tta": setup.recipe.tta,  # what `imgcls evaluate` and `predict` use unless told otherwise (--tta)
         "class_balance": setup.class_balance.to_dict() if setup.class_balance else None,  # --class-balance as resolved
+        "world_size": setup.shard.world_size if setup.shard else 1,  # processes that trained it (torchrun), one global batch
     }
 
 
@@ -231,7 +286,9 @@ def probe_first(setup: Setup, data: RunData, ev: Evaluation, state: TrainState, 
     For linear-probe that is the whole training (one history row); fine-tune goes on from it."""
     weights = setup.class_balance.probe_weights() if setup.class_balance else setup.pos_weight  # multi-label: BCE's positive weights
     row = linear_probe(setup.model, data.train, data.val, ev.spec, ev.device, ev.amp_dtype, ev.progress, log, weights)
-    write_probe_sweep(folder.path, row.pop("probe_sweep"))  # probe.csv: the report's L2 sweep
+    sweep = row.pop("probe_sweep")
+    if not isinstance(folder, QuietFolder):
+        write_probe_sweep(folder.path, sweep)  # probe.csv: the report's L2 sweep
     if setup.strategy == "linear-probe":
         state.history.append(row)
         folder.write_history(state.history)
@@ -267,6 +324,10 @@ def train_epochs(
     # --compile: inductor on the training forward (same parameters). Off by default: on 2 CPU cores it
     # took 30 s to compile and then ran small_cnn slower than eager (bench/RESULTS.md).
     train_model = torch.compile(model) if t_cfg.compile else model
+    if setup.shard is not None:  # DDP; BatchNorm over the global batch. The whitening bias may freeze mid-run: unused then
+        if whiten_bias is not None:
+            whiten_bias.requires_grad_(True)  # DDP reduces only the parameters that train when it is built
+        train_model = setup.shard.wrap(sync_batchnorm(train_model, ev.device), ev.device, find_unused=whiten_bias is not None)
     # A measured thread count is re-checked between epochs (not under --compile: inductor's kernels
     # keep the count they were compiled with).
     adaptive = setup.threads is not None and setup.threads.adaptive and not t_cfg.compile
@@ -278,7 +339,7 @@ def train_epochs(
         planned_total = schedule.total_steps
         label = f"epoch {epoch + 1}/{state.planned_epochs}" if ev.progress else None
         stats = train_one_epoch(
-            train_model, setup.optimizer, setup.loss_fn, setup.data, g, setup.options, schedule, epoch * spe, lookahead, label
+            train_model, setup.optimizer, setup.loss_fn, setup.data, g, setup.options, schedule, epoch * spe, lookahead, label, setup.shard
         )
         out_of_time = schedule.total_steps < planned_total
         if out_of_time:  # behind the time budget: the schedule was shortened during this epoch
@@ -315,8 +376,10 @@ def record_epoch(
     best so far; the row, and whether they were."""
     val = ev.val
     if val is not None and len(val.paths):
-        check = validate_multilabel if val.labels.ndim == 2 else validate  # multi-label: (loss, label accuracy, macro mAP)
-        val_loss, val_acc, val_bal = check(setup.model, val.images, val.labels, ev.spec, ev.device, ev.amp_dtype, ev.progress)
+        if val.labels.ndim == 2:  # multi-label: (loss, label accuracy, macro mAP)
+            val_loss, val_acc, val_bal = validate_multilabel(setup.model, val.images, val.labels, ev.spec, ev.device, ev.amp_dtype, ev.progress)
+        else:  # distributed: each rank its share of the images
+            val_loss, val_acc, val_bal = validate(setup.model, val.images, val.labels, ev.spec, ev.device, ev.amp_dtype, ev.progress, setup.shard)
     else:
         val_loss, val_acc, val_bal = math.nan, math.nan, math.nan
     row = {
