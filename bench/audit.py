@@ -141,7 +141,7 @@ def main() -> int:
     ap.add_argument("--plant-copies", type=int, default=0, help="plant this many resized+re-encoded and as many cropped copies")
     ap.add_argument("--no-features", action="store_true")
     ap.add_argument("--model", default="efficientnet_lite0")
-    ap.add_argument("--feature-size", type=int, default=128)
+    ap.add_argument("--feature-size", type=int, help="default: chosen from the images' size (audit.features.choose_feature_size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
     a = ap.parse_args()
@@ -176,7 +176,7 @@ def main() -> int:
         "flip_fraction": a.flip_fraction,
         "plant_copies": a.plant_copies,
         "features": report["settings"]["features"],
-        "feature_size": None if a.no_features else a.feature_size,
+        "feature_size": report["settings"].get("feature_size"),
         "seconds": round(seconds, 1),
         "timings": report["timings"],
         "load_start": round(load_start, 2),

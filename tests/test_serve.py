@@ -69,8 +69,9 @@ def image_bytes(seed: int, fmt: str = "PNG", size: tuple[int, int] = (24, 20)) -
 
 
 @contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    """Run `app` with uvicorn on a free 127.0.0.1 port in a thread; yield its base URL."""
+def serving(app, ready_timeout: float = TIMEOUT) -> Iterator[str]:
+    """Run `app` with uvicorn on a free 127.0.0.1 port in a thread; yield its base URL once /v1/health
+    answers (within `ready_timeout` s: the app's start-up may compile the model)."""
     # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
     # and without it every answer written in two parts waited 40 ms for the client's delayed ACK.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -81,7 +82,7 @@ def serving(app) -> Iterator[str]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + ready_timeout
         while True:
             try:
                 if httpx.get(f"{url}/v1/health", timeout=1.0).status_code == 200:

@@ -7,6 +7,7 @@ from the registry and reads plain tensors: nothing is unpickled, no code from th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgcls.atomic import atomic_path, atomic_write_text
+from imgcls.atomic import atomic_write_bytes, atomic_write_text
 from imgcls.config import TTA_MODES
 from imgcls.models import create_model, get_entry
 from imgcls.transforms import PreprocessSpec
@@ -38,10 +39,13 @@ class ArtifactError(ValueError):
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    # Serialised in memory (one copy of the tensors: 16 MB for small_cnn's checkpoint) and written by
+    # atomic_write_bytes rather than safetensors' save_file: the file is fsynced before the rename, and a
+    # full disk is a WriteError naming the file, where save_file raised "I/O error: File too large (os error 27)".
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
 
 
 def package_versions() -> dict[str, str]:
@@ -163,16 +167,20 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
     shapes, float kinds) and for NaN/inf; every problem is one ArtifactError naming the file.
     The weights are read with safetensors only: nothing in the folder is ever unpickled.
     """
-    from imgcls.models.registry import load_state_dict_strict
+    from imgcls.models.registry import check_state_dict
 
     p = resolve_artifact_dir(path)
     meta = _read_meta(p)
     check_arch_version(p, meta)
-    model = _build_model(p, meta)
+    # The layout is built on the meta device first (names, shapes, dtypes; no memory) and checked
+    # against the weights; only a model that fits them is built for real. Edited model_kwargs or
+    # class_names could otherwise ask for a model of many GB (widths [8, 8, 40000]: 58 GB) before
+    # the weights showed it wrong (found while writing tests/test_fuzz_inputs.py).
+    layout = _build_model(p, meta, device="meta")
     state = _read_weights(p / WEIGHTS_FILE)
-    _check_tensors(p / WEIGHTS_FILE, state, model)
+    _check_tensors(p / WEIGHTS_FILE, state, layout)
     try:
-        load_state_dict_strict(model, state, source=str(p / WEIGHTS_FILE))
+        check_state_dict(layout, state, source=str(p / WEIGHTS_FILE))
     except ValueError as e:
         made_by = meta.get("versions", {}).get("imgcls", "an unknown version")
         raise ArtifactError(
@@ -180,6 +188,8 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
             f"The model folder was written by imgcls {made_by}; if {meta['arch']}'s layout has changed since, "
             f"retrain it or load it with that version"
         ) from None
+    model = _build_model(p, meta)
+    model.load_state_dict(state, strict=True)
     # After the weights: when class_names was edited, the head's shape (above) is the clearer error.
     _check_class_count(p, meta)
     return model.to(device).eval(), meta
@@ -324,10 +334,12 @@ def _check_class_count(p: Path, meta: dict[str, Any]) -> None:
         raise ArtifactError(f"{p / META_FILE}: num_classes is {meta['num_classes']} but class_names lists {len(meta['class_names'])} names")
 
 
-def _build_model(p: Path, meta: dict[str, Any]) -> nn.Module:
+def _build_model(p: Path, meta: dict[str, Any], device: str | None = None) -> nn.Module:
+    """The model model.json describes, with fresh weights; on `device` "meta": its layout only."""
     kwargs = meta.get("model_kwargs", {})
     try:
-        return create_model(meta["arch"], num_classes=len(meta["class_names"]), **kwargs)
+        with torch.device(device) if device else contextlib.nullcontext():
+            return create_model(meta["arch"], num_classes=len(meta["class_names"]), **kwargs)
     except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
         shown = json.dumps(kwargs)
         shown = shown if len(shown) <= 120 else shown[:117] + "..."

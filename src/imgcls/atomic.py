@@ -7,16 +7,31 @@ with the process's normal mode (0666 less the umask), not mkstemp's 0600, so a m
 to a server or shared with a colleague stays readable by them; a writer that swaps its own file in
 at the temp path (safetensors' `save_file` writes a 0600 temp file and renames it) gets that mode
 put back before the rename.
+
+A write that fails for want of space (ENOSPC, a quota, a file size limit) or any other OS error is a
+`WriteError` that names the file (and says when the disk may be full); the old file stays in place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota full, file size limit (ulimit -f)
+
+
+class WriteError(OSError):
+    """A file could not be written; the message names it, and the file there is left as it was."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError) -> None:
+        hint = " - the disk may be full (or a quota or file size limit reached)" if cause.errno in _NO_SPACE else ""
+        super().__init__(f"could not write {path}: {cause.strerror or cause}{hint}; the file there is left as it was")
+        self.errno, self.path = cause.errno, Path(path)  # not .filename: OSError's str() would then drop the message
 
 
 def _temp_name(path: Path) -> Path:
@@ -46,12 +61,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (see the module docstring)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    """Write `data` to `path` atomically (see the module docstring); a `WriteError` when it cannot."""
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:  # the bare error ("[Errno 27] File too large") names no file, or only the temp file
+        raise WriteError(path, e) from e
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

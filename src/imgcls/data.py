@@ -197,8 +197,8 @@ def _read_manifest(csv_path: Path) -> list[tuple[int, str, str, str]]:
             path, label, given = row.get(path_col, ""), row.get(label_col, ""), row.get("split", "")
             if not path or not label:
                 raise DatasetError(f"{csv_path}:{lineno}: empty path or label")
-            if "\0" in path:
-                raise DatasetError(f"{csv_path}:{lineno}: the path contains a NUL byte")
+            if "\0" in path or "\0" in label:  # Python >= 3.11's csv reads NUL bytes; 3.10's refused the row
+                raise DatasetError(f"{csv_path}:{lineno}: the {'path' if chr(0) in path else 'label'} contains a NUL byte")
             rows.append((lineno, path, label, manifest_split(csv_path, lineno, given)))
     except csv.Error as e:  # a NUL byte, an over-long field, bad quoting in strict dialects
         raise DatasetError(f"{csv_path}:{reader.line_num}: not a readable CSV row ({e})") from None

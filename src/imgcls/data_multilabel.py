@@ -92,8 +92,8 @@ def _rows(csv_path: Path, text: str, path_col: str) -> list[tuple[int, str, str,
             path = lower.get(path_col, "")
             if not path:
                 raise DatasetError(f"{csv_path}:{lineno}: empty path")
-            if "\0" in path:
-                raise DatasetError(f"{csv_path}:{lineno}: the path contains a NUL byte")
+            if any("\0" in v for v in cells.values()):  # Python >= 3.11's csv reads NUL bytes; 3.10's refused the row
+                raise DatasetError(f"{csv_path}:{lineno}: the {'path' if chr(0) in path else 'row'} contains a NUL byte")
             out.append((lineno, path, manifest_split(csv_path, lineno, lower.get("split", "")), cells))
     except csv.Error as e:
         raise DatasetError(f"{csv_path}:{reader.line_num}: not a readable CSV row ({e})") from None

@@ -190,7 +190,9 @@ class CompiledForward:
         self.model, self.mode, self.log = model, mode, log or (lambda msg: None)
         self.compiler = compiler or (lambda m: torch.compile(m, dynamic=False))
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.shape: tuple[int, ...] | None = None  # the input shape the compiled copy serves
+        self.shape: tuple[int, ...] | None = None  # the input shape the compiled copy serves (the first, with `compile_for`)
+        self.shapes: set[tuple[int, ...]] = set()  # every input shape the compiled copy serves
+        self.forcing = False  # inside `compile_for`: compile each new shape, whatever the mode
         self.left = 0  # announced forward images not yet run
         self.eager_s, self.eager_images, self.calls = 0.0, 0, 0  # eager timing, first call (warm-up) left out
         self.largest = 0
@@ -208,31 +210,30 @@ class CompiledForward:
             return False
         return self.left * self.eager_s / self.eager_images >= COMPILE_PAYS_S
 
+    def compile_for(self, run: Callable[[], object]) -> None:
+        """Compile now for every input shape of the forward calls `run()` makes, whatever the mode:
+        a server's batch sizes at start-up (`serve_engine.Engine`), so that no request pays a
+        compile. One compiled copy recompiles per shape (dynamic=False); torch._dynamo's
+        recompile_limit (8) bounds the shapes. A compiler failure is raised, not logged, and leaves
+        the forward eager: the caller says what it serves with instead."""
+        self.forcing = True
+        try:
+            run()
+        except Exception:
+            self.compiled, self.shape, self.shapes = None, None, set()
+            raise
+        finally:
+            self.forcing = False
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         self.left = max(0, self.left - batch)
-        if self.compiled is not None and tuple(x.shape) == self.shape:
+        if self.compiled is not None and tuple(x.shape) in self.shapes:
             return self.compiled(x)
         self.largest = max(self.largest, batch)
-        if self._worth_compiling(batch):
-            self.log(f"compiling the model for batches of {batch} (torch.compile, 10-30 s, once; --compile off to skip)")
-            t0 = time.perf_counter()
-            try:
-                compiled = self.compiler(self.model)
-                # Freezing (weights as constants: BatchNorm folded, bf16 weights prepacked for oneDNN)
-                # is what makes it pay: 2.3x eager with it, 1.1x without, for efficientnet_lite0 at
-                # batch 8. It applies when the first call compiles; torch.compile(options=
-                # {"freezing": True}) did not turn it on (torch 2.13), the config patch does.
-                import torch._inductor.config as inductor_config
-
-                with inductor_config.patch(freezing=True):
-                    out = compiled(x)  # compiles now
-            except Exception as e:  # noqa: BLE001  (any compiler failure: stay eager)
-                self.mode = "off"
-                self.log(f"torch.compile failed, predicting without it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            else:
-                self.compiled, self.shape = compiled, tuple(x.shape)
-                self.log(f"compiled in {time.perf_counter() - t0:.1f}s")
+        if self.forcing or self._worth_compiling(batch):
+            out = self._compile(x)
+            if out is not None:
                 return out
         t0 = time.perf_counter()
         out = self.model(x)
@@ -240,6 +241,34 @@ class CompiledForward:
         if self.calls > 1 and batch == self.largest:  # the first call warms up oneDNN
             self.eager_s += time.perf_counter() - t0
             self.eager_images += batch
+        return out
+
+    def _compile(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Compile for x's shape and run the compiled copy on x; None when the compiler failed (logged,
+        then the forward stays eager; raised inside `compile_for`)."""
+        if not self.forcing:
+            self.log(f"compiling the model for batches of {x.shape[0]} (torch.compile, 10-30 s, once; --compile off to skip)")
+        t0 = time.perf_counter()
+        try:
+            compiled = self.compiled if self.compiled is not None else self.compiler(self.model)
+            # Freezing (weights as constants: BatchNorm folded, bf16 weights prepacked for oneDNN)
+            # is what makes it pay: 2.3x eager with it, 1.1x without, for efficientnet_lite0 at
+            # batch 8. It applies when the first call compiles; torch.compile(options=
+            # {"freezing": True}) did not turn it on (torch 2.13), the config patch does.
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(freezing=True):
+                out = compiled(x)  # compiles now (a new shape: recompiles)
+        except Exception as e:  # noqa: BLE001  (any compiler failure: stay eager)
+            if self.forcing:
+                raise
+            self.mode = "off"
+            self.log(f"torch.compile failed, predicting without it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return None
+        self.compiled, self.shape = compiled, self.shape or tuple(x.shape)
+        self.shapes.add(tuple(x.shape))
+        if not self.forcing:
+            self.log(f"compiled in {time.perf_counter() - t0:.1f}s")
         return out
 
 

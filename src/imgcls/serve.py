@@ -6,7 +6,8 @@ and `body_timeout_s`, multipart split chunk by chunk as it arrives) -> a place i
 `_decode_all` (in the decode threads: the header checked against `max_decoded_mb`, the image's
 decoding memory held from the `decode_budget_mb` budget, `Classifier.prepare`, the same decode and
 resize as `imgcls predict`) -> `batching.Batcher` (one inference thread runs
-`Classifier.predict_arrays` on whole batches) -> `inference.answer.answer` (the same answer dict
+`serve_engine.Engine` on whole batches: `Classifier.infer_arrays`, each batch padded to one of a few
+bucket sizes that were compiled at start-up) -> `inference.answer.answer` (the same answer dict
 `Classifier.predict` returns) -> JSON.
 
 Requests are batched dynamically: the inference thread takes the first waiting request, waits up
@@ -41,6 +42,7 @@ from imgcls.inference.explain import UNAVAILABLE, UploadExplainer
 from imgcls.inference.trust import Outputs
 from imgcls.io import ImageDecodeError, read_header
 from imgcls.predict import Classifier
+from imgcls.serve_engine import Engine
 from imgcls.serve_schema import (  # re-exported: callers import the schema from imgcls.serve
     Error,
     Explanation,
@@ -117,8 +119,9 @@ class _Service:
         self.meta = classifier.meta
         self.class_names = list(classifier.class_names)
         self.model_ref = {"name": str(self.meta.get("arch", "model")), "version": model_version(self.meta)}
-        infer = infer or (lambda x: classifier.infer_arrays(x, batch_size=s.max_batch))
-        self.batcher = Batcher(infer, s.max_batch, s.batch_wait_ms, s.queue_size, s.batching)
+        # The forward pass, padded to bucket sizes compiled in `lifespan` (`infer` from a test replaces it)
+        self.engine = Engine(classifier, s.buckets, s.max_batch, s.compile, log.info)
+        self.batcher = Batcher(infer or self.engine, s.max_batch, s.batch_wait_ms, s.queue_size, s.batching)
         # The cores the inference thread's forward passes leave (one decode thread on 2 cores): decoding
         # beside two intra-op threads made their barriers wait; the forward's ThreadTuner (predict.Classifier)
         # drops to one thread when decoding still competes.
@@ -137,9 +140,17 @@ class _Service:
         s, model_ref = self.s, self.model_ref
         self.runtime["pool"] = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="imgcls-decode")
         self.runtime["explain"] = ThreadPoolExecutor(1, thread_name_prefix="imgcls-explain")  # one: the explainer's model is not shared
+        self.engine.start()  # compiles the bucket shapes (seconds to minutes) before the first request is accepted
         self.batcher.start()
         batching = f"up to {s.max_batch} images, wait {s.batch_wait_ms:g} ms" if s.batching else "off"
-        log.info("serving %s %s (%d classes), batching %s", model_ref["name"], model_ref["version"], len(self.class_names), batching)
+        log.info(
+            "serving %s %s (%d classes), batching %s, engine %s",
+            model_ref["name"],
+            model_ref["version"],
+            len(self.class_names),
+            batching,
+            self.engine.name,
+        )
         try:
             yield
         finally:
@@ -260,6 +271,7 @@ class _Service:
             "model": self.model_ref,
             "queue": {"waiting": batcher.waiting, "ready": batcher.ready, "capacity": batcher.capacity},
             "batching": self.s.batching,
+            "engine": self.engine.describe(),  # compiled / eager / onnx, its buckets, start-up seconds
             "forward_calls": batcher.forward_calls,
             "images": batcher.images_done,
             "decoding": {"bytes": budget.in_use, "peak_bytes": budget.peak, "budget_bytes": budget.capacity},
@@ -281,6 +293,7 @@ class _Service:
             "versions": meta.get("versions", {}),
             "runtime": {
                 "backend": meta.get("backend", "torch"),
+                "engine": self.engine.name,
                 "device": str(classifier.device),
                 "precision": str(classifier.amp_dtype or "float32").replace("torch.", ""),
             },

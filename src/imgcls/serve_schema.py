@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from imgcls.artifact import WEIGHTS_FILE
+from imgcls.config import COMPILE_MODES
 from imgcls.uploads import UPLOAD_FIELD
 
 
@@ -42,6 +43,12 @@ class ServeSettings:
         draft); more -> 413. A small file can decode to gigabytes: a 16-bit PNG, a lossless WebP.
     decode_budget_mb: memory all the images being decoded at once may take; an image that does not
         fit waits up to `serve.DECODE_WAIT_S` for others to finish, then its request gets 503.
+    buckets: the batch sizes a forward pass is padded to (`serve_engine.Engine`), increasing, the
+        largest equal to max_batch; None: 1, 4, 8, ... up to max_batch (`default_buckets`) when the
+        model is compiled or runs in onnxruntime, no padding when it runs eagerly; (): no padding.
+    compile: "auto" compiles the model for each bucket at start-up (torch.compile, frozen weights)
+        when torch.compile works here and the model is large enough for it to pay, else serves
+        eagerly, with the reason in the log; "on" compiles or fails to start; "off" never compiles.
     """
 
     max_upload_mb: float = 20.0
@@ -56,6 +63,8 @@ class ServeSettings:
     max_client_requests: int = 32
     max_decoded_mb: float = 256.0
     decode_budget_mb: float = 512.0
+    buckets: tuple[int, ...] | None = None
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_upload_mb", "body_timeout_s", "max_decoded_mb"):
@@ -69,6 +78,12 @@ class ServeSettings:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"batch_wait_ms must be in [0, 1000], got {self.batch_wait_ms}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.buckets is not None:
+            check_buckets(self.buckets, self.max_batch)
+        if self.compile == "on" and self.buckets == ():
+            raise ValueError("compile 'on' needs batch buckets to compile (buckets off was given)")
         if not self.decode_budget_mb >= self.max_decoded_mb:
             raise ValueError(
                 f"decode_budget_mb ({self.decode_budget_mb}) must be >= max_decoded_mb ({self.max_decoded_mb}): "
@@ -86,6 +101,32 @@ class ServeSettings:
     @property
     def decode_budget_bytes(self) -> int:
         return int(self.decode_budget_mb * 2**20)
+
+
+# torch._dynamo recompiles a compiled model once per batch shape up to its recompile_limit (8), then
+# runs the frame eagerly: more buckets than that would leave some uncompiled.
+MAX_BUCKETS = 8
+
+
+def default_buckets(max_batch: int) -> tuple[int, ...]:
+    """1, 4, 8, 16, ... below max_batch, then max_batch: (1, 4, 8, 16) for 16, (1, 4, 8, 12) for 12."""
+    out, b = [1], 4
+    while b < max_batch and len(out) < MAX_BUCKETS - 1:
+        out.append(b)
+        b *= 2
+    return tuple(sorted({*out, max_batch}))
+
+
+def check_buckets(buckets: tuple[int, ...], max_batch: int) -> None:
+    """ValueError unless `buckets` is () or increasing integers >= 1, at most MAX_BUCKETS, the largest max_batch."""
+    if not buckets:
+        return
+    if not all(isinstance(b, int) and b >= 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"buckets must be increasing integers >= 1, got {list(buckets)}")
+    if len(buckets) > MAX_BUCKETS:
+        raise ValueError(f"at most {MAX_BUCKETS} buckets (torch.compile recompiles at most that many shapes), got {len(buckets)}")
+    if buckets[-1] != max_batch:
+        raise ValueError(f"the largest bucket ({buckets[-1]}) must equal max_batch ({max_batch}): every batch must fit in a bucket")
 
 
 def model_version(meta: dict[str, Any]) -> str:
@@ -151,6 +192,12 @@ class Error(BaseModel):
     detail: str
 
 
+class ValidationErrors(BaseModel):
+    """FastAPI's own 422 answer for a query parameter out of range: one entry per problem."""
+
+    detail: list[dict[str, Any]]
+
+
 # ---------------------------------------------------------------------------------- OpenAPI
 
 
@@ -168,6 +215,8 @@ def predict_body(s: ServeSettings) -> dict[str, Any]:
                         UPLOAD_FIELD: {
                             "type": "array",
                             "items": binary,
+                            "minItems": 1,
+                            "maxItems": s.max_images,
                             "description": f"one or more images (repeat the field), at most {s.max_images}",
                         },
                         "top_k": {"type": "integer", "minimum": 1, "description": "classes per image"},
@@ -191,6 +240,8 @@ def predict_errors(s: ServeSettings) -> dict[int | str, dict[str, Any]]:
             f"take over {s.max_decoded_mb:g} MB to decode (a decompression bomb)",
         },
         415: {"model": Error, "description": "not an image in a format imgcls reads, or an unsupported content type"},
+        # The form's top_k is checked by imgcls (a message), the query's by FastAPI (its list of problems).
+        422: {"model": Error | ValidationErrors, "description": "top_k or coverage out of range"},
         429: {"model": Error, "description": f"this client already has {s.max_client_requests} requests in progress"},
         501: {"model": Error, "description": "?explain=true where the server has no model folder to explain with (a bare ONNX file)"},
         503: {"model": Error, "description": "the queue is full, or decoding memory is taken by other requests; retry later"},

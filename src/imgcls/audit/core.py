@@ -4,7 +4,8 @@ The document (also written as audit.json) has these keys:
 
 - "version", "data" (the path given), "root" (absolute folder that "paths" are relative to),
   "layout", "class_names", "splits" ({split: images}), "num_images", "ignored" ({reason: count}
-  of files the index skipped), "settings" (features, input size, thresholds), "timings" (s);
+  of files the index skipped), "settings" (features, "feature_size" the feature pass ran at and
+  "feature_size_chosen" how, the data's "median_short_side", thresholds), "timings" (s);
 - "class_counts" ({class: {split: n, ..., "total": n}}) and "imbalance_ratio" (largest class
   over smallest, null when a class has no image);
 - "probe_accuracy": out-of-fold accuracy of the linear probe (null without features);
@@ -17,10 +18,12 @@ The document (also written as audit.json) has these keys:
   from the first member), min_cosine (feature cosine to the first member, null without features);
   label_issues: given, suggested, self_confidence, suggested_probability, rank;
   outliers: neighbour_similarity, z, nearest_class; tiny: width, height, median_short_side;
-  extreme_aspect: width, height, aspect_ratio; dark and near_constant: mean_grey, std_grey;
+  extreme_aspect: width, height, aspect_ratio; dark, bright and near_constant: mean_grey, std_grey;
   blurry: laplacian_var, median_laplacian_var; unusual_mode: mode, format, reason.
-- "typical": {"dark" | "near_constant": {class: n}} for classes where such images are the norm
-  (more than TYPICAL_FRACTION of the class): those images are counted there, not flagged.
+- "typical": {"dark" | "bright" | "near_constant": {class: n}}: images past the absolute bound
+  (pixels.DARK_MEAN, BRIGHT_MEAN, CONSTANT_STD) but not far from their class's median, i.e. what
+  the class looks like (MNIST's black backgrounds, calm water): counted there, not flagged
+  (`pixels.unusual_for_class`).
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ from imgcls.audit import labels as label_checks
 from imgcls.audit import neighbours as nb
 from imgcls.audit.features import (
     DEFAULT_FEATURE_MODEL,
-    DEFAULT_FEATURE_SIZE,
     PIXELS,
     FeatureExtractor,
+    choose_feature_size,
     embedding,
     model_extractor,
     pixel_extractor,
@@ -54,8 +57,6 @@ from imgcls.config import DEFAULT_MAX_PIXELS
 from imgcls.data import DatasetIndex, decode_images, index_dataset
 from imgcls.transforms import PreprocessSpec
 
-TYPICAL_FRACTION = 0.2  # dark or near-constant in more of a class than this: how the class looks (_split_typical)
-
 REPORT_VERSION = 1
 NO_FEATURES = "none"
 FINDING_KINDS = (
@@ -67,6 +68,7 @@ FINDING_KINDS = (
     "tiny",
     "extreme_aspect",
     "dark",
+    "bright",
     "near_constant",
     "blurry",
     "unusual_mode",
@@ -83,12 +85,13 @@ class AuditOptions:
     features: a registered model name (pooled pre-logit features), "pixels" (the images
     themselves at 16 px: no model, for tests), or "none" (no features: no label probe, no
     outliers, near-duplicates by hash only). feature_size: the model's input size for the
-    feature pass (None: the model's own). folds: k of the k-fold label probe.
+    feature pass (None: chosen from the data's median short side, `features.choose_feature_size`;
+    0: the model's own). folds: k of the k-fold label probe.
     """
 
     features: str = DEFAULT_FEATURE_MODEL
     pretrained: bool = True
-    feature_size: int | None = DEFAULT_FEATURE_SIZE
+    feature_size: int | None = None
     folds: int = label_checks.DEFAULT_FOLDS
     seed: int = 0
     duplicates: nb.DuplicateRule = field(default_factory=nb.DuplicateRule)
@@ -115,12 +118,13 @@ class _Measured:
     failures: dict[int, str]  # sample index -> the decoder's reason
 
 
-def _extractor(options: AuditOptions) -> FeatureExtractor | None:
+def _extractor(options: AuditOptions, median_short_side: int) -> FeatureExtractor | None:
     if not options.uses_features:
         return None
     if options.features == PIXELS:
         return pixel_extractor()
-    return model_extractor(options.features, options.pretrained, options.feature_size, options.precision, options.batch_size)
+    size = choose_feature_size(median_short_side) if options.feature_size is None else (options.feature_size or None)
+    return model_extractor(options.features, options.pretrained, size, options.precision, options.batch_size)
 
 
 def _measure(samples: list[Sample], extractor: FeatureExtractor | None, options: AuditOptions, progress: bool) -> _Measured:
@@ -185,7 +189,10 @@ def _near_duplicate_groups(m: _Measured, neighbours: nb.Neighbours, embed: np.nd
     for group in neighbours.groups:
         if len({m.hashes[g] for g in group}) < 2:
             continue
-        bits = hamming(m.stats.phash[group[:1], None], m.stats.phash[None, group])[0]
+        bits = np.minimum(
+            hamming(m.stats.phash[group[:1], None], m.stats.phash[None, group])[0],
+            hamming(m.stats.phash[group[:1], None], m.stats.phash_mirror[None, group])[0],
+        )
         figs = {"max_hash_bits": int(bits.max()), "min_cosine": None}
         if embed is not None:
             figs["min_cosine"] = round(float((embed[group] @ embed[group[0]]).min()), 4)
@@ -267,27 +274,6 @@ def _single(
     return out
 
 
-def _split_typical(
-    found: dict[str, list[tuple[int, dict]]], labels: list[int], class_names: list[str]
-) -> tuple[dict[str, list[tuple[int, dict]]], dict[str, dict[str, int]]]:
-    """Leave out the dark and near-constant images that are typical of their class.
-
-    When more than TYPICAL_FRACTION of a class is dark or near-constant (calm water and dense
-    forest tiles in satellite data, night shots), that is what the class looks like, not a broken
-    file: those images are not findings and never marked to exclude; the counts per class are
-    returned as {kind: {class: n}} for the summary.
-    """
-    per_class = Counter(labels)
-    kept, typical = dict(found), {}
-    for kind in ("dark", "near_constant"):
-        n = Counter(labels[i] for i, _ in found.get(kind, []))
-        usual = {c for c, k in n.items() if k > TYPICAL_FRACTION * per_class[c]}
-        kept[kind] = [(i, f) for i, f in found.get(kind, []) if labels[i] not in usual]
-        if usual:
-            typical[kind] = {class_names[c]: n[c] for c in sorted(usual)}
-    return kept, typical
-
-
 def run_audit(
     data: str | os.PathLike, options: AuditOptions | None = None, progress: bool = True, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -307,7 +293,9 @@ def run_audit(
     timings["headers_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    extractor = _extractor(options)
+    short_sides = sorted(min(h.width, h.height) for h in headers if not h.error and h.width > 0)
+    median_short_side = short_sides[len(short_sides) // 2] if short_sides else 0
+    extractor = _extractor(options, median_short_side)
     m = _measure(samples, extractor, options, progress)
     timings["decode_features_s"] = time.perf_counter() - t
 
@@ -315,7 +303,9 @@ def run_audit(
     components = principal_components(m.features) if m.features is not None and len(m.ok) > 1 else None
     embed = embedding(components) if components is not None else None
     comparable = m.stats.std >= CONSTANT_STD  # near-constant images have no content to compare
-    neighbours = nb.search(m.stats.phash, m.stats.thumb, embed, options.duplicates, progress=progress, comparable=comparable)
+    neighbours = nb.search(
+        m.stats.phash, m.stats.thumb, embed, options.duplicates, progress=progress, comparable=comparable, phash_mirror=m.stats.phash_mirror
+    )
     timings["compare_s"] = time.perf_counter() - t
 
     findings: dict[str, list[dict]] = {"unreadable": [make.entry([i], [i], reason=r) for i, r in sorted(m.failures.items())]}
@@ -332,8 +322,9 @@ def run_audit(
     timings["label_probe_s"] = time.perf_counter() - t
     findings["outliers"] = _outlier_entries(m, neighbours, samples, index.class_names, make, options)
     findings.update(_single(header_findings(headers), ("tiny", "extreme_aspect", "unusual_mode"), make, lambda i: i))
-    pixel_found, typical = _split_typical(pixel_findings(m.stats), [samples[int(i)].label for i in m.ok], index.class_names)
-    findings.update(_single(pixel_found, ("dark", "near_constant", "blurry"), make, lambda j: int(m.ok[j]), exclude=("near_constant",)))
+    pixel_found, typical = pixel_findings(m.stats, np.array([samples[int(i)].label for i in m.ok], np.int64))
+    pixel_kinds = ("dark", "bright", "near_constant", "blurry")
+    findings.update(_single(pixel_found, pixel_kinds, make, lambda j: int(m.ok[j]), exclude=("near_constant",)))
     timings["total_s"] = time.perf_counter() - t0
 
     counts, ratio = class_counts(index)
@@ -349,10 +340,10 @@ def run_audit(
         "class_counts": counts,
         "imbalance_ratio": ratio,
         "probe_accuracy": probe_accuracy,
-        "settings": _settings(options, extractor),
+        "settings": {**_settings(options, extractor), "median_short_side": median_short_side},
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "findings": {kind: findings.get(kind, []) for kind in FINDING_KINDS},
-        "typical": typical,
+        "typical": {kind: {index.class_names[c]: n for c, n in per_class.items()} for kind, per_class in typical.items()},
     }
 
 
@@ -362,12 +353,17 @@ def _settings(options: AuditOptions, extractor: FeatureExtractor | None) -> dict
     return {
         "features": extractor.name if extractor else NO_FEATURES,
         "feature_spec": extractor.spec.to_dict() if extractor else None,
+        "feature_size": extractor.spec.img_size if extractor else None,
+        "feature_size_chosen": "auto (median short side)" if options.feature_size is None else "given",
         "folds": options.folds,
         "seed": options.seed,
         "duplicates": asdict(options.duplicates),
         "outlier_z": options.outlier_z,
         "dark_mean": pixels.DARK_MEAN,
+        "bright_mean": pixels.BRIGHT_MEAN,
+        "dark_relative": pixels.DARK_RELATIVE,
         "constant_std": pixels.CONSTANT_STD,
+        "constant_relative": pixels.CONSTANT_RELATIVE,
         "blur_relative": pixels.BLUR_RELATIVE,
         "tiny_absolute": scan.TINY_ABSOLUTE,
         "tiny_relative": scan.TINY_RELATIVE,

@@ -29,8 +29,9 @@ TITLES = {
     "outliers": ("Outliers", "Far from every other image in feature space."),
     "tiny": ("Tiny images", "Short side far below the data set's typical size."),
     "extreme_aspect": ("Extreme aspect ratios", "The centre crop keeps a small part of these."),
-    "dark": ("Dark images", "Mean grey level near black."),
-    "near_constant": ("Near-constant images", "Blank or uniform: almost no variation."),
+    "dark": ("Dark images", "Mean grey level near black and far below their class's median."),
+    "bright": ("Bright images", "Mean grey level near white and far above their class's median."),
+    "near_constant": ("Near-constant images", "Blank or uniform: almost no variation, unlike the rest of their class."),
     "blurry": ("Very blurry images", "Variance of the Laplacian far below the data set's median."),
     "unusual_mode": ("Unusual colour modes", "From the file header: CMYK, 16-bit, alpha, palette, greyscale among colour."),
 }

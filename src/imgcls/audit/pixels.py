@@ -13,6 +13,7 @@ resized or re-encoded copy keeps its low frequencies, so its hash differs in a f
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +21,23 @@ import numpy as np
 THUMB = 64  # side of the grey thumbnail the statistics are measured on
 HASH_SIZE = 8  # 8x8 low frequencies -> 64-bit hash
 HASH_DCT = 32  # the image is reduced to 32x32 before the DCT (imagehash's highfreq_factor 4)
-# Thresholds on the 0..255 grey thumbnail.
-DARK_MEAN = 20.0  # mean grey below this: a dark (under-exposed, black) image
-CONSTANT_STD = 4.0  # grey standard deviation below this: near-constant (blank, uniform)
+# Thresholds on the 0..255 grey thumbnail. Each is an absolute bound AND a bound relative to the
+# median of the image's class (`unusual_for_class`): an image is flagged when it is far off what its
+# class looks like, not when the whole class looks like that. MNIST (white ink on black, class means
+# 19-44 grey) flagged 2,813 digits "dark" on the absolute bound alone; EuroSAT's calm water and
+# dense forest tiles are near-constant by nature (std medians 1.5 and 3.6).
+DARK_MEAN = 20.0  # mean grey below this may be dark (under-exposed, black) ...
+BRIGHT_MEAN = 235.0  # ... above this may be bright (over-exposed, white) ...
+# ... when also below DARK_RELATIVE x the class median (for bright: 255 - mean below that share of
+# 255 - the class median). 0.25: a photo at mean 15 among photos at 100 is dark; the faintest MNIST
+# digits (mean 9.5 in class "1" at median 18.7, 12.5 in "9" at 30.7) are not. At 1/3, 4 of 20,000
+# MNIST digits were (faint strokes at mean 8-11 in classes at median 30-38).
+DARK_RELATIVE = 0.25
+CONSTANT_STD = 4.0  # grey standard deviation below this may be near-constant (blank, uniform) ...
+# ... when also below CONSTANT_RELATIVE x the class median std: a uniform tile in a textured class,
+# not a calm-water tile among calm water (a class of blank images has median 0 and flags none).
+CONSTANT_RELATIVE = 0.2
+MIN_CLASS = 10  # classes with fewer images are compared with the whole data set's median
 # Variance of the Laplacian (Pech-Pacheco et al. 2000) below BLUR_RELATIVE x the data set's median
 # is "very blurry". Relative, because the absolute value depends on the source resolution: every
 # CIFAR image upscaled to the model's size is soft, and none should be flagged for that.
@@ -38,6 +53,7 @@ class PixelStats:
     """Per-image statistics, aligned with the images they were computed from."""
 
     phash: np.ndarray  # (N,) uint64
+    phash_mirror: np.ndarray  # (N,) uint64: the hash of the horizontally mirrored image
     mean: np.ndarray  # (N,) float32, grey level 0..255
     std: np.ndarray  # (N,) float32
     laplacian_var: np.ndarray  # (N,) float32
@@ -47,8 +63,10 @@ class PixelStats:
     def concat(cls, parts: list[PixelStats]) -> PixelStats:
         if not parts:
             empty = np.zeros(0, np.float32)
-            return cls(np.zeros(0, np.uint64), empty, empty, empty, np.zeros((0, SIGNATURE * SIGNATURE), np.float32))
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("phash", "mean", "std", "laplacian_var", "thumb")))
+            hashes = np.zeros(0, np.uint64)
+            return cls(hashes, hashes, empty, empty, empty, np.zeros((0, SIGNATURE * SIGNATURE), np.float32))
+        fields = ("phash", "phash_mirror", "mean", "std", "laplacian_var", "thumb")
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -77,8 +95,13 @@ def grey_thumbnails(images: np.ndarray, size: int = THUMB) -> torch.Tensor:  # n
     return grey
 
 
-def phash_bits(grey: torch.Tensor) -> np.ndarray:  # noqa: F821
-    """Grey thumbnails (N, 1, H, W) -> 64-bit perceptual hashes (N,) uint64."""
+def phash_bits(grey: torch.Tensor, mirror: bool = False) -> np.ndarray:  # noqa: F821
+    """Grey thumbnails (N, 1, H, W) -> 64-bit perceptual hashes (N,) uint64.
+
+    mirror: the hash of the horizontally mirrored thumbnails, from the same DCT: mirroring the
+    columns flips the sign of every odd horizontal frequency (the resize is symmetric too), so a
+    mirrored copy's hash equals the original's mirror hash.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -89,7 +112,10 @@ def phash_bits(grey: torch.Tensor) -> np.ndarray:  # noqa: F821
     )
     d = torch.from_numpy(_DCT)
     coeffs = d @ small[:, 0] @ d.T  # (N, 32, 32): 2-D DCT-II
-    low = coeffs[:, :HASH_SIZE, :HASH_SIZE].reshape(len(grey), -1)  # (N, 64)
+    low = coeffs[:, :HASH_SIZE, :HASH_SIZE]  # (N, 8 vertical, 8 horizontal frequencies)
+    if mirror:
+        low = low * torch.tensor([1.0, -1.0] * (HASH_SIZE // 2))  # odd horizontal frequencies change sign
+    low = low.reshape(len(grey), -1)  # (N, 64)
     bits = (low > low.median(dim=1, keepdim=True).values).numpy()  # (N, 64) bool
     return (bits.astype(np.uint64) * _BITS).sum(axis=1, dtype=np.uint64)
 
@@ -109,6 +135,7 @@ def pixel_stats(images: np.ndarray) -> PixelStats:
     sig = F.normalize(sig - sig.mean(dim=1, keepdim=True), dim=1)
     return PixelStats(
         phash=phash_bits(grey),
+        phash_mirror=phash_bits(grey, mirror=True),
         mean=flat.mean(dim=1).numpy().astype(np.float32),
         std=flat.std(dim=1, correction=0).numpy().astype(np.float32),
         laplacian_var=edges.flatten(1).var(dim=1, correction=0).numpy().astype(np.float32),
@@ -116,26 +143,59 @@ def pixel_stats(images: np.ndarray) -> PixelStats:
     )
 
 
+def mirror_signatures(thumb: np.ndarray) -> np.ndarray:
+    """Signatures (N, SIGNATURE**2) of the horizontally mirrored images (a column permutation)."""
+    return np.ascontiguousarray(thumb.reshape(-1, SIGNATURE, SIGNATURE)[:, :, ::-1].reshape(thumb.shape))
+
+
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Bit differences between uint64 hashes, broadcast: a (n, 1) with b (m,) -> (n, m) uint8."""
     return np.bitwise_count(np.bitwise_xor(a, b)).astype(np.uint8)
 
 
-def pixel_findings(stats: PixelStats) -> dict[str, list[tuple[int, dict]]]:
-    """(image index, figures) for "dark", "near_constant" and "blurry" images.
+def unusual_for_class(values: np.ndarray, labels: np.ndarray, absolute: float, relative: float) -> tuple[np.ndarray, np.ndarray]:
+    """(flagged, typical) boolean masks for "low" values: below `absolute` and below `relative` x the class median.
+
+    typical: below `absolute` but not flagged, i.e. what that class looks like. Classes of fewer
+    than MIN_CLASS images use the median of the whole data set.
+    """
+    low = values < absolute
+    reference = np.full(len(values), float(np.median(values)) if len(values) else 0.0)
+    for c in np.unique(labels):
+        members = labels == c
+        if members.sum() >= MIN_CLASS:
+            reference[members] = float(np.median(values[members]))
+    flagged = low & (values < relative * reference)
+    return flagged, low & ~flagged
+
+
+def pixel_findings(stats: PixelStats, labels: np.ndarray) -> tuple[dict[str, list[tuple[int, dict]]], dict[str, dict[int, int]]]:
+    """(image index, figures) for "dark", "bright", "near_constant" and "blurry" images, and the
+    counts per class label of the images left unflagged because they are typical of their class
+    ({kind: {label: n}}, see `unusual_for_class`).
 
     A near-constant image is not also called blurry: it has no edges to be sharp.
     """
-    out: dict[str, list[tuple[int, dict]]] = {"dark": [], "near_constant": [], "blurry": []}
+    labels = np.asarray(labels)
+    out: dict[str, list[tuple[int, dict]]] = {"dark": [], "bright": [], "near_constant": [], "blurry": []}
+    masks = {
+        "dark": unusual_for_class(stats.mean, labels, DARK_MEAN, DARK_RELATIVE),
+        "bright": unusual_for_class(255.0 - stats.mean, labels, 255.0 - BRIGHT_MEAN, DARK_RELATIVE),
+        "near_constant": unusual_for_class(stats.std, labels, CONSTANT_STD, CONSTANT_RELATIVE),
+    }
+    typical = {}
+    for kind, (_, usual) in masks.items():
+        per_class = Counter(labels[usual].tolist())
+        if per_class:
+            typical[kind] = dict(sorted(per_class.items()))
     textured = stats.std >= CONSTANT_STD
     median_lap = float(np.median(stats.laplacian_var[textured])) if textured.any() else 0.0
     for i in range(len(stats.mean)):
         figs = {"mean_grey": round(float(stats.mean[i]), 1), "std_grey": round(float(stats.std[i]), 1)}
-        if stats.mean[i] < DARK_MEAN:
-            out["dark"].append((i, figs))
-        if not textured[i]:
-            out["near_constant"].append((i, figs))
-        elif median_lap > 0 and stats.laplacian_var[i] < BLUR_RELATIVE * median_lap:
+        for kind, (flagged, _) in masks.items():
+            if flagged[i]:
+                out[kind].append((i, figs))
+        if textured[i] and median_lap > 0 and stats.laplacian_var[i] < BLUR_RELATIVE * median_lap:
             figs = {"laplacian_var": round(float(stats.laplacian_var[i]), 2), "median_laplacian_var": round(median_lap, 2)}
             out["blurry"].append((i, figs))
-    return out
+    return out, typical

@@ -15,11 +15,12 @@ __all__ = ["build_parser", "main"]
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from imgcls.atomic import WriteError
     from imgcls.models import MissingWeightsError
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, MissingWeightsError) as e:  # bad input: say what, no traceback
+    except (ValueError, FileNotFoundError, MissingWeightsError, WriteError) as e:  # bad input, a full disk: say what, no traceback
         print(f"imgcls: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -72,7 +72,15 @@ def cmd_train(a: argparse.Namespace) -> int:
         if not (Path(a.out) / CHECKPOINT_FILE).exists():
             print(f"imgcls: no checkpoint in {a.out} to resume from", file=sys.stderr)
             return 2
-    fit(cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
+    import os
+
+    from imgcls.training.distributed import DistributedError, ranks_from_env
+
+    try:  # under torchrun (WORLD_SIZE > 1) this process is one rank of a distributed run
+        fit(cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet, ranks=ranks_from_env(os.environ))
+    except DistributedError as e:
+        print(f"imgcls: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -157,6 +165,8 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
+    if a.engine == "ray" or a.out:
+        return _predict_ray(a)
     from imgcls.predict import Classifier, expand_inputs
 
     clf = Classifier.load(
@@ -165,9 +175,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
         backend=a.backend,
         tta=a.tta,
         unknown_threshold=a.unknown_threshold,
-        **(
-            {"compile": a.compile, "log": lambda s: print(s, file=sys.stderr), "threads": a.threads or None} if a.backend == "torch" else {}
-        ),
+        compile=a.compile,  # torch only; "auto" may pick torch
+        log=lambda s: print(s, file=sys.stderr),
+        threads=a.threads or None,
     )
     if a.coverage is not None:
         clf.trust.qhat(a.coverage)  # a model without conformal scores (or a multi-label one) fails before any image is read
@@ -205,6 +215,42 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if n_ok < len(results):
         print(f"imgcls: {len(results) - n_ok} of {len(results)} inputs could not be read", file=sys.stderr)
     return 0 if n_ok else 1
+
+
+def _predict_ray(a: argparse.Namespace) -> int:
+    """`imgcls predict --engine ray --out FILE`: Ray actors answer, one row per file in FILE."""
+    problem = (
+        "--out needs --engine ray (the local engine prints --json or --csv)"
+        if a.engine != "ray"
+        else "--engine ray needs --out FILE.parquet or FILE.csv"
+        if not a.out
+        else "--engine ray writes its rows to --out; --json, --csv and --explain are for the local engine"
+        if a.json or a.csv or a.explain
+        else ""
+    )
+    if problem:
+        print(f"imgcls: {problem}", file=sys.stderr)
+        return 2
+    from imgcls.predict import expand_inputs
+
+    paths = expand_inputs(a.paths)
+    if not paths:
+        print("imgcls: no input images", file=sys.stderr)
+        return 1
+    load_kwargs = {"device": a.device, "backend": a.backend, "tta": a.tta, "unknown_threshold": a.unknown_threshold}
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    try:  # Ray or pyarrow missing: the message names `pip install "imgcls[ray]"`
+        from imgcls.predict_ray import predict_to_file
+
+        n, n_err = predict_to_file(
+            a.model, paths, a.out, a.address, a.workers, a.threads or 1, a.top_k, a.batch_size, a.coverage, load_kwargs, log=log
+        )
+    except ModuleNotFoundError as e:
+        print(f"imgcls: {e}", file=sys.stderr)
+        return 2
+    unread = f"; {n_err} of {n} inputs could not be read (their rows give the error)" if n_err else ""
+    print(f"imgcls: {n} rows in {a.out}{unread}", file=sys.stderr)
+    return 0 if n_err < n else 1
 
 
 def _print_predictions(results: list[dict[str, Any]]) -> None:
@@ -293,6 +339,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_decoded_mb=a.max_decoded_mb,
         decode_budget_mb=a.decode_budget_mb,
         default_top_k=a.default_top_k,
+        buckets=a.buckets,
+        compile=a.compile,
     )
     if a.threads:
         set_threads(a.threads)

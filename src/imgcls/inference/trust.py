@@ -1,7 +1,7 @@
 """What a model folder says about trusting its answers, and how every answer applies it.
 
 model.json carries three sections, fitted on the validation split at the end of training
-(`fit_trust`, called by `training.fit.finish_run`) from the kept weights' logits, computed with
+(`fit_trust`, called by `training.finish.finish_run`) from the kept weights' logits, computed with
 the numerics and TTA of evaluation:
 
 - "calibration" {"temperature", "nll_before", "nll_after", "ece_before", "ece_after", "fitted_on",

@@ -91,6 +91,13 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, **kwargs
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load `state` into `model`, raising an error that names the first mismatching keys."""
+    check_state_dict(model, state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """ValueError naming the first missing, unexpected and wrongly shaped keys of `state` for `model`
+    (which may live on the meta device: only names and shapes are compared)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -106,4 +113,3 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
         if shape:
             parts.append(f"shape mismatches ({len(shape)}): {'; '.join(shape[:5])}")
         raise ValueError(f"weights from {source} do not fit {type(model).__name__}: " + " | ".join(parts))
-    model.load_state_dict(state, strict=True)

@@ -13,7 +13,8 @@ The modules, in the order a run uses them:
 - schedule.py: the learning-rate `Schedule`, the steps-per-epoch rule;
 - loop.py: `train_one_epoch` (forward, loss, backward, step, zero_grad) and validation;
 - finetune.py: the linear probe and the strategy rule for pretrained backbones;
-- checkpoint.py: `TrainState`, checkpoints for --resume, metrics.csv, the run folder.
+- checkpoint.py: `TrainState`, checkpoints for --resume, metrics.csv, the run folder;
+- distributed.py: DDP under torchrun: the ranks, their shares of each batch, global BatchNorm.
 
 Nothing is imported here: import from the module that defines a name.
 """

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from imgcls.training.prepare import RunData, SplitData
 from imgcls.training.recipes import Recipe, init_whitening, resolve_recipe
 from imgcls.training.schedule import steps_per_epoch
 from imgcls.transforms import PreprocessSpec
+
+if TYPE_CHECKING:
+    from imgcls.training.distributed import Shard
 
 Log = Callable[[str], None]
 
@@ -148,6 +151,7 @@ class Setup:
     class_balance: ClassBalance | None = None  # --class-balance resolved; None: none
     threads: ThreadChoice | None = None  # the training steps' intra-op threads, and how they were chosen
     pos_weight: torch.Tensor | None = None  # multi-label: BCE's positive weights (C,) (--pos-weight), which the probe uses too
+    shard: Shard | None = None  # distributed (torchrun): this rank's share of the work (training.distributed); None: one process
 
     @property
     def recipe(self) -> Recipe:

@@ -8,7 +8,7 @@
    resumed, as the `TrainState` the loop starts from, and the `Schedule`;
 4. the linear probe first (`probe_first`), for --strategy linear-probe and fine-tune;
 5. the epochs (`train_epochs`): train (loop.py), validate, keep the best weights, checkpoint;
-6. finish (`finish_run`): calibrate the kept weights on validation (temperature, "unknown"
+6. finish (finish.py, `finish_run`): calibrate the kept weights on validation (temperature, "unknown"
    threshold, conformal scores: inference.trust.fit_trust), evaluate them, the final model.json,
    the report.
 
@@ -21,60 +21,31 @@ A folder that already holds a model is refused unless the run resumes it or over
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from imgcls.artifact import ArtifactError, load_meta, package_versions
-from imgcls.config import FEATURE_OOD_METHODS, OOD_FIT_MAX_IMAGES, RunConfig, TrainConfig, resolve_unknown_method
-from imgcls.inference.answer import postprocess
-from imgcls.inference.runners import FeaturesAndLogits, split_features
-from imgcls.inference.trust import (
-    OOD_FILE,
-    Trust,
-    describe_fit,
-    fit_feature_rule,
-    fit_trust,
-    trust_metrics,
-    uncalibrated,
-    write_ood_stats,
-)
-from imgcls.metrics import classification_metrics
-from imgcls.report import MultiLabelPredictions, Predictions, read_probe_sweep, write_probe_sweep, write_report
+from imgcls.config import RunConfig, TrainConfig, resolve_unknown_method
+from imgcls.report import write_probe_sweep
 from imgcls.runtime import (
     default_threads,
-    prepare_inference_model,
     resolve_device,
     resolve_precision,
     set_threads,
 )
+from imgcls.training import distributed
 from imgcls.training.auto import choose_model
 from imgcls.training.build import Evaluation, Log, Setup, build_setup, dtype_name
 from imgcls.training.checkpoint import RunFolder, TrainState, read_checkpoint
-from imgcls.training.distributed import (
-    QuietFolder,
-    Ranks,
-    Shard,
-    agree,
-    broadcast_state,
-    check_run,
-    check_supported,
-    group_errors,
-    join_group,
-    leave_group,
-    pin_choices,
-    sync_batchnorm,
-)
-from imgcls.training.finetune import extract_features, linear_probe
-from imgcls.training.loop import EpochStats, final_logits, train_one_epoch, validate
+from imgcls.training.finetune import linear_probe
+from imgcls.training.finish import finish_run, report_run
+from imgcls.training.loop import EpochStats, train_one_epoch, validate
 from imgcls.training.measure import recheck_threads, watch_threads
 from imgcls.training.multilabel import MULTI_LABEL, finish_multilabel, validate_multilabel
 from imgcls.training.partial import fine_tune_last_step
@@ -86,7 +57,12 @@ from imgcls.transforms import PreprocessSpec
 
 
 def fit(
-    cfg: RunConfig, resume: bool = False, progress: bool = True, log: Log = print, overwrite: bool = False, ranks: Ranks | None = None
+    cfg: RunConfig,
+    resume: bool = False,
+    progress: bool = True,
+    log: Log = print,
+    overwrite: bool = False,
+    ranks: distributed.Ranks | None = None,
 ) -> Path:
     """Train a model as `cfg` says; return the run folder, which is the model artifact.
 
@@ -110,10 +86,11 @@ def fit(
     if ranks is not None and not ranks.is_main:
         log, progress = _quiet, False
     try:
-        with group_errors(ranks):
+        with distributed.group_errors(ranks):
             return _fit(cfg, resume, overwrite, progress, log, ranks)
     finally:
-        leave_group()
+        if ranks is not None:
+            distributed.leave_group()
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
@@ -122,15 +99,14 @@ def _quiet(_: str) -> None:
     """The log of distributed ranks other than 0."""
 
 
-def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log, ranks: Ranks | None = None) -> Path:
+def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log, ranks: distributed.Ranks | None) -> Path:
     run_dir = Path(cfg.train.out)
     saved: TrainState | None = None
     if resume:
         cfg, saved = read_checkpoint(run_dir)
         log(f"resuming {run_dir} with its saved configuration")
-    if ranks is not None:
-        check_supported(cfg, ranks)
-        cfg = pin_choices(cfg, ranks)  # each rank its share of the cores; below, no timed choice (each rank would time its own)
+    if ranks is not None:  # refuse what does not run distributed; each rank its share of the cores, no timed choice below
+        cfg = distributed.pin_choices(cfg, ranks)
     if cfg.train.deterministic or ranks is not None:
         cfg = pin_timed_choices(cfg, log)
     check_run_folder(run_dir, resume, overwrite)  # at once; the folder is cleared only once DATA has decoded
@@ -142,28 +118,26 @@ def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log
         auto = resumed_auto_record(run_dir)
     device, amp_dtype = start_process(cfg.train, cfg.data.seed)
     if ranks is not None:
-        device = join_group(ranks, device)  # gloo on CPUs, NCCL on this rank's GPU
+        device = distributed.join_group(ranks, device)  # gloo on CPUs, NCCL on this rank's GPU
         log(f"distributed: {ranks.world_size} processes, global batch split between them (training.distributed)")
     spec = resolve_spec(cfg)
     t_start = time.perf_counter()
 
     data = prepare_run(cfg, spec, run_dir, progress, log, resume, overwrite, write=ranks is None or ranks.is_main)  # 1
-    if ranks is not None:  # every rank decoded DATA itself: the same files, labels and split, or stop
-        agree(data.fingerprint, "dataset (fingerprint of DATA's files, labels and split)", ranks)
     setup = build_setup(cfg, data, spec, device, amp_dtype, saved, log)  # 2
-    if ranks is not None:
-        check_run(setup.strategy, data.index.multilabel, ranks)
-        setup = dataclasses.replace(setup, shard=Shard(ranks))
+    if ranks is not None:  # every rank decoded DATA itself: the same dataset, or stop
+        setup = dataclasses.replace(setup, shard=distributed.start_shard(ranks, data.fingerprint, setup.strategy, data.index.multilabel))
     splits = final_splits(data, cfg.train, keep_test=bool(auto and auto["default_budget"]))
     ev = Evaluation(spec, device, amp_dtype, setup.recipe.tta, data.val, splits, progress)
     state, setup, final_eval_s = plan_run(cfg.train, setup, ev, data, saved, t_start, log)  # 3
-    folder = (RunFolder if ranks is None or ranks.is_main else QuietFolder)(run_dir, artifact_meta(cfg, data, setup, spec, device), cfg.to_dict())
+    writer = RunFolder if ranks is None or ranks.is_main else distributed.QuietFolder  # distributed: rank 0 alone writes
+    folder = writer(run_dir, artifact_meta(cfg, data, setup, spec, device), cfg.to_dict())
     if auto is not None:
         folder.meta["auto"] = auto  # what --model auto chose and why, the candidates it tried
     if setup.strategy in ("linear-probe", "fine-tune") and saved is None:
         probe_first(setup, data, ev, state, folder, log)  # 4
         if ranks is not None:
-            broadcast_state(state)  # rank 0's probe result decides, on every rank, which epoch is kept
+            distributed.broadcast_state(state)  # rank 0's probe result decides, on every rank, which epoch is kept
     elif setup.strategy == "fine-tune-last" and saved is None:
         fine_tune_last_step(setup, data, ev, state, folder, cfg.train, t_start, log)  # 4-5: the probe, then the last blocks (partial.py)
     schedule = build_schedule(setup, state, cfg.train, t_start, final_eval_s, resumed=saved is not None)
@@ -287,7 +261,7 @@ def probe_first(setup: Setup, data: RunData, ev: Evaluation, state: TrainState, 
     weights = setup.class_balance.probe_weights() if setup.class_balance else setup.pos_weight  # multi-label: BCE's positive weights
     row = linear_probe(setup.model, data.train, data.val, ev.spec, ev.device, ev.amp_dtype, ev.progress, log, weights)
     sweep = row.pop("probe_sweep")
-    if not isinstance(folder, QuietFolder):
+    if not isinstance(folder, distributed.QuietFolder):
         write_probe_sweep(folder.path, sweep)  # probe.csv: the report's L2 sweep
     if setup.strategy == "linear-probe":
         state.history.append(row)
@@ -323,11 +297,11 @@ def train_epochs(
     whiten_bias = getattr(getattr(model, "whiten", None), "bias", None)
     # --compile: inductor on the training forward (same parameters). Off by default: on 2 CPU cores it
     # took 30 s to compile and then ran small_cnn slower than eager (bench/RESULTS.md).
+    if setup.shard is not None:  # distributed: BatchNorm statistics over the global batch; each rank its own dropout masks
+        model = distributed.sync_batchnorm(model, ev.device)
+        setup.shard.seed_rank()
     train_model = torch.compile(model) if t_cfg.compile else model
-    if setup.shard is not None:  # DDP; BatchNorm over the global batch. The whitening bias may freeze mid-run: unused then
-        if whiten_bias is not None:
-            whiten_bias.requires_grad_(True)  # DDP reduces only the parameters that train when it is built
-        train_model = setup.shard.wrap(sync_batchnorm(train_model, ev.device), ev.device, find_unused=whiten_bias is not None)
+    ddp = None  # distributed: train_model as DDP, built at the first epoch
     # A measured thread count is re-checked between epochs (not under --compile: inductor's kernels
     # keep the count they were compiled with).
     adaptive = setup.threads is not None and setup.threads.adaptive and not t_cfg.compile
@@ -336,11 +310,12 @@ def train_epochs(
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # per-epoch stream: resume replays it
         if whiten_bias is not None:
             whiten_bias.requires_grad_(whiten_bias_trains(recipe, epoch, state.planned_epochs))
+        if setup.shard is not None:
+            ddp = setup.shard.wrap(train_model, ev.device, previous=ddp)  # again when the whitening bias froze
         planned_total = schedule.total_steps
         label = f"epoch {epoch + 1}/{state.planned_epochs}" if ev.progress else None
-        stats = train_one_epoch(
-            train_model, setup.optimizer, setup.loss_fn, setup.data, g, setup.options, schedule, epoch * spe, lookahead, label, setup.shard
-        )
+        step_args = (setup.optimizer, setup.loss_fn, setup.data, g, setup.options)
+        stats = train_one_epoch(ddp or train_model, *step_args, schedule, epoch * spe, lookahead, label, setup.shard)
         out_of_time = schedule.total_steps < planned_total
         if out_of_time:  # behind the time budget: the schedule was shortened during this epoch
             if lookahead is not None and epoch * spe + stats.steps >= schedule.total_steps:
@@ -376,10 +351,11 @@ def record_epoch(
     best so far; the row, and whether they were."""
     val = ev.val
     if val is not None and len(val.paths):
+        how = (ev.spec, ev.device, ev.amp_dtype, ev.progress)
         if val.labels.ndim == 2:  # multi-label: (loss, label accuracy, macro mAP)
-            val_loss, val_acc, val_bal = validate_multilabel(setup.model, val.images, val.labels, ev.spec, ev.device, ev.amp_dtype, ev.progress)
+            val_loss, val_acc, val_bal = validate_multilabel(setup.model, val.images, val.labels, *how)
         else:  # distributed: each rank its share of the images
-            val_loss, val_acc, val_bal = validate(setup.model, val.images, val.labels, ev.spec, ev.device, ev.amp_dtype, ev.progress, setup.shard)
+            val_loss, val_acc, val_bal = validate(setup.model, val.images, val.labels, *how, shard=setup.shard)
     else:
         val_loss, val_acc, val_bal = math.nan, math.nan, math.nan
     row = {
@@ -411,117 +387,3 @@ def replan_budget(schedule: Schedule, state: TrainState, epoch: int, full_epoch:
             schedule.final_eval_s = ev.time_final(model)
         schedule.replan(done, per_step)
     state.planned_epochs, state.total_steps = schedule.epochs, schedule.total_steps
-
-
-def finish_run(
-    folder: RunFolder,
-    ev: Evaluation,
-    training: dict[str, Any],
-    t_start: float,
-    log: Log = print,
-    unknown_method: str = "msp",
-    train: SplitData | None = None,
-    seed: int = 0,
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Step 6, once the best weights are kept: calibrate them on the validation split
-    (`inference.trust.fit_trust`: temperature, "unknown" threshold, conformal scores), evaluate
-    them on the final splits with that calibration, and write the final model.json (with the
-    calibration, `training` and the run's wall time); return the metrics and the calibrated
-    probabilities (N, num_classes) per split (the report draws from them). A mahalanobis or knn
-    `unknown_method` also reads the pooled features of the final splits and of (at most
-    OOD_FIT_MAX_IMAGES of) the `train` split, and saves its statistics as inference.trust.OOD_FILE.
-    """
-    from imgcls.artifact import load_artifact
-
-    best, _ = load_artifact(folder.path, device=ev.device)  # the kept (best) epoch, as saved
-    # prepare_inference_model converts a model to bf16 in place where bf16 pays, so it gets a copy:
-    # `best` stays as trained, for the artifact saved below.
-    best_eval, eval_dtype = prepare_inference_model(copy.deepcopy(best), ev.device, ev.amp_dtype)  # what evaluate and predict run
-    logits, labels, feats = {}, {}, {}
-    with_features = unknown_method in FEATURE_OOD_METHODS and train is not None and len(train.paths) > 0
-    final = final_logits(FeaturesAndLogits(best_eval) if with_features else best_eval, ev, eval_dtype)
-    for name, (z, y) in final.items():  # z: (N, num_classes), or (N, F + num_classes) with the pooled features first
-        logits[name], labels[name] = z, y.numpy()
-        if with_features:
-            feats[name], logits[name] = split_features(z, len(folder.meta["class_names"]))
-    # Calibrated on the logits evaluate and predict compute (the kept weights, their precision, the TTA).
-    method = "msp" if unknown_method in FEATURE_OOD_METHODS else unknown_method  # a feature rule keeps msp as its fallback
-    sections = fit_trust(logits["val"], labels["val"], method) if "val" in logits else uncalibrated("no validation split")
-    stats = None
-    if with_features and "unknown" in sections:
-        train_feats, train_labels = ood_train_features(best_eval, train, ev, eval_dtype, seed)
-        sections, stats = fit_feature_rule(sections, unknown_method, feats["val"], train_feats, train_labels, seed)
-        write_ood_stats(folder.path, stats)  # before model.json, which names it
-        log(f"'unknown' rule: {unknown_method} on the pooled features of {len(train_labels)} training images ({OOD_FILE})")
-    elif unknown_method != method and "unknown" in sections:
-        log(f"--unknown-method {unknown_method}: no training images to fit it on; the 'unknown' rule stays msp")
-    log(describe_fit(sections))
-    trust = Trust.from_meta(sections, stats=stats)
-    probs = {name: postprocess(z, trust, feats.get(name)).probs for name, z in logits.items()}
-    metrics: dict[str, Any] = {
-        name: {
-            **classification_metrics(probs[name], labels[name], folder.meta["class_names"]),
-            **trust_metrics(z, labels[name], trust, features=feats.get(name)),
-        }
-        for name, z in logits.items()
-    }
-    training = {
-        **training,
-        "wall_time_s": round(time.perf_counter() - t_start, 2),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    folder.save_model(best, training, metrics, sections)
-    return metrics, probs
-
-
-def ood_train_features(
-    model: nn.Module, train: SplitData, ev: Evaluation, amp_dtype: torch.dtype | None, seed: int
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Pooled features (n, F) and labels (n,) of at most OOD_FIT_MAX_IMAGES training images (a
-    seeded random subset beyond), for a feature-space "unknown" rule. One view per image, no TTA:
-    they are the reference statistics, the validation images that set the threshold get the TTA."""
-    idx = np.arange(len(train.paths))
-    if len(idx) > OOD_FIT_MAX_IMAGES:
-        idx = np.sort(np.random.default_rng(seed).choice(len(idx), OOD_FIT_MAX_IMAGES, replace=False))
-    images = train.images[torch.from_numpy(idx)].numpy()  # (n, S, S, 3) uint8
-    return extract_features(model, images, ev.spec, ev.device, amp_dtype, progress=ev.progress), train.labels.numpy()[idx]
-
-
-def report_run(
-    run_dir: Path,
-    metrics: dict[str, Any],
-    probs: dict[str, np.ndarray],
-    data: RunData,
-    history: list[dict[str, float]],
-    arch: str,
-    log: Log,
-    ev: Evaluation,
-) -> None:
-    """report/ (plots and report.html) on the validation split, else the test split, from the
-    calibrated probabilities finish_run computed (per-image sections: top losses with Grad-CAM,
-    confused pairs, reliability diagram)."""
-    split = "val" if "val" in metrics else ("test" if "test" in metrics else None)
-    if split:
-        s = data.splits[split]
-        labels, m = s.labels.numpy(), metrics[split]
-        if labels.ndim == 2:  # multi-label: (N, C) targets, each label decided by its threshold
-            pred: Predictions | MultiLabelPredictions = MultiLabelPredictions(
-                probs[split], labels, s.paths, np.array([p["threshold"] for p in m["per_label"]])
-            )
-        else:
-            pred = Predictions(probs[split], labels, s.paths)
-        write_report(
-            run_dir / "report",
-            metrics[split],
-            data.class_names,
-            history,
-            title=f"{arch} on {split} ({data.index.root.name})",
-            predictions=pred,
-            model_dir=run_dir,
-            probe_sweep=read_probe_sweep(run_dir),
-            facts={"model": f"{arch} ({run_dir})", "data": f"{data.index.root} ({split} split)", "TTA": ev.tta},
-            log=log,
-        )
-        score = f"macro mAP {m['macro_map']:.4f}" if labels.ndim == 2 else f"accuracy {m['accuracy']:.4f}"
-        log(f"{split}: {score}  macro-F1 {m['macro_f1']:.4f}  report: {run_dir / 'report' / 'report.html'}")
-    log(f"model saved to {run_dir}")

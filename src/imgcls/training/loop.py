@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -13,6 +14,9 @@ from imgcls.runtime import autocast, batched_logits
 from imgcls.training.recipes import Lookahead
 from imgcls.training.schedule import Schedule, steps_per_epoch
 from imgcls.transforms import AugmentSpec, PreprocessSpec, train_transform
+
+if TYPE_CHECKING:
+    from imgcls.training.distributed import Shard
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ def train_one_epoch(
     first_step: int = 0,
     lookahead: Lookahead | None = None,
     progress: str | None = None,
+    shard: Shard | None = None,
 ) -> EpochStats:
     """One pass over `data` in an order drawn from `generator` (which the augmentation draws from too).
 
@@ -89,6 +94,8 @@ def train_one_epoch(
     last epoch of a budgeted run may be partial). None leaves the rates as they are. first_step is
     the global index of this pass's first step. lookahead, when given, runs after each optimizer
     step (the fast recipe's EMA of the weights). progress: a progress bar with this label.
+    shard: distributed (training.distributed), this rank's share of each global batch; the
+    returned figures are over all ranks.
     """
     from tqdm.auto import tqdm
 
@@ -107,21 +114,25 @@ def train_one_epoch(
             break
         idx = order[b * bs : (b + 1) * bs]
         x, y = load_batch(data, idx, generator, options)  # (B, 3, H, W) augmented, (B,)
+        if shard is not None:  # every rank augments the global batch with one process's draws, and trains on its rows
+            x, y = shard.rows(x), shard.rows(y)
         if schedule is not None:
             schedule.apply(optimizer, step)
         with autocast(options.device, options.amp_dtype):
             logits = model(x)  # (B, num_classes)
         loss = loss_fn(logits.float(), y)
-        # (distributed: DistributedDataParallel all-reduces the gradients inside backward)
+        # distributed: DDP averages the ranks' gradients inside backward; weighting each rank's mean
+        # loss by its share of the global batch makes that the gradient of the global mean loss
+        step_loss = loss if shard is None else loss * shard.share(len(y), len(idx))
         if options.scaler is not None:
-            options.scaler.scale(loss).backward()
+            options.scaler.scale(step_loss).backward()
             if options.grad_clip:
                 options.scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
             options.scaler.step(optimizer)
             options.scaler.update()
         else:
-            loss.backward()
+            step_loss.backward()
             if options.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
             optimizer.step()
@@ -129,15 +140,17 @@ def train_one_epoch(
         if lookahead is not None and schedule is not None:
             lookahead.update(step, schedule.total_steps, epoch_end=b == n_batches - 1)
         steps += 1
-        total_loss += loss.item() * len(idx)
+        total_loss += loss.item() * len(y) if len(y) else 0.0  # a rank left without rows (a last batch < ranks) has a NaN mean
         if y.ndim == 2:  # multi-label (N, C) targets: the share of labels right at probability 0.5
             total_correct += float(((logits > 0) == (y > 0.5)).float().mean(1).sum())
         else:
             total_correct += int((logits.argmax(1) == y).sum())
-        seen += len(idx)
-        bar.update(len(idx))
+        seen += len(y)
+        bar.update(len(y))
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.3f}", refresh=False)
     bar.close()
+    if shard is not None:
+        total_loss, total_correct, seen = shard.sum(total_loss, total_correct, seen)
     return EpochStats(total_loss / max(seen, 1), total_correct / max(seen, 1), seen, time.perf_counter() - start, steps)
 
 
@@ -149,12 +162,19 @@ def validate(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     progress: bool = False,
+    shard: Shard | None = None,
 ) -> tuple[float, float, float]:
     """(loss, accuracy, balanced accuracy) of `model` on uint8 images (N, S, S, 3), in eval mode,
-    without TTA. Balanced accuracy is the mean recall over the classes present in `labels`."""
-    logits = batched_logits(
-        model, images.numpy(), spec, device=device, amp_dtype=amp_dtype, progress=progress, desc="validate"
-    )  # (N, num_classes)
+    without TTA. Balanced accuracy is the mean recall over the classes present in `labels`.
+    shard: distributed, each rank runs its share of the images and gathers everyone's logits."""
+    part = images if shard is None else images[shard.span(len(images))]
+    logits = (
+        batched_logits(model, part.numpy(), spec, device=device, amp_dtype=amp_dtype, progress=progress, desc="validate")
+        if len(part)
+        else torch.zeros(0, model.num_classes)
+    )  # (n, num_classes)
+    if shard is not None:
+        logits = shard.gather(logits, len(images))  # (N, num_classes), rank 0's rows first
     loss = nn.functional.cross_entropy(logits, labels).item()
     right = logits.argmax(1) == labels  # (N,)
     counts = torch.bincount(labels, minlength=logits.shape[1])  # (C,)

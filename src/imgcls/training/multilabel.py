@@ -213,7 +213,7 @@ def fit_label_decisions(
 def finish_multilabel(
     folder: Any, ev: Any, training: dict[str, Any], t_start: float, log: Log, precision: float | None
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Step 6 of fit for multi-label data (fit.finish_run's counterpart): the kept weights'
+    """Step 6 of fit for multi-label data (finish.finish_run's counterpart): the kept weights'
     logits on the final splits (the recipe's TTA, as evaluate runs them), thresholds and
     temperatures fitted on validation, the metrics per split, and the final model.json; the
     metrics and the calibrated probabilities (N, C) per split. folder: checkpoint.RunFolder;

@@ -114,7 +114,8 @@ def clear_run_folder(run_dir: Path, resume: bool, overwrite: bool, log: Callable
     Links are removed, never followed; a link planted at RUN_DIRS is removed in every case (writing
     into it would write wherever it points)."""
     check_run_folder(run_dir, resume, overwrite)
-    removed = [] if resume else remove_run_files(run_dir, with_dirs=overwrite)
+    # A resumed run keeps the files, but not the temp files of writes its killed run left half done.
+    removed = remove_run_files(run_dir, with_dirs=False, temps_only=True) if resume else remove_run_files(run_dir, with_dirs=overwrite)
     for name in RUN_DIRS:
         if (run_dir / name).is_symlink():
             (run_dir / name).unlink()
@@ -123,14 +124,16 @@ def clear_run_folder(run_dir: Path, resume: bool, overwrite: bool, log: Callable
         log(f"removed from {run_dir} (left by an earlier run): {', '.join(sorted(set(removed)))}")
 
 
-def remove_run_files(run_dir: Path, with_dirs: bool) -> list[str]:
+def remove_run_files(run_dir: Path, with_dirs: bool, temps_only: bool = False) -> list[str]:
     """Delete the files named by RUN_FILES in RUN_DIR (links themselves, not their targets), their
-    atomic writes' temp files left by a killed run, and with `with_dirs` the RUN_DIRS; the names removed."""
+    atomic writes' temp files left by a killed run, and with `with_dirs` the RUN_DIRS; the names removed.
+    temps_only: the temp files alone."""
     if not run_dir.is_dir():
         return []
     removed = []
     for pattern in RUN_FILES:
-        for p in [*run_dir.glob(pattern), *run_dir.glob(f".{pattern}.*.tmp")]:  # imgcls.atomic's temp names
+        files = [] if temps_only else run_dir.glob(pattern)
+        for p in [*files, *run_dir.glob(f".{pattern}.*.tmp")]:  # imgcls.atomic's temp names
             if p.is_symlink() or p.is_file():
                 p.unlink()
                 removed.append(p.name)
@@ -154,18 +157,21 @@ def prepare_run(
     log: Callable[[str], None],
     resume: bool = False,
     overwrite: bool = False,
+    write: bool = True,
 ) -> RunData:
     """Index and decode DATA, clear RUN_DIR of an earlier run's files (`clear_run_folder`), write
-    RUN_DIR/split.json (and bad_files.csv when files were left out)."""
+    RUN_DIR/split.json (and bad_files.csv when files were left out). write False (distributed
+    ranks other than 0): touch nothing in RUN_DIR."""
     d = cfg.data
     index = index_dataset(d.path, allow_outside_root=d.allow_outside_root, task=d.task, label_sep=d.label_sep)
     log(index.summary())
     excluded = leave_out_excluded(index, cfg.data.exclude_from, log) if cfg.data.exclude_from else 0
     splits, failures, split_info = decode_splits(cfg, index, spec, progress, log)
     # Only now that DATA indexed and decoded: a typo in DATA or --exclude-from must not cost the earlier model.
-    clear_run_folder(run_dir, resume, overwrite, log)
+    if write:
+        clear_run_folder(run_dir, resume, overwrite, log)
     warn_quick_checks(index, splits, log)
-    if failures:
+    if failures and write:
         buf = io.StringIO()
         csv.writer(buf).writerows([("path", "reason"), *failures])
         atomic_write_text(run_dir / BAD_FILES, buf.getvalue())
@@ -173,7 +179,8 @@ def prepare_run(
         for p, why in failures[:5]:
             log(f"  {p}: {why}")
     root = index.root.parent if index.root.is_file() else index.root
-    atomic_write_text(run_dir / SPLIT_FILE, json.dumps({k: [os.path.relpath(p, root) for p in v.paths] for k, v in splits.items()}))
+    if write:
+        atomic_write_text(run_dir / SPLIT_FILE, json.dumps({k: [os.path.relpath(p, root) for p in v.paths] for k, v in splits.items()}))
     all_paths = [p for s in splits.values() for p in s.paths]
     all_hashes = [h for s in splits.values() for h in s.hashes]
     if index.multilabel:  # each image's label set as its "class": "a;b"
