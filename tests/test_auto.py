@@ -91,6 +91,8 @@ def test_tiny_grey_images_train_small_cnn_without_trying_the_probe(tmp_path, mon
     assert meta["auto"]["chosen"] == "small_cnn" and meta["auto"]["candidates"] == [] and "small images" in meta["auto"]["reason"]
     assert meta["auto"]["data"]["grey"] is True and meta["config"]["model"]["name"] == "small_cnn"  # --resume reloads a concrete model
     assert not any(s.startswith("features:") for s in lines)  # no pretrained features computed
+    resumed = fit(auto_cfg(data, tmp_path / "run"), resume=True, progress=False, log=quiet)  # the checkpoint's config: small_cnn
+    assert json.loads((resumed / "model.json").read_text())["auto"] == meta["auto"]  # the record survives a --resume
 
 
 def test_few_colour_images_use_the_pretrained_probe(tmp_path):
