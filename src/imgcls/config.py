@@ -12,7 +12,9 @@ from typing import Any
 
 # Every choice list is spelled here once; the CLI, the library and validation all read these.
 # (This module imports no torch, so `imgcls --help` stays instant.)
-OPTIMIZERS = ("adamw", "sgd")
+# muon: Newton-Schulz orthogonalised momentum for the conv filters, Nesterov SGD for the rest (imgcls.training.muon)
+OPTIMIZERS = ("adamw", "sgd", "muon")
+ACTIVATIONS = ("gelu", "silu")  # small_cnn's nonlinearity (--activation)
 SCHEDULES = ("cosine", "onecycle", "constant", "triangle")
 RECIPES = ("auto", "fast", "generic")
 STRATEGIES = ("auto", "linear-probe", "fine-tune", "fine-tune-last", "full")  # see imgcls.training.finetune, .partial
@@ -24,7 +26,9 @@ PRECISIONS = ("auto", "bf16", "fp32")
 TTA_MODES = ("none", "flip", "translate", "flip-translate")
 TTA_CHOICES = ("auto", *TTA_MODES)  # auto: the mode the model was trained to expect (model.json "tta")
 COMPILE_MODES = ("auto", "on", "off")
-BACKENDS = ("torch", "onnx")  # inference runtimes: torch, or onnxruntime on an `imgcls export`ed model
+# inference runtimes: torch; onnxruntime on an `imgcls export`ed model.onnx (onnx) or its int8 copy
+# (onnx-int8); auto: the fastest of those whose answers match torch fp32 (`inference.runners.choose_onnx_runner`)
+BACKENDS = ("torch", "onnx", "onnx-int8", "auto")
 CROPS = ("auto", "translate", "rrc", "none")
 RESIZE_MODES = ("crop", "squash", "pad")
 # Largest image (width x height) any decoder accepts; larger is refused from the header, before decoding.
@@ -170,8 +174,11 @@ class ModelConfig:
     weights: str | None = None
     weights_sha256: str | None = None
     strategy: str = "auto"
+    activation: str | None = None  # ACTIVATIONS, small_cnn only; None: the model's own (GELU)
 
     def __post_init__(self) -> None:
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.pretrained and self.weights:
@@ -221,6 +228,11 @@ class TrainConfig:
     # threshold aims for on validation (None: the threshold with the best F1).
     pos_weight: str = "none"
     label_precision: float | None = None
+    # Fast-recipe options (None: the recipe's value, off for now; see training.recipes):
+    # progressive_resize: share of the epochs trained at 3/4 of the input size (24 px for 32) before the full size;
+    # tta_select: share of each evaluation batch, the least confident images, that gets the TTA views (1 = all).
+    progressive_resize: float | None = None
+    tta_select: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -259,6 +271,10 @@ class TrainConfig:
             raise ValueError(f"pos_weight must be one of {POS_WEIGHT_MODES}, got {self.pos_weight!r}")
         if self.label_precision is not None and not 0 < self.label_precision <= 1:
             raise ValueError(f"label_precision must be in (0, 1], got {self.label_precision}")
+        if self.progressive_resize is not None and not 0 <= self.progressive_resize < 1:
+            raise ValueError(f"progressive_resize must be in [0, 1) (share of the epochs at 3/4 size), got {self.progressive_resize}")
+        if self.tta_select is not None and not 0 <= self.tta_select <= 1:
+            raise ValueError(f"tta_select must be in [0, 1] (share of the images that get TTA views), got {self.tta_select}")
         if self.unknown_method not in UNKNOWN_CHOICES:
             raise ValueError(f"unknown_method must be one of {UNKNOWN_CHOICES}, got {self.unknown_method!r}")
 

@@ -306,12 +306,15 @@ def _quantize_int8(
     trust: Trust,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Write `<out stem>.int8.onnx`: static QDQ int8, calibrated on the check images; accuracy before and after."""
+    """Write `<out stem>.int8.onnx`: static QDQ int8, calibrated on part of the check images
+    (`calibration_split`); accuracy before and after and agreement with fp32 on the rest, also
+    recorded in the file's metadata ("int8_agreement")."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    calib = check.images[_evenly(list(range(len(check.images))), 256)]  # min/max ranges settle within a few hundred images
+    calib_idx, held = calibration_split(len(check.images))
+    calib = check.images[calib_idx]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -351,19 +354,51 @@ def _quantize_int8(
         _set_metadata(q, {**props, "quantization": f"int8 {how}"})
         onnx.save(q, str(tmp))
         q_probs = _probs(OnnxRunner(tmp)(check.images), trust)
-    probs = {"fp32": fp32_probs, "int8": q_probs}
-    acc = {k: None if check.labels is None else float((p.argmax(1) == check.labels).mean()) for k, p in probs.items()}
-    same = _decisions(q_probs, trust) == _decisions(fp32_probs, trust)
-    agree = float((same.all(1) if same.ndim == 2 else same).mean())
+        acc, agree, n = _int8_agreement(q_probs, fp32_probs, check.labels, held, trust)
+        # Recorded in the file: backend "auto" runs it only on enough held-out agreement (runners.int8_trusted).
+        record = {"top1": agree, "images": n, "held_out": bool(held)}
+        _set_metadata(q, {**props, "quantization": f"int8 {how}", "int8_agreement": json.dumps(record)})
+        onnx.save(q, str(tmp))
     log(f"wrote {q_out} (int8, {how}; {q_out.stat().st_size / 1e6:.2f} MB vs {out.stat().st_size / 1e6:.2f} MB)")
-    shown = "n/a (labels unknown)" if check.labels is None else f"fp32 {acc['fp32']:.4f} -> int8 {acc['int8']:.4f}"
+    shown = "n/a (labels unknown)" if acc["fp32"] is None else f"fp32 {acc['fp32']:.4f} -> int8 {acc['int8']:.4f}"
     views = "" if props.get("tta", "none") == "none" else f" (one view each, not the model's {props['tta']} TTA)"
     what = "label set" if trust.multilabel else "top-1"
-    log(f"accuracy on {len(check.images)} check images{views}: {shown}; int8 {what} agrees with fp32 on {agree:.1%}")
+    where = f"{n} held-out check images" if held else f"{n} check images (all calibrated on: too few to hold any out)"
+    log(f"accuracy on {where}{views}: {shown}; int8 {what} agrees with fp32 on {agree:.1%}")
     return {
         "int8_path": str(q_out),
         "accuracy_fp32": acc["fp32"],
         "accuracy_int8": acc["int8"],
         "int8_top1_agreement": agree,
+        "int8_agreement_images": n,
+        "int8_held_out": bool(held),
         "int8_method": how,
     }
+
+
+# Fewer check images than twice this: all calibrate and the agreement is measured on them too
+# (recorded as not held out, which backend "auto" does not trust).
+MIN_HELD_OUT = 20
+
+
+def calibration_split(n: int, max_calib: int = 256) -> tuple[list[int], list[int]]:
+    """(calibration indices, held-out indices) of n check images: an evenly spaced half, at most
+    `max_calib` (min/max ranges settle within a few hundred images), calibrates; the rest measures
+    int8 against fp32 on images its ranges were not fitted to."""
+    idx = list(range(n))
+    if n < 2 * MIN_HELD_OUT:
+        return _evenly(idx, max_calib), []
+    calib = _evenly(idx, min(max_calib, n // 2))
+    chosen = set(calib)
+    return calib, [i for i in idx if i not in chosen]
+
+
+def _int8_agreement(
+    q_probs: np.ndarray, fp32_probs: np.ndarray, labels: np.ndarray | None, held: list[int], trust: Trust
+) -> tuple[dict[str, float | None], float, int]:
+    """({fp32, int8} accuracy, share of equal decisions, images) on the held-out images (all when none)."""
+    keep = np.asarray(held) if held else np.arange(len(q_probs))
+    probs = {"fp32": fp32_probs[keep], "int8": q_probs[keep]}
+    acc = {k: None if labels is None else float((p.argmax(1) == labels[keep]).mean()) for k, p in probs.items()}
+    same = _decisions(probs["int8"], trust) == _decisions(probs["fp32"], trust)
+    return acc, float((same.all(1) if same.ndim == 2 else same).mean()), len(keep)

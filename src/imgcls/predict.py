@@ -25,7 +25,7 @@ from torch import nn
 from imgcls.artifact import load_artifact, resolve_artifact_dir, spec_of
 from imgcls.config import BACKENDS
 from imgcls.inference.answer import answer, error_answer, explain_target, postprocess
-from imgcls.inference.runners import Runner, TorchRunner, load_onnx_runner, split_features
+from imgcls.inference.runners import OnnxRunner, Runner, TorchRunner, choose_onnx_runner, load_onnx_runner, split_features
 from imgcls.inference.trust import Outputs, Trust, logits_only, read_ood_stats
 from imgcls.io import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, is_image_path, load_image
 from imgcls.models import create_model, get_entry
@@ -114,17 +114,27 @@ class Classifier:
 
         backend="onnx" runs onnxruntime on the CPU instead of torch: `path` is then a .onnx file
         or a model folder with an up-to-date model.onnx from `imgcls export MODEL` (loading never
-        exports; `inference.runners.BackendError` says so).
+        exports; `inference.runners.BackendError` says so); "onnx-int8" its model.int8.onnx
+        (`imgcls export MODEL --quantize int8`). "auto": for a model folder on the CPU whose
+        "unknown" rule needs no pooled features, the int8 graph when its export measured top-1
+        agreement with fp32 >= `runners.INT8_MIN_AGREEMENT` on held-out images, else an up-to-date
+        model.onnx, else torch (`runners.choose_onnx_runner`; `log` says which and why).
+        kwargs["threads"] also sets onnxruntime's intra-op threads.
         """
         s = os.fspath(path)
         pretrained = s == PRETRAINED_PREFIX or s.startswith(PRETRAINED_PREFIX + ":") and not Path(s).exists()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "onnx":
+        runner = None
+        if backend == "auto":
+            runner = None if pretrained else _auto_runner(path, device, kwargs.get("threads"), kwargs.get("log"))
+        elif backend in ("onnx", "onnx-int8"):
             if pretrained:
-                raise ValueError("backend 'onnx' takes a model folder or a .onnx file, not the built-in ImageNet model")
-            runner = load_onnx_runner(path)
-            return cls(None, {**runner.meta, "source": s, "backend": "onnx", "onnx_path": str(runner.path)}, runner=runner, **kwargs)
+                raise ValueError(f"backend {backend!r} takes a model folder or a .onnx file, not the built-in ImageNet model")
+            runner = load_onnx_runner(path, int8=backend == "onnx-int8", threads=kwargs.get("threads"))
+        if runner is not None:
+            name = "onnx-int8" if runner.path.name.endswith(".int8.onnx") or "quantization" in runner.meta else "onnx"
+            return cls(None, {**runner.meta, "source": s, "backend": name, "onnx_path": str(runner.path)}, runner=runner, **kwargs)
         if pretrained:
             return cls.imagenet(s.partition(":")[2] or DEFAULT_IMAGENET_MODEL, device=device, precision=precision, **kwargs)
         model, meta = load_artifact(path)
@@ -168,7 +178,8 @@ class Classifier:
         and the "unknown" verdicts (N,). The runner, the TTA views on top (`runtime.tta_logits`),
         then `inference.answer.postprocess` with `trust` (default: the model's). batch_size None:
         the cache-friendly size for the model's input (`runtime.inference_batch_size`)."""
-        out = tta_logits(lambda a: self.runner(a, batch_size), arrays, self.tta)  # (N, C), or (N, F + C) with features
+        select, cols = float(self.meta.get("tta_select", 1.0)), len(self.class_names) if self.runner.features else None  # selective TTA
+        out = tta_logits(lambda a: self.runner(a, batch_size), arrays, self.tta, select, cols)  # (N, C), or (N, F + C) with features
         features, logits = split_features(out, len(self.class_names)) if self.runner.features else (None, out)
         return postprocess(logits, trust or self.trust, features)
 
@@ -263,6 +274,29 @@ class Classifier:
                 if errors == "raise":
                     raise err
                 yield error_answer(name, err)
+
+
+def _auto_runner(path: str | os.PathLike, device: str, threads: int | None, log: Callable[[str], None] | None) -> OnnxRunner | None:
+    """Backend "auto": an `OnnxRunner` (`runners.choose_onnx_runner`; a .onnx file as given), or None
+    for torch: on a GPU, or for a model whose "unknown" rule scores pooled features (onnx gives
+    logits only, and its msp fallback would change answers)."""
+    from imgcls.artifact import load_meta
+
+    if resolve_device(device).type != "cpu":
+        return None
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() == ".onnx":
+        return load_onnx_runner(p, threads=threads)
+    if logits_only(load_meta(p))[1]:
+        (log or _no_log)("backend auto: torch (the model's unknown rule scores pooled features, which only torch gives)")
+        return None
+    runner, why = choose_onnx_runner(p, threads)
+    (log or _no_log)(f"backend auto: {why}")
+    return runner
+
+
+def _no_log(_: str) -> None:
+    pass
 
 
 def write_explanations(model: str | os.PathLike, results: list[dict[str, Any]], out_dir: str | os.PathLike) -> list[dict[str, Any]]:

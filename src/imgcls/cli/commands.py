@@ -29,7 +29,14 @@ def _run_config(a: argparse.Namespace) -> Any:
             task=a.task,
             label_sep=a.label_sep,
         ),
-        model=ModelConfig(name=a.model, pretrained=a.pretrained, weights=a.weights, weights_sha256=a.weights_sha256, strategy=a.strategy),
+        model=ModelConfig(
+            name=a.model,
+            pretrained=a.pretrained,
+            weights=a.weights,
+            weights_sha256=a.weights_sha256,
+            strategy=a.strategy,
+            activation=a.activation,
+        ),
         train=TrainConfig(
             out=a.out,
             epochs=a.epochs,
@@ -55,6 +62,8 @@ def _run_config(a: argparse.Namespace) -> Any:
             unknown_method=a.unknown_method,
             pos_weight=a.pos_weight,
             label_precision=a.label_precision,
+            progressive_resize=a.progressive_resize,
+            tta_select=a.tta_select,
             augment=AugmentSpec(hflip=not a.no_hflip, crop=a.crop, translate=a.translate, color_jitter=a.color_jitter),
         ),
     )

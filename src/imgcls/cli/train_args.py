@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from imgcls.config import (
+    ACTIVATIONS,
     CLASS_BALANCE_MODES,
     CROPS,
     IMBALANCE_RATIO_LIMIT,
@@ -58,6 +59,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "fine-tune-last: probe, then only the last blocks of EfficientNet-Lite, on cached activations of the early ones (fast on CPUs); "
         "full: all layers from the start; auto: full from scratch, else linear-probe under 500 training images, fine-tune above "
         "(--model auto: fine-tune-last); a fine-tune keeps the probe's model unless an epoch validates better",
+    )
+    g.add_argument(
+        "--activation", choices=ACTIVATIONS, help="small_cnn's nonlinearity (default gelu, as airbench94; silu as the hiverge speedrun)"
     )
     g.add_argument("--img-size", type=int, help="input size in pixels (default: the model's, 32 for small_cnn)")
     g.add_argument("--resize-mode", choices=RESIZE_MODES, help="how non-square images are made square (default: the model's, crop)")
@@ -136,7 +140,12 @@ def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
         help="peak learning rate for a batch-mean loss (fast: airbench's 11.5 per 1024 images, 0.375 at "
         "batch 256 and not less; generic: adamw 2e-3 from scratch, 1e-3 pretrained, sgd 0.05 / 0.01)",
     )
-    g.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw, or sgd with Nesterov momentum (fast sgd, generic adamw)")
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="adamw; sgd with Nesterov momentum; muon: orthogonalised momentum for the conv filters (lr 0.24, momentum 0.6, as "
+        "airbench94_muon), Nesterov SGD at the recipe's rates for the rest (fast sgd, generic adamw)",
+    )
     g.add_argument("--momentum", type=float, help="SGD momentum (fast 0.85, generic 0.9)")
     g.add_argument(
         "--weight-decay",
@@ -152,6 +161,22 @@ def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", type=float, help="warmup length in epochs (fast: 23%% of the run, generic 1)")
     g.add_argument("--label-smoothing", type=float, help="label smoothing (fast 0.2, generic 0.1)")
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    g.add_argument(
+        "--progressive-resize",
+        type=float,
+        nargs="?",
+        const=0.5,
+        metavar="FRACTION",
+        help="train the first FRACTION of the epochs (0.5 when no value is given) on images downscaled to 3/4 of the input size "
+        "(24 px for 32), the rest at full size (default off)",
+    )
+    g.add_argument(
+        "--tta-select",
+        type=float,
+        metavar="FRACTION",
+        help="selective test-time augmentation: only this share of each evaluation batch, the images with the lowest top "
+        "probability, gets the TTA views; the rest one plain pass (default 1: all); recorded in model.json for evaluate and predict",
+    )
     g.add_argument(
         "--patience", type=int, default=10, help="stop after this many epochs without validation improvement; 0 = never (default 10)"
     )
