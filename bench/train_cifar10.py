@@ -4,6 +4,7 @@ against the standard PyTorch pipeline on the same network.
     python bench/train_cifar10.py                       # budgets 4 and 8 min, seeds 0 1 2, reference
     python bench/train_cifar10.py --budgets 4 --seeds 0 --skip-reference
     python bench/train_cifar10.py --table-only          # print the tables from the saved runs
+    python bench/train_cifar10.py --ablate --budgets 4 --seeds 0   # the fast recipe's options, one at a time and together
 
 Each imgcls run is two commands, timed end to end (decoding included):
     imgcls train CIFAR --out RUN --val-fraction 0 --time-budget B --seed S --quiet
@@ -168,8 +169,8 @@ def compile_check(cifar: Path, batch_size: int, steps: int) -> list[list[object]
 # ----------------------------------------------------------------------------- imgcls runs
 
 
-def run_imgcls(cifar: Path, budget: float, seed: int, extra: list[str]) -> dict:
-    run = RESULTS / f"run-b{budget:g}-s{seed}"
+def run_imgcls(cifar: Path, budget: float, seed: int, extra: list[str], name: str | None = None) -> dict:
+    run = RESULTS / (name or f"run-b{budget:g}-s{seed}")
     la0, waited, noisy = wait_for_quiet(max_wait_s=MAX_WAIT[0])
     # --overwrite: a rerun of the benchmark replaces its earlier run of the same budget and seed
     train_args = [
@@ -221,9 +222,20 @@ def run_imgcls(cifar: Path, budget: float, seed: int, extra: list[str]) -> dict:
         "noisy": noisy,
         "commands": [shell_line(train_args), shell_line(eval_args)],
         "extra": extra,
+        "run": str(run),
         "machine": machine_summary(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def evaluate_only(run: Path, cifar: Path) -> dict:
+    """`imgcls evaluate RUN CIFAR/test` alone (an ablation that changes only the evaluation)."""
+    eval_args = ["evaluate", str(run), str(cifar / "test"), "--json", "--quiet"]
+    ev = run_timed(eval_args)
+    if ev.returncode != 0:
+        raise SystemExit(f"imgcls evaluate failed:\n{ev.stderr[-3000:]}")
+    m = json.loads(ev.stdout)
+    return {"accuracy": m["accuracy"], "tta": m.get("tta"), "eval_wall_s": ev.seconds, "load_end": round(load1(), 2)}
 
 
 def history_images(run: Path) -> tuple[float, float]:
@@ -362,6 +374,13 @@ def main() -> int:
     p.add_argument("--table-only", action="store_true", help="print the tables from bench/out/train_cifar10/runs.jsonl")
     p.add_argument("--extra", default="", help="extra flags for imgcls train, e.g. '--batch-size 256'")
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for load < 1.5 before each run (default 600)")
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="the fast recipe's options (muon, progressive resizing, selective TTA, label smoothing 0.1, silu, colour jitter) one at "
+        "a time and all together against the baseline, for each budget and seed; a table (bench/train_cifar10_ablate.py)",
+    )
+    p.add_argument("--data", help="a folder with train/ and test/ class folders instead of CIFAR-10 (smoke runs)")
     p.add_argument("--compile-check", action="store_true", help="only compare eager and torch.compile training steps (batch 256, 40 steps)")
     a = p.parse_args()
     print(f"machine: {machine_summary()}", flush=True)
@@ -378,7 +397,18 @@ def main() -> int:
         )
         return 0
     if not a.table_only:
-        cifar = unpack(DATASETS_DIR / "cifar10-jpg.tar.gz")
+        cifar = Path(a.data) if a.data else unpack(DATASETS_DIR / "cifar10-jpg.tar.gz")
+        if a.ablate:
+            from train_cifar10_ablate import ablation_table, run_ablation
+
+            rows = [
+                r
+                for b in a.budgets
+                for s in a.seeds
+                for r in run_ablation(cifar, b, s, a.extra.split(), run_imgcls, evaluate_only, RESULTS)
+            ]
+            print(ablation_table(rows))
+            return 0
         log = open(RESULTS / "runs.jsonl", "a")
         if not a.skip_reference:
             print("reference pipeline ...", flush=True)

@@ -296,6 +296,9 @@ def validate_meta(meta: Any, source: str | os.PathLike = META_FILE) -> None:
             raise bad(f"{key} must be a positive integer, found {meta[key]!r}")
     if "tta" in meta and meta["tta"] not in TTA_MODES:
         raise bad(f"tta must be one of {', '.join(TTA_MODES)}, found {meta['tta']!r}")
+    select = meta.get("tta_select", 1.0)
+    if isinstance(select, bool) or not isinstance(select, int | float) or not 0 <= select <= 1:
+        raise bad(f"tta_select must be a number from 0 to 1 (share of the images given TTA views), found {select!r}")
     for key in _OPTIONAL_OBJECTS:
         if key in meta and not isinstance(meta[key], dict):
             raise bad(f"{key} must be an object, found {_kind(meta[key])}")

@@ -175,7 +175,17 @@ def _forward(
     if dev.type == "cpu":
         tuned = ThreadTuner(fixed=threads or None, log=log).wrap(forward, lambda: forward.compiled is not None)
     return batched_logits(
-        model, images, spec_of(meta), batch_size=batch_size, device=dev, amp_dtype=amp_dtype, progress=progress, tta=tta_mode, forward=tuned
+        model,
+        images,
+        spec_of(meta),
+        batch_size=batch_size,
+        device=dev,
+        amp_dtype=amp_dtype,
+        progress=progress,
+        tta=tta_mode,
+        forward=tuned,
+        tta_select=float(meta.get("tta_select", 1.0)),  # selective TTA as the model was trained to use it (--tta-select)
+        logit_cols=len(meta["class_names"]) if trust.uses_features else None,
     )
 
 

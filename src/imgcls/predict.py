@@ -25,7 +25,16 @@ from torch import nn
 from imgcls.artifact import load_artifact, resolve_artifact_dir, spec_of
 from imgcls.config import BACKENDS
 from imgcls.inference.answer import answer, error_answer, explain_target, postprocess
-from imgcls.inference.runners import OnnxRunner, Runner, TorchRunner, choose_onnx_runner, load_onnx_runner, split_features
+from imgcls.inference.runners import (
+    ONNX_FILE,
+    ONNX_INT8_FILE,
+    OnnxRunner,
+    Runner,
+    TorchRunner,
+    choose_onnx_runner,
+    load_onnx_runner,
+    split_features,
+)
 from imgcls.inference.trust import Outputs, Trust, logits_only, read_ood_stats
 from imgcls.io import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, is_image_path, load_image
 from imgcls.models import create_model, get_entry
@@ -280,18 +289,25 @@ def _auto_runner(path: str | os.PathLike, device: str, threads: int | None, log:
     """Backend "auto": an `OnnxRunner` (`runners.choose_onnx_runner`; a .onnx file as given), or None
     for torch: on a GPU, or for a model whose "unknown" rule scores pooled features (onnx gives
     logits only, and its msp fallback would change answers)."""
-    from imgcls.artifact import load_meta
+    from imgcls.artifact import ArtifactError, load_meta
 
     if resolve_device(device).type != "cpu":
         return None
     p = Path(path).expanduser()
     if p.is_file() and p.suffix.lower() == ".onnx":
         return load_onnx_runner(p, threads=threads)
-    if logits_only(load_meta(p))[1]:
-        (log or _no_log)("backend auto: torch (the model's unknown rule scores pooled features, which only torch gives)")
+    has_graph = any((p / f).exists() for f in (ONNX_FILE, ONNX_INT8_FILE))
+    try:
+        meta = load_meta(p)
+    except ArtifactError:
+        return None  # torch's load reports what is wrong with the folder, naming the file
+    if logits_only(meta)[1]:
+        if has_graph:  # said only where an exported graph is passed over
+            (log or _no_log)("backend auto: torch (the model's unknown rule scores pooled features, which only torch gives)")
         return None
     runner, why = choose_onnx_runner(p, threads)
-    (log or _no_log)(f"backend auto: {why}")
+    if why:
+        (log or _no_log)(f"backend auto: {why}")
     return runner
 
 

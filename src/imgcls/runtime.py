@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -133,20 +134,46 @@ def as_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return to_batch(np.asarray(images))
 
 
-def tta_logits(run: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray | torch.Tensor, mode: str) -> torch.Tensor:
+def tta_logits(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    images: np.ndarray | torch.Tensor,
+    mode: str,
+    select: float = 1.0,
+    logit_cols: int | None = None,
+) -> torch.Tensor:
     """Weighted mean of run(view) over the TTA views of uint8 images (N, S, S, 3): the one TTA.
 
     `run` maps uint8 images (N, S, S, 3) (an array for mode "none", else a tensor view) to float
     logits (N, C). `batched_logits` applies this per batch, `Classifier` on top of any runner.
     Views stay torch tensors: each is handed to `run` as a permuted view, no copy back to NumPy.
+    select < 1: selective TTA, the plain forward for every image, then the views only for the
+    ceil(select * N) images with the lowest top softmax probability (the confident ones rarely
+    change their answer); logit_cols: the output's last columns that are the logits (None: all;
+    a runner with features puts them first).
     """
-    if mode == "none":
+    if mode == "none" or select <= 0:
         return run(images)
+    if select < 1:
+        return _selective_tta(run, images, mode, select, logit_cols)
     views, weights = tta_views(as_nchw(images), mode)  # each (N, 3, S, S) uint8
     out = None
     for view, wt in zip(views, weights):
         logits = run(view.permute(0, 2, 3, 1)) * wt  # (N, C); the view as (N, S, S, 3) again
         out = logits if out is None else out + logits
+    return out
+
+
+def _selective_tta(
+    run: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray | torch.Tensor, mode: str, select: float, logit_cols: int | None
+) -> torch.Tensor:
+    out = run(images)  # (N, C) plain
+    logits = out if logit_cols is None else out[:, out.shape[1] - logit_cols :]
+    k = math.ceil(select * len(out))
+    least = logits.float().softmax(1).amax(1).argsort()[:k]  # (k,) the least confident first
+    if k:
+        idx = least.sort().values  # in the batch's order
+        subset = images[idx.numpy()] if isinstance(images, np.ndarray) else images[idx]
+        out = out.index_put((idx,), tta_logits(run, subset, mode).to(out.dtype))  # rows idx: (k, C); out of place (inference tensors)
     return out
 
 
@@ -310,11 +337,14 @@ def batched_logits(
     desc: str = "evaluate",
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     tta: str = "none",
+    tta_select: float = 1.0,
+    logit_cols: int | None = None,
 ) -> torch.Tensor:
     """uint8 cached images (N, S, S, 3) -> float32 logits (N, num_classes), model in eval mode.
 
     `forward` replaces `model(x)`, e.g. to return pooled features instead of logits. `tta`
-    averages the logits over test-time augmented views of each batch (`tta_logits`). batch_size
+    averages the logits over test-time augmented views of each batch (`tta_logits`), for the
+    `tta_select` least confident share of each batch (logit_cols: see `tta_logits`). batch_size
     None: `inference_batch_size(spec.img_size)`.
     """
     from tqdm.auto import tqdm
@@ -335,7 +365,7 @@ def batched_logits(
     out = []
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=None if progress else True, leave=False)
     for sl in batch_slices(len(images), batch_size):
-        out.append(tta_logits(run, images[sl], tta))  # views per batch: memory stays one batch's worth
+        out.append(tta_logits(run, images[sl], tta, tta_select, logit_cols))  # views per batch: memory stays one batch's worth
         bar.update(sl.stop - sl.start)
     bar.close()
     model.train(was_training)

@@ -241,7 +241,8 @@ def int8_trusted(meta: dict[str, Any], min_agreement: float = INT8_MIN_AGREEMENT
 
 
 def choose_onnx_runner(folder: str | os.PathLike, threads: int | None = None) -> tuple[OnnxRunner | None, str]:
-    """Backend "auto" for a model folder: (the runner to use, or None for torch; why, for the log).
+    """Backend "auto" for a model folder: (the runner to use, or None for torch; why, for the log,
+    empty when the folder holds no exported graph).
 
     The int8 graph when `load_onnx_runner` takes it and `int8_trusted` says so, else model.onnx
     when it takes that (both checked against torch fp32 when exported), else None: missing or stale
@@ -264,5 +265,5 @@ def choose_onnx_runner(folder: str | os.PathLike, threads: int | None = None) ->
             return runner, f"onnxruntime on {runner.path.name}" + (f" ({why})" if why else "")
         notes.append(f"{runner.path.name}: {why}")
     if not any((folder / f).exists() for f in (ONNX_FILE, ONNX_INT8_FILE)):
-        return None, f"torch (no {ONNX_FILE}: `imgcls export {folder}` writes one, which predicts faster)"
+        return None, ""  # nothing exported: torch, the usual case, not worth a log line
     return None, f"torch ({'; '.join(notes)})"

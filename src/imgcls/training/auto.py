@@ -175,7 +175,7 @@ def concrete_config(
         if img_size is None and profile.side < PROBE_FULL_SIDE:
             img_size = SMALL_PROBE_SIZE
     else:
-        m = ModelConfig(name=model, strategy=strategy or cfg.model.strategy)
+        m = ModelConfig(name=model, strategy=strategy or cfg.model.strategy, activation=cfg.model.activation)  # --activation: small_cnn's
         if img_size is None and profile.side <= TINY_SIDE:
             img_size = TINY_SIDE
     data = dataclasses.replace(d, img_size=img_size) if isinstance(d, DataConfig) else d

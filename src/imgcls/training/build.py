@@ -83,6 +83,15 @@ def build_trainable(bp: Blueprint, model_kwargs: dict[str, Any], log: Log | None
     return model, build_optimizer(bp.recipe, param_groups(model, bp.recipe, bp.strategy))
 
 
+def base_model_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
+    """Builder arguments the config asks for (--activation, small_cnn only); a time budget may add widths."""
+    if model_cfg.activation is None:
+        return {}
+    if model_cfg.name != "small_cnn":
+        raise ValueError(f"--activation applies to small_cnn only, not {model_cfg.name}")
+    return {"activation": model_cfg.activation}
+
+
 def build_loss(recipe: Recipe, class_weights: torch.Tensor | None = None) -> nn.Module:
     """The training loss: cross-entropy with the recipe's label smoothing, weighted per class when
     `class_weights` (C,) are given (--class-balance, `balance.ClassBalance.loss_weights`)."""
@@ -186,6 +195,7 @@ class Evaluation:
     val: SplitData | None  # validated after every epoch
     final_splits: dict[str, SplitData | None]  # evaluated at the end; None: left out
     progress: bool = False
+    tta_select: float = 1.0  # share of the least confident images the final evaluation gives TTA views (runtime.tta_logits)
 
     def time_final(self, model: nn.Module) -> float:
         """Seconds the final evaluation will take (kept back from a time budget)."""
@@ -213,7 +223,7 @@ def build_setup(
         recipe = multilabel_recipe(recipe, t_cfg, log)
     weights_cache = Path(cfg.data.cache_dir) / "weights" if cfg.data.cache_dir else None
     bp = Blueprint(cfg.model, len(data.class_names), recipe, strategy, spec, device, t_cfg.channels_last, data.train.images, weights_cache)
-    model_kwargs = saved.model_kwargs if saved is not None else {}
+    model_kwargs = saved.model_kwargs if saved is not None else base_model_kwargs(cfg.model)
     model, optimizer = build_trainable(bp, model_kwargs, log)
     balance, pos_weight = None, None
     if multilabel:

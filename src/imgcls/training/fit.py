@@ -51,7 +51,7 @@ from imgcls.training.multilabel import MULTI_LABEL, finish_multilabel, validate_
 from imgcls.training.partial import fine_tune_last_step
 from imgcls.training.plan import build_schedule, plan_run
 from imgcls.training.prepare import SPLIT_FILE, RunData, SplitData, check_run_folder, prepare_run, resolve_spec
-from imgcls.training.recipes import Lookahead, whiten_bias_trains
+from imgcls.training.recipes import Lookahead, train_size, whiten_bias_trains
 from imgcls.training.schedule import Schedule
 from imgcls.transforms import PreprocessSpec
 
@@ -128,7 +128,7 @@ def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log
     if ranks is not None:  # every rank decoded DATA itself: the same dataset, or stop
         setup = dataclasses.replace(setup, shard=distributed.start_shard(ranks, data.fingerprint, setup.strategy, data.index.multilabel))
     splits = final_splits(data, cfg.train, keep_test=bool(auto and auto["default_budget"]))
-    ev = Evaluation(spec, device, amp_dtype, setup.recipe.tta, data.val, splits, progress)
+    ev = Evaluation(spec, device, amp_dtype, setup.recipe.tta, data.val, splits, progress, setup.recipe.tta_select)
     state, setup, final_eval_s = plan_run(cfg.train, setup, ev, data, saved, t_start, log)  # 3
     writer = RunFolder if ranks is None or ranks.is_main else distributed.QuietFolder  # distributed: rank 0 alone writes
     folder = writer(run_dir, artifact_meta(cfg, data, setup, spec, device), cfg.to_dict())
@@ -250,6 +250,7 @@ def artifact_meta(cfg: RunConfig, data: RunData, setup: Setup, spec: PreprocessS
         "thread_choice": {**setup.threads.to_dict(), "switches": []} if setup.threads else None,
         "recipe": setup.recipe.to_dict(),
         "tta": setup.recipe.tta,  # what `imgcls evaluate` and `predict` use unless told otherwise (--tta)
+        "tta_select": setup.recipe.tta_select,  # share of the least confident images that get those views (runtime.tta_logits)
         "class_balance": setup.class_balance.to_dict() if setup.class_balance else None,  # --class-balance as resolved
         "world_size": setup.shard.world_size if setup.shard else 1,  # processes that trained it (torchrun), one global batch
     }
@@ -314,7 +315,9 @@ def train_epochs(
             ddp = setup.shard.wrap(train_model, ev.device, previous=ddp)  # again when the whitening bias froze
         planned_total = schedule.total_steps
         label = f"epoch {epoch + 1}/{state.planned_epochs}" if ev.progress else None
-        step_args = (setup.optimizer, setup.loss_fn, setup.data, g, setup.options)
+        size = train_size(recipe, epoch, state.planned_epochs, setup.data.spec.img_size)  # progressive resizing: smaller first
+        data = setup.data if size is None else dataclasses.replace(setup.data, train_size=size)
+        step_args = (setup.optimizer, setup.loss_fn, data, g, setup.options)
         stats = train_one_epoch(ddp or train_model, *step_args, schedule, epoch * spe, lookahead, label, setup.shard)
         out_of_time = schedule.total_steps < planned_total
         if out_of_time:  # behind the time budget: the schedule was shortened during this epoch
@@ -335,6 +338,7 @@ def train_epochs(
             f"epoch {epoch + 1}/{state.planned_epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  {stats.seconds:.1f}s  {row['images_per_s']:.0f} img/s"
             + (f"  val_mAP {row['val_map']:.4f}" if "val_map" in row else "")
+            + (f"  trained at {size} px" if size else "")
             + ("  *" if improved else "")
         )
         if ev.val is not None and t_cfg.patience and state.bad_epochs >= t_cfg.patience:

@@ -29,6 +29,7 @@ class TrainData:
     aug: AugmentSpec
     batch_size: int
     sample_weights: torch.Tensor | None = None  # (N,) drawing weights (--class-balance sampler); None: a permutation
+    train_size: int | None = None  # side the augmented batches are resized to (progressive resizing); None: spec.img_size
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ def load_batch(data: TrainData, idx: torch.Tensor, generator: torch.Generator, o
     """Images `idx` of `data`, augmented as a batch with `generator`, and their labels, on the device."""
     x = data.images[idx].permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
     x = train_transform(x, data.spec, data.aug, generator)  # (B, 3, H, W) float, normalised
+    if data.train_size is not None and data.train_size != x.shape[-1]:
+        x = nn.functional.interpolate(x, size=(data.train_size, data.train_size), mode="bilinear", antialias=True)  # (B, 3, s, s)
     x = x.to(options.device, non_blocking=True)
     if options.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -183,6 +186,13 @@ def validate(
     return loss, float(right.float().mean()), float((hits[present] / counts[present]).mean())
 
 
+def _logit_cols(model: nn.Module) -> int | None:
+    """How many of `model`'s last output columns are logits: all (None), or num_classes after
+    `inference.runners.FeaturesAndLogits`'s features."""
+    inner = getattr(model, "model", None)
+    return getattr(inner, "num_classes", None) if inner is not None and hasattr(inner, "forward_head") else None
+
+
 def final_logits(model: nn.Module, ev: object, amp_dtype: torch.dtype | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The kept model over each non-empty split of `ev.final_splits` (build.Evaluation) as evaluate
     runs it (its TTA, `amp_dtype`): {split name: (logits (N, out), labels)}. `model` may be
@@ -199,6 +209,8 @@ def final_logits(model: nn.Module, ev: object, amp_dtype: torch.dtype | None) ->
                 progress=ev.progress,
                 desc=f"evaluate {name}",
                 tta=ev.tta,
+                tta_select=getattr(ev, "tta_select", 1.0),
+                logit_cols=_logit_cols(model),
             )
             out[name] = (z, split.labels)
     return out

@@ -80,8 +80,23 @@ def param_groups(model: nn.Module, recipe: Recipe, strategy: str) -> list[ParamG
     return decay_groups(model, recipe.lr, recipe.weight_decay)
 
 
+def muon_groups(recipe: Recipe, groups: list[ParamGroup]) -> list[ParamGroup]:
+    """`groups` with their 4-D conv filters moved to one Muon group (recipe.muon_lr, muon_momentum,
+    no weight decay: Muon renormalises them) at the end; the rest keep their SGD rates, at
+    recipe.momentum, and their order (metrics.csv logs the first group's rate)."""
+    filters = [p for g in groups for p in g["params"] if p.ndim == 4]
+    rest = [{**g, "params": [p for p in g["params"] if p.ndim != 4], "momentum": recipe.momentum, "muon": False} for g in groups]
+    muon = {**_group(filters, recipe.muon_lr, 0.0), "momentum": recipe.muon_momentum, "muon": True}
+    return [g for g in (*rest, muon) if g["params"]]
+
+
 def build_optimizer(recipe: Recipe, groups: list[ParamGroup]) -> torch.optim.Optimizer:
-    """The recipe's optimizer over `groups`: SGD with Nesterov momentum, or AdamW."""
+    """The recipe's optimizer over `groups`: SGD with Nesterov momentum, AdamW, or Muon for the
+    conv filters with Nesterov SGD for the rest (`muon.MuonSGD`)."""
+    if recipe.optimizer == "muon":
+        from imgcls.training.muon import MuonSGD
+
+        return MuonSGD(muon_groups(recipe, groups), lr=recipe.lr, momentum=recipe.momentum)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0)
     return torch.optim.AdamW(groups, lr=recipe.lr)

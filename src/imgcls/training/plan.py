@@ -84,7 +84,7 @@ def plan_time_budget(
     built: dict[tuple[int, ...], tuple[nn.Module, torch.optim.Optimizer]] = {}
     while (plan := budget.plan_budget(request, timings)).time_next is not None:
         widths = plan.time_next
-        built[widths] = build_trainable(bp, {"widths": list(widths)})
+        built[widths] = build_trainable(bp, {**setup.model_kwargs, "widths": list(widths)})
         timings.append(measure_candidate(setup, *built[widths], widths, deadline - time.perf_counter(), ev, data.val))
         log(budget.describe(request, timings[-1]))
     chosen = next(t for t in timings if t.widths == plan.widths)
@@ -93,7 +93,8 @@ def plan_time_budget(
     if plan.widths is not None:
         # Too few epochs for the full width: a narrower net trains more of them (see recipes.BUDGET_WIDTHS).
         model, optimizer = built[plan.widths]
-        setup = dataclasses.replace(setup, model=model, optimizer=optimizer, model_kwargs={"widths": list(plan.widths)})
+        kwargs = {**setup.model_kwargs, "widths": list(plan.widths)}
+        setup = dataclasses.replace(setup, model=model, optimizer=optimizer, model_kwargs=kwargs)
         log(f"time budget: {bp.model.name} narrowed to widths {list(plan.widths)} to train {plan.epochs:.1f} epochs")
     return plan, setup
 
