@@ -174,6 +174,19 @@ def test_short_budget_keeps_the_winning_candidate(tmp_path, monkeypatch):
     assert len(imgcls.load(str(run)).predict(str(next(data.rglob("*.png"))))["top_k"]) >= 1
 
 
+def test_from_scratch_size_and_flips_follow_the_data():
+    """28 px trains at 28 (not upscaled to 32); small grey scans (digits, letters) are not mirrored;
+    colour thumbnails keep small_cnn's 32 px and their flips; the user's --img-size wins."""
+    cfg = RunConfig(data=DataConfig(path="d"), model=ModelConfig(name="auto"))
+    mnist = auto.concrete_config(cfg, "small_cnn", profile(28, 54_000, grey=True))
+    assert mnist.data.img_size == 28 and mnist.train.augment.hflip is False
+    cifar = auto.concrete_config(cfg, "small_cnn", profile(32, 45_000))
+    assert cifar.data.img_size is None and cifar.train.augment.hflip is True
+    assert auto.concrete_config(cfg, "small_cnn", profile(24, 5_000)).data.img_size == 24
+    given = dataclasses.replace(cfg, data=DataConfig(path="d", img_size=32))
+    assert auto.concrete_config(given, "small_cnn", profile(28, 54_000, grey=True)).data.img_size == 32
+
+
 def test_keep_candidate_rule():
     probe = {"model": "efficientnet_lite0", "seconds": 60.0}
     trial = {"model": "small_cnn", "seconds": 60.0}
