@@ -264,6 +264,7 @@ def train_tail(
     spe = math.ceil((acts.shape[1] if acts.ndim == 5 else acts.shape[0]) / TRAIN_BATCH)
     g = torch.Generator().manual_seed(0)
     epoch = 0
+    tail_best, tail_bad = -math.inf, 0  # the tail's own best: its first epochs trail the probe while they adapt
     while epoch < epochs:
         t0 = time.perf_counter()
         epoch += 1
@@ -281,8 +282,11 @@ def train_tail(
             f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}  {row['epoch_time_s']:.1f}s  {row['images_per_s']:.0f} img/s"
             + ("  *" if improved else "")
         )
-        if state.bad_epochs >= PATIENCE:
-            log(f"early stop: no validation improvement for {PATIENCE} epochs")
+        score = row.get(setup.best_key, math.nan)
+        if not math.isnan(score):  # no validation split: every planned epoch runs
+            tail_best, tail_bad = (score, 0) if score > tail_best else (tail_best, tail_bad + 1)
+        if tail_bad >= PATIENCE:  # the tail's own plateau, not the probe's: flowers reached 97.1% at epoch 3, 98.5% at 5
+            log(f"early stop: no validation improvement of the last blocks for {PATIENCE} epochs")
             break
         if budget_end is not None:  # as many more epochs as fit at this epoch's pace (validation included)
             fit = epoch + int((budget_end - time.perf_counter()) / (time.perf_counter() - t0))
