@@ -380,6 +380,11 @@ def main() -> int:
         help="the fast recipe's options (muon, progressive resizing, selective TTA, label smoothing 0.1, silu, colour jitter) one at "
         "a time and all together against the baseline, for each budget and seed; a table (bench/train_cifar10_ablate.py)",
     )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        help="with --ablate: only these variants (first word of the name: baseline muon progressive tta-select all ...)",
+    )
     p.add_argument("--data", help="a folder with train/ and test/ class folders instead of CIFAR-10 (smoke runs)")
     p.add_argument("--compile-check", action="store_true", help="only compare eager and torch.compile training steps (batch 256, 40 steps)")
     a = p.parse_args()
@@ -405,7 +410,7 @@ def main() -> int:
                 r
                 for b in a.budgets
                 for s in a.seeds
-                for r in run_ablation(cifar, b, s, a.extra.split(), run_imgcls, evaluate_only, RESULTS)
+                for r in run_ablation(cifar, b, s, a.extra.split(), run_imgcls, evaluate_only, RESULTS, a.variants)
             ]
             print(ablation_table(rows))
             return 0

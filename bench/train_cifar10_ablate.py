@@ -50,11 +50,15 @@ def run_ablation(
     run_imgcls: Callable[..., dict],
     evaluate_only: Callable[[Path, Path], dict],
     results: Path,
+    only: list[str] | None = None,
 ) -> list[dict]:
-    """Every variant at `budget` minutes and `seed`; one dict per variant (as run_imgcls returns, plus "variant")."""
+    """Every variant (or those whose name starts with one of `only`) at `budget` minutes and `seed`;
+    one dict per variant (as run_imgcls returns, plus "variant")."""
     rows = []
     baseline: dict | None = None
     for name, flags in [*VARIANTS, ("all", ALL_FLAGS)]:
+        if only and name.split()[0] not in only:
+            continue
         print(f"ablation {name}, budget {budget:g} min, seed {seed} ...", flush=True)
         if name.startswith("tta-select") and baseline is not None:
             out = results / f"ablate-b{budget:g}-s{seed}-tta-select"

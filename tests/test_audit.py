@@ -443,7 +443,7 @@ def test_mirrored_hash_matches_the_mirrored_image():
     assert (hamming(s.phash_mirror, m.phash) == 0).all() and (hamming(s.phash, m.phash) >= 16).all()
 
 
-@pytest.mark.parametrize("side, expected", [(28, 64), (32, 64), (64, 96), (96, 128), (500, 128), (0, 128)])
+@pytest.mark.parametrize("side, expected", [(28, 96), (32, 96), (64, 96), (96, 128), (500, 128), (0, 128)])
 def test_feature_size_follows_the_image_size(side, expected):
     from imgcls.audit.features import choose_feature_size
 

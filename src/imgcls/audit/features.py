@@ -25,9 +25,11 @@ DEFAULT_FEATURE_SIZE = 128
 # The feature pass is most of an audit's time (85 % of CIFAR-10's 1,323 s at 128 px) and its cost
 # grows with the square of the size, while upscaling a 32 px image to 128 px adds no detail. The
 # automatic size (`choose_feature_size`) is 1.5 x the data's median short side, rounded up to a
-# multiple of 32, between MIN_FEATURE_SIZE and DEFAULT_FEATURE_SIZE: 28-42 px images (MNIST,
-# CIFAR) -> 64 px (4x fewer pixels than 128), 64 px tiles (EuroSAT) -> 96 px, photos -> 128 px.
-MIN_FEATURE_SIZE = 64
+# multiple of 32, between MIN_FEATURE_SIZE and DEFAULT_FEATURE_SIZE: 28-64 px images (MNIST,
+# CIFAR, EuroSAT) -> 96 px (1.8x fewer pixels than 128), photos -> 128 px. At 64 px the CIFAR-10
+# audit took 162 s but found 79.5 % of 5 % flipped labels in its top 2x, against 85.7 % at 128 px
+# (bench/RESULTS.md, third session): 96 px is the floor.
+MIN_FEATURE_SIZE = 96
 FEATURE_SIZE_STEP = 32
 EMBED_DIMS = 128  # PCA dimensions kept for cosine similarity (duplicates, outliers)
 PROBE_DIMS = 256  # PCA dimensions the label probe is fitted on

@@ -218,8 +218,8 @@ def _add_audit_command(sub: Any) -> None:
     x.add_argument(
         "--feature-size",
         type=int,
-        help="input size for the feature pass in pixels (default: from the images' median short side, 64 for 32 px images, "
-        "96 for 64 px, 128 for photos; 0: the model's own, slower)",
+        help="input size for the feature pass in pixels (default: from the images' median short side, 96 up to 64 px images, "
+        "128 for photos; 0: the model's own, slower)",
     )
     x.add_argument("--folds", type=int, help="k of the k-fold linear probe that scores the labels (default 5)")
     x.add_argument("--seed", type=int, default=0, help="seed for the probe's folds (default 0)")
