@@ -114,7 +114,8 @@ def test_pretrained_strategy_follows_the_image_count():
     asked = dataclasses.replace(cfg, model=ModelConfig(name="auto", strategy="fine-tune"))
     assert auto.concrete_config(asked, "efficientnet_lite0", profile(500, 1_360)).model.strategy == "fine-tune"
     m = auto.concrete_config(cfg, "efficientnet_lite0", profile(64, 1_360))
-    assert m.model.pretrained and m.data.img_size == auto.SMALL_PROBE_SIZE  # upscaled for ImageNet features, cheaper than 224
+    assert m.model.pretrained and m.data.img_size == auto.TINY_PROBE_SIZE  # upscaled for ImageNet features, cheaper than 224
+    assert auto.concrete_config(cfg, "efficientnet_lite0", profile(100, 1_360)).data.img_size == auto.SMALL_PROBE_SIZE
 
 
 def test_unclear_data_try_both_candidates_and_keep_the_better(tmp_path, monkeypatch):
