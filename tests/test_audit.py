@@ -336,7 +336,7 @@ def test_near_duplicate_groups_do_not_chain():
     embed = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
     phash = np.arange(6, dtype=np.uint64) * np.uint64(0xFFFF)  # hashes far apart: the features decide
     signature = np.eye(6, dtype=np.float32)
-    found = search(phash, signature, embed, DuplicateRule(min_cosine=0.92), k=2)
+    found = search(phash, signature, embed, DuplicateRule(min_cosine=0.92, feature_neighbour_ratio=100.0), k=2)  # no ratio test here
     assert found.groups == [[0, 1], [2, 3], [4, 5]]
     for group in found.groups:
         assert all(embed[g] @ embed[group[0]] >= 0.92 for g in group)
@@ -453,5 +453,5 @@ def test_feature_size_follows_the_image_size(side, expected):
 def test_feature_size_is_chosen_from_the_data_and_recorded(tmp_path):
     make_class_folders(tmp_path, classes=("circle", "square"), per_class=12, size=32, seed=3)
     r = run_audit(tmp_path, AuditOptions(features="efficientnet_lite0", pretrained=False), progress=False, log=quiet)
-    assert r["settings"]["feature_size"] == 64 and r["settings"]["feature_spec"]["img_size"] == 64
+    assert r["settings"]["feature_size"] == 96 and r["settings"]["feature_spec"]["img_size"] == 96
     assert r["settings"]["feature_size_chosen"].startswith("auto") and r["settings"]["median_short_side"] == 32

@@ -40,6 +40,10 @@ class DuplicateRule:
        `min_cosine_with_hash`;
     3. with features: the cosine is at least `min_cosine` and at most `max_bits_cosine` bits differ
        (a pair of unrelated pictures differs in about 32 +- 4 bits).
+    Rules 2 and 3 also take the ratio test of rule 1, on the features: 1 - cosine at most
+    `feature_neighbour_ratio` x (1 - the cosine of the image's k-th most similar image), or a cosine
+    of at least `identical_cosine`. Without it, the full MNIST audit grouped 45,561 of 70,000
+    digits into 9,113 "near-duplicate" groups (look-alike strokes: cosine >= 0.92, few bits apart).
 
     Hash distances are the smaller of the distance to the other image and to its mirror image
     (pHash is not mirror-invariant: a mirrored copy differs in about 32 bits), and correlations the
@@ -65,6 +69,8 @@ class DuplicateRule:
     min_cosine_with_hash: float = 0.85
     min_cosine: float = 0.92
     max_bits_cosine: int = 26
+    feature_neighbour_ratio: float = 0.5
+    identical_cosine: float = 0.995
 
 
 class StarGroups:
@@ -147,9 +153,13 @@ def search(
             knn[rows] = top.values.mean(dim=1).numpy()
             nearest[rows] = top.indices[:, 0].numpy()
             cos = sim.numpy()
-            close |= ((bits <= rule.max_bits_with_features) & (cos >= rule.min_cosine_with_hash)) | (
+            by_features = ((bits <= rule.max_bits_with_features) & (cos >= rule.min_cosine_with_hash)) | (
                 (bits <= rule.max_bits_cosine) & (cos >= rule.min_cosine)
             )
+            # Lowe's ratio test in feature space too: a pair must stand out from the row's k-th neighbour
+            kth_gap = np.maximum(1.0 - top.values[:, -1].numpy(), 0.0)[:, None]  # (b, 1)
+            by_features &= ((1.0 - cos) <= rule.feature_neighbour_ratio * kth_gap) | (cos >= rule.identical_cosine)
+            close |= by_features
         if comparable is not None:
             close &= comparable[rows, None] & comparable[None, :]
         for r in range(close.shape[0]):
