@@ -581,3 +581,54 @@ def test_allow_outside_root_reaches_the_config_from_the_cli():
     assert _run_config(build_parser().parse_args(args)).data.allow_outside_root is False
     assert _run_config(build_parser().parse_args(args + ["--allow-outside-root"])).data.allow_outside_root is True
     assert build_parser().parse_args(["evaluate", "run", "data.csv", "--allow-outside-root"]).allow_outside_root is True
+
+
+# ----------------------------------------------------------------------------- data larger than memory
+
+
+def test_decode_spills_to_a_deleted_file_with_the_same_pixels(tmp_path, corpus):
+    """spill_dir: the images live in a memory-mapped file that is already deleted (nothing left
+    behind), and they equal the in-memory decode, bad files compacted out in place."""
+    _, _, paths = corpus
+    ram = decode_images(paths, SPEC, progress=False)
+    spill = tmp_path / "run"
+    disk = decode_images(paths, SPEC, progress=False, spill_dir=spill)
+    assert isinstance(disk.images.base, np.memmap) or isinstance(disk.images, np.memmap)
+    assert list(spill.iterdir()) == [] or os.name == "nt"
+    assert disk.paths == ram.paths and disk.failures == ram.failures and disk.hashes == ram.hashes
+    np.testing.assert_array_equal(disk.images, ram.images)
+
+
+def test_needs_spill_compares_with_half_the_available_memory():
+    assert decode_mod.needs_spill(6 * 2**30, available=10 * 2**30)
+    assert not decode_mod.needs_spill(4 * 2**30, available=10 * 2**30)
+    assert not decode_mod.needs_spill(10**15, available=None) or decode_mod.available_memory() is not None
+    assert decode_mod.decoded_bytes(10, SPEC) == 10 * SPEC.cache_size**2 * 3
+
+
+def test_train_splits_the_file_list_before_decoding_and_spills_when_memory_is_short(tmp_path, monkeypatch):
+    """Validation is split off the file list (the pool is never decoded whole and copied), and a
+    split too large for memory is decoded into a temporary file in the run folder, said in the log."""
+    from imgcls.config import DataConfig, RunConfig
+    from imgcls.training import prepare
+
+    root = make_class_folders(tmp_path / "d", per_class=10, size=16)
+    (root / "circle" / "broken.png").write_bytes(b"not an image")
+    sizes = []
+    real = prepare.load_split
+
+    def spy(samples, *args, **kwargs):
+        sizes.append(len(samples))
+        return real(samples, *args, **kwargs)
+
+    monkeypatch.setattr(prepare, "load_split", spy)
+    monkeypatch.setattr(prepare, "needs_spill", lambda nbytes: True)
+    cfg = RunConfig(data=DataConfig(path=str(root), val_fraction=0.2, workers=1))
+    index = index_dataset(root)
+    lines: list[str] = []
+    splits, failures, info = prepare.decode_splits(cfg, index, SPEC, False, lines.append, spill_dir=tmp_path / "run")
+    assert sorted(sizes) == [6, 25]  # 31 files (one broken) split 25 / 6, each decoded once
+    assert info["method"] == "stratified" and info["counts"] == {"train": len(splits["train"].paths), "val": len(splits["val"].paths)}
+    assert len(failures) == 1 and len(splits["train"].paths) + len(splits["val"].paths) == 30
+    assert sum("temporary file" in line for line in lines) == 2
+    assert set(map(str, splits["train"].paths)).isdisjoint(map(str, splits["val"].paths))

@@ -377,10 +377,12 @@ def load_split(
     progress: bool,
     desc: str,
     targets: np.ndarray | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> tuple[DecodedImages, np.ndarray]:
     """Decode one split's samples; returns the decoded images and their labels: int64 (N,), or
-    with multi-label `targets` (DatasetIndex.targets) their multi-hot rows (N, C) float32."""
-    decoded = decode_images([p for p, _ in samples], spec, cache_dir, workers, max_pixels, progress, desc)
+    with multi-label `targets` (DatasetIndex.targets) their multi-hot rows (N, C) float32.
+    spill_dir: decode into a temporary file there (`decode_images`)."""
+    decoded = decode_images([p for p, _ in samples], spec, cache_dir, workers, max_pixels, progress, desc, spill_dir)
     labels = np.asarray([samples[i][1] for i in decoded.keep], dtype=np.int64)
     if targets is not None:
         return decoded, targets[labels].astype(np.float32).reshape(len(labels), targets.shape[1])

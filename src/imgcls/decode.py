@@ -10,6 +10,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from imgcls.io import ImageDecodeError, load_image, open_image_file
 from imgcls.transforms import PreprocessSpec, resize_image
 
 CACHE_VERSION = 1
+SPILL_SHARE = 0.5  # a split whose images would take more than this share of the available memory is decoded into a file
 
 
 @dataclass
@@ -90,11 +92,14 @@ def decode_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     desc: str = "decode",
+    spill_dir: str | os.PathLike | None = None,
 ) -> DecodedImages:
     """Decode every file once into a uint8 (N, S, S, 3) array at `spec.cache_size`.
 
     With `cache_dir`, the array is a memory-mapped .npy keyed by the files (path, size, mtime)
     and the spec, so a second run (or `--resume`) maps it back instead of decoding again.
+    Without it but with `spill_dir`, the array is a memory-mapped file there that is deleted at
+    once (the map keeps it until the array is dropped): for data larger than memory (`needs_spill`).
     Decoding runs in `workers` processes (0 = one per core).
     """
     s = spec.cache_size
@@ -112,10 +117,12 @@ def decode_images(
 
     n = len(paths)
     if cache_npy is None:
-        buf = np.empty((n, s, s, 3), dtype=np.uint8)
+        buf = _spill_buffer((n, s, s, 3), spill_dir) if spill_dir is not None else np.empty((n, s, s, 3), dtype=np.uint8)
         ok, hashes, failures = _decode_into(buf, paths, spec, max_pixels, workers, progress, desc)
         keep = np.flatnonzero(ok)
-        images = buf[keep] if len(keep) < n else buf
+        for j in range(int(np.argmin(ok)) if len(keep) < n else n, len(keep)):  # compact in place: keep[j] >= j, no second array
+            buf[j] = buf[keep[j]]
+        images = buf[: len(keep)]
         return DecodedImages(images, [paths[i] for i in keep], keep, failures, [hashes[i] for i in keep])
     # Decoded straight into the memory-mapped temp file; it becomes the cache only when complete,
     # so a run killed mid-decode leaves neither a partial cache nor a stray temp file.
@@ -136,6 +143,48 @@ def decode_images(
     atomic_write_text(cache_meta, json.dumps(meta))
     images = np.load(cache_npy, mmap_mode="r", allow_pickle=False)
     return DecodedImages(images, [paths[i] for i in keep], keep, failures, [hashes[i] for i in keep])
+
+
+def decoded_bytes(n: int, spec: PreprocessSpec) -> int:
+    """Bytes of the uint8 array `decode_images` makes for n files."""
+    return n * spec.cache_size * spec.cache_size * 3
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can take (Linux MemAvailable, else the free pages); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def needs_spill(nbytes: int, available: int | None = None) -> bool:
+    """Whether an array of `nbytes` should be decoded into a file rather than memory: more than
+    SPILL_SHARE of the available memory (MNIST's 60,000 images at 224 px are 11.8 GB; training
+    needs room beside them)."""
+    available = available_memory() if available is None else available
+    return available is not None and nbytes > SPILL_SHARE * available
+
+
+def _spill_buffer(shape: tuple[int, ...], folder: str | os.PathLike) -> np.ndarray:
+    """A writable uint8 memory map of `shape` in a file in `folder`, deleted at once where the
+    system allows (POSIX): the map keeps the space, and nothing is left behind after the run."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".decoded-", suffix=".npy", dir=folder)
+    os.close(fd)
+    buf = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    try:
+        os.unlink(tmp)
+    except OSError:  # Windows: a mapped file cannot be deleted; it stays as a hidden .decoded-*.npy
+        pass
+    return buf
 
 
 def _decode_into(
