@@ -115,3 +115,36 @@ def test_probe_strategies_without_pretrained_weights_are_an_error(tmp_path, stra
         resolve_strategy(strategy, pretrained=False, n_train=100)
     assert "--strategy full" in str(e.value)
     assert resolve_strategy(strategy, pretrained=True, n_train=100) == strategy
+
+
+@pytest.mark.parametrize("strategy", ["linear-probe", "fine-tune-last"])
+def test_time_budget_trains_on_the_images_the_frozen_pass_can_cover(tmp_path, monkeypatch, strategy):
+    """Under --time-budget, where the pretrained network's first pass over every image would not fit
+    (a pace of 1 image/s here), a stratified subset is trained and validated on, and the log and
+    model.json say how many (MNIST's 54,000 at 224 px took 9 minutes of a 3-minute budget)."""
+    from imgcls.training import budget_data
+
+    data = make_split_folders(tmp_path / "data", per_split={"train": 12, "valid": 6}, size=32, seed=4)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model(ARCH, num_classes=3).state_dict().items()}, str(weights))
+    monkeypatch.setattr(budget_data, "pass_rate", lambda *a: 1.0)
+    cfg = transfer_cfg(data, weights, tmp_path / "run", strategy, epochs=1)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, time_budget=0.5))
+    lines: list[str] = []
+    run = fit(cfg, progress=False, log=lines.append)
+    meta = json.loads((run / "model.json").read_text())
+    kept = meta["split"]["budget_subset"]
+    assert kept["of"] == {"train": 36, "val": 18}
+    assert 6 <= kept["train"] < 36 and 6 <= kept["val"] < 18  # at least 2 of each of the 3 classes
+    assert meta["split"]["counts"]["train"] == kept["train"] and meta["metrics"]["val"]["num_samples"] == kept["val"]
+    assert any(s.startswith("time budget: the pretrained network's passes") and "stratified" in s for s in lines)
+
+
+def test_time_budget_keeps_every_image_when_the_pass_fits(transfer_data, tmp_path):
+    data, weights = transfer_data
+    cfg = transfer_cfg(data, weights, tmp_path / "run", "linear-probe")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, time_budget=2.0))
+    run = fit(cfg, progress=False, log=lambda s: None)
+    meta = json.loads((run / "model.json").read_text())
+    assert "budget_subset" not in meta["split"] and meta["split"]["counts"]["train"] == 12

@@ -41,6 +41,7 @@ from imgcls.runtime import (
 )
 from imgcls.training import distributed
 from imgcls.training.auto import choose_model
+from imgcls.training.budget_data import fit_to_budget
 from imgcls.training.build import Evaluation, Log, Setup, build_setup, dtype_name
 from imgcls.training.checkpoint import RunFolder, TrainState, read_checkpoint
 from imgcls.training.finetune import linear_probe
@@ -125,6 +126,8 @@ def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log
 
     data = prepare_run(cfg, spec, run_dir, progress, log, resume, overwrite, write=ranks is None or ranks.is_main)  # 1
     setup = build_setup(cfg, data, spec, device, amp_dtype, saved, log)  # 2
+    if saved is None and ranks is None:  # transfer learning under --time-budget: as many images as its first pass can cover
+        data, setup = fit_to_budget(data, setup, cfg.train.time_budget, t_start, device, amp_dtype, cfg.data.seed, log)
     if ranks is not None:  # every rank decoded DATA itself: the same dataset, or stop
         setup = dataclasses.replace(setup, shard=distributed.start_shard(ranks, data.fingerprint, setup.strategy, data.index.multilabel))
     splits = final_splits(data, cfg.train, keep_test=bool(auto and auto["default_budget"]))
