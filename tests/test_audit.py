@@ -455,3 +455,50 @@ def test_feature_size_is_chosen_from_the_data_and_recorded(tmp_path):
     r = run_audit(tmp_path, AuditOptions(features="efficientnet_lite0", pretrained=False), progress=False, log=quiet)
     assert r["settings"]["feature_size"] == 96 and r["settings"]["feature_spec"]["img_size"] == 96
     assert r["settings"]["feature_size_chosen"].startswith("auto") and r["settings"]["median_short_side"] == 32
+
+
+def test_feature_rules_off_leaves_feature_only_matches_out():
+    """The same pairs as above with feature_rules=False: no group (the hashes are far apart), and the
+    neighbourhoods (outlier scores) are still computed."""
+    from imgcls.audit.neighbours import DuplicateRule, search
+
+    angles = np.radians([0.0, 20.0, 40.0, 60.0, 80.0, 100.0])
+    embed = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    phash = np.arange(6, dtype=np.uint64) * np.uint64(0xFFFF)
+    found = search(
+        phash, np.eye(6, dtype=np.float32), embed, DuplicateRule(min_cosine=0.92, feature_neighbour_ratio=100.0), k=2, feature_rules=False
+    )
+    assert found.groups == [] and found.knn_similarity is not None and found.knn_similarity.shape == (6,)
+
+
+def test_copy_check_tells_whether_features_find_copies():
+    """Copies closer to their originals than any other image: the feature rules are used; copies
+    that look-alike originals beat (MNIST's digits at 96 px): they are left out."""
+    from imgcls.audit import calibrate
+
+    rng = np.random.default_rng(0)
+    spread = rng.normal(size=(300, 32)).astype(np.float32)
+    rows = calibrate.sample_rows(300, seed=0)
+    near = spread[rows] + 0.05 * rng.normal(size=(len(rows), 32)).astype(np.float32)
+    good = calibrate.check_copies(spread, rows, near)
+    assert good.found_share > 0.95 and good.features_find_copies and good.median_cosine > 0.9
+    # look-alikes: every original has a twin much closer than its copy is
+    twins = np.concatenate([spread[:150], spread[:150] + 0.01 * rng.normal(size=(150, 32)).astype(np.float32)])
+    far = twins[rows] + 1.0 * rng.normal(size=(len(rows), 32)).astype(np.float32)
+    bad = calibrate.check_copies(twins, rows, far)
+    assert bad.found_share < 0.2 and not bad.features_find_copies
+    assert bad.to_dict()["feature_rules"].startswith("left out")
+
+
+def test_make_copy_keeps_the_decoded_shape():
+    from imgcls.audit import calibrate
+
+    img = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
+    copy = calibrate.make_copy(img, native_side=28)
+    assert copy.shape == img.shape and copy.dtype == np.uint8 and not np.array_equal(copy, img)
+
+
+def test_audit_reports_its_copy_check(reports):
+    check = reports["pixels"]["settings"]["copy_check"]
+    assert check["sampled"] > 0 and check["feature_rules"] == "used"  # distinct generated pictures: copies stand out
+    assert reports["none"]["settings"]["copy_check"] is None

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from imgcls.audit import calibrate
 from imgcls.audit import labels as label_checks
 from imgcls.audit import neighbours as nb
 from imgcls.audit.features import (
@@ -116,6 +117,7 @@ class _Measured:
     stats: PixelStats
     features: np.ndarray | None
     failures: dict[int, str]  # sample index -> the decoder's reason
+    copy_check: calibrate.CopyCheck | None = None  # with features: how planted copies fared (calibrate.py)
 
 
 def _extractor(options: AuditOptions, median_short_side: int) -> FeatureExtractor | None:
@@ -127,13 +129,20 @@ def _extractor(options: AuditOptions, median_short_side: int) -> FeatureExtracto
     return model_extractor(options.features, options.pretrained, size, options.precision, options.batch_size)
 
 
-def _measure(samples: list[Sample], extractor: FeatureExtractor | None, options: AuditOptions, progress: bool) -> _Measured:
-    """Decode every file once (in chunks), measure its pixels and compute its features."""
+def _measure(
+    samples: list[Sample], extractor: FeatureExtractor | None, options: AuditOptions, progress: bool, native_side: int = 0
+) -> _Measured:
+    """Decode every file once (in chunks), measure its pixels and compute its features; with
+    features, also those of resized, re-encoded copies of a sample (`calibrate`)."""
     from tqdm.auto import tqdm
 
     spec = extractor.spec if extractor is not None else PIXEL_ONLY_SPEC
     paths = [s.path for s in samples]
     ok, hashes, stats, feats, failures = [], [], [], [], {}
+    pick = set(calibrate.sample_rows(len(paths), options.seed).tolist()) if extractor is not None else set()
+    copy_rows: list[int] = []
+    copies: list[np.ndarray] = []
+    n_ok = 0
     desc = "decode + features" if extractor is not None else "decode"
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True)
     for start in range(0, len(paths), DECODE_CHUNK):
@@ -145,10 +154,18 @@ def _measure(samples: list[Sample], extractor: FeatureExtractor | None, options:
         stats.append(pixel_stats(dec.images))
         if extractor is not None and len(dec.keep):
             feats.append(extractor.extract(dec.images).astype(np.float32))
+        for j in (j for j, k in enumerate(dec.keep.tolist()) if start + k in pick):
+            copy_rows.append(n_ok + j)
+            copies.append(calibrate.make_copy(dec.images[j], native_side))
+        n_ok += len(dec.keep)
         bar.update(min(DECODE_CHUNK, len(paths) - start))
     bar.close()
     features = np.concatenate(feats) if feats else (np.zeros((0, 1), np.float32) if extractor is not None else None)
-    return _Measured(np.concatenate(ok) if ok else np.zeros(0, np.int64), hashes, PixelStats.concat(stats), features, failures)
+    check = None
+    if extractor is not None:
+        copy_feats = extractor.extract(np.stack(copies)).astype(np.float32) if copies else np.zeros((0, features.shape[1]), np.float32)
+        check = calibrate.check_copies(features, np.asarray(copy_rows, np.int64), copy_feats)
+    return _Measured(np.concatenate(ok) if ok else np.zeros(0, np.int64), hashes, PixelStats.concat(stats), features, failures, check)
 
 
 class _Entries:
@@ -296,7 +313,13 @@ def run_audit(
     short_sides = sorted(min(h.width, h.height) for h in headers if not h.error and h.width > 0)
     median_short_side = short_sides[len(short_sides) // 2] if short_sides else 0
     extractor = _extractor(options, median_short_side)
-    m = _measure(samples, extractor, options, progress)
+    m = _measure(samples, extractor, options, progress, median_short_side)
+    if m.copy_check is not None and not m.copy_check.features_find_copies:
+        c = m.copy_check
+        log(
+            f"near-duplicates by hash only: resized copies of {c.sampled} images stood out from every other image in feature space "
+            f"for {c.found_share:.0%} of them (median cosine {c.median_cosine:.2f}); these features do not tell copies from look-alikes"
+        )
     timings["decode_features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -304,7 +327,14 @@ def run_audit(
     embed = embedding(components) if components is not None else None
     comparable = m.stats.std >= CONSTANT_STD  # near-constant images have no content to compare
     neighbours = nb.search(
-        m.stats.phash, m.stats.thumb, embed, options.duplicates, progress=progress, comparable=comparable, phash_mirror=m.stats.phash_mirror
+        m.stats.phash,
+        m.stats.thumb,
+        embed,
+        options.duplicates,
+        progress=progress,
+        comparable=comparable,
+        phash_mirror=m.stats.phash_mirror,
+        feature_rules=m.copy_check is None or m.copy_check.features_find_copies,
     )
     timings["compare_s"] = time.perf_counter() - t
 
@@ -340,7 +370,11 @@ def run_audit(
         "class_counts": counts,
         "imbalance_ratio": ratio,
         "probe_accuracy": probe_accuracy,
-        "settings": {**_settings(options, extractor), "median_short_side": median_short_side},
+        "settings": {
+            **_settings(options, extractor),
+            "median_short_side": median_short_side,
+            "copy_check": m.copy_check.to_dict() if m.copy_check else None,
+        },
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "findings": {kind: findings.get(kind, []) for kind in FINDING_KINDS},
         "typical": {kind: {index.class_names[c]: n for c, n in per_class.items()} for kind, per_class in typical.items()},

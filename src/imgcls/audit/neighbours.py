@@ -120,6 +120,7 @@ def search(
     progress: bool = False,
     comparable: np.ndarray | None = None,
     phash_mirror: np.ndarray | None = None,
+    feature_rules: bool = True,
 ) -> Neighbours:
     """Compare every image with every other (see the module docstring); blocks of `block` rows.
 
@@ -152,6 +153,7 @@ def search(
             top = sim.topk(k, dim=1)
             knn[rows] = top.values.mean(dim=1).numpy()
             nearest[rows] = top.indices[:, 0].numpy()
+        if e is not None and feature_rules:
             cos = sim.numpy()
             by_features = ((bits <= rule.max_bits_with_features) & (cos >= rule.min_cosine_with_hash)) | (
                 (bits <= rule.max_bits_cosine) & (cos >= rule.min_cosine)
