@@ -186,12 +186,6 @@ def test_from_scratch_size_and_flips_follow_the_data():
     assert auto.concrete_config(cfg, "small_cnn", profile(24, 5_000)).data.img_size == 24
     given = dataclasses.replace(cfg, data=DataConfig(path="d", img_size=32))
     assert auto.concrete_config(given, "small_cnn", profile(28, 54_000, grey=True)).data.img_size == 32
-    eurosat = auto.concrete_config(cfg, "small_cnn", profile(64, 22_950))  # 33-64 px: 48 px, the trial at 32
-    assert (
-        eurosat.data.img_size == auto.MID_SIZE
-        and auto.concrete_config(cfg, "small_cnn", profile(64, 22_950), trial=True).data.img_size is None
-    )
-    assert auto.concrete_config(cfg, "small_cnn", profile(100, 5_000)).data.img_size is None  # above 64 px: small_cnn's own 32
 
 
 def test_keep_candidate_rule():

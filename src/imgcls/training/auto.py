@@ -58,10 +58,6 @@ TINY_PROBE_SIDE, TINY_PROBE_SIZE = 64, 96
 FINE_TUNE_LAST_MIN_IMAGES = 300  # from this many images (train + val) auto fine-tunes the last blocks after the probe
 TINY_SIDE = 16  # images this small are trained at 16 px (the demo's 8x8 digits: 4x cheaper than 32 px, as accurate)
 NATIVE_MAX_SIDE = 32  # from scratch, images between TINY_SIDE and this train at their own size (small_cnn's default is 32)
-# From scratch, images above NATIVE_MAX_SIDE and up to SCRATCH_SIDE (EuroSAT's 64 px tiles) train at MID_SIZE,
-# the short trial at 32 px. EuroSAT, 7 minutes alone (third session): 32 px 22 epochs 97.78 % test, 48 px 9 epochs
-# 97.90 %, 64 px 97.38 % (the budget narrowed the network to get 10 epochs); one seed each, so a small margin.
-MID_SIZE = 48
 DEFAULT_BUDGET_MIN = 5.0  # a first run without --time-budget keeps to this many minutes
 TRIAL_SHARE = 0.25  # share of the time left that the small_cnn trial may take, between TRIAL_MIN_MIN and TRIAL_MAX_MIN
 TRIAL_MIN_MIN, TRIAL_MAX_MIN = 0.75, 2.0
@@ -165,11 +161,9 @@ def concrete_config(
     strategy: str | None = None,
     time_budget: float | None = None,
     epochs: int | None = None,
-    trial: bool = False,
 ) -> RunConfig:
     """cfg with `model` in place of "auto": pretrained weights and a probe-friendly input size for
-    the pretrained network, 16 px for tiny images from scratch, MID_SIZE for 33-64 px ones (32 px
-    in the short `trial`); the user's --img-size always wins."""
+    the pretrained network, 16 px for tiny images from scratch; the user's --img-size always wins."""
     d, t = cfg.data, cfg.train
     img_size = d.img_size
     if model == PRETRAINED_MODEL:
@@ -190,8 +184,6 @@ def concrete_config(
             img_size = TINY_SIDE
         elif img_size is None and profile.side < NATIVE_MAX_SIDE:
             img_size = profile.side  # 28 px MNIST at 28, not upscaled to 32: 0.77x the pixels, more epochs in a budget
-        elif img_size is None and NATIVE_MAX_SIDE < profile.side <= SCRATCH_SIDE and not trial:
-            img_size = MID_SIZE
         if no_flips(profile) and t.augment.hflip:
             t = dataclasses.replace(t, augment=dataclasses.replace(t.augment, hflip=False))
     data = dataclasses.replace(d, img_size=img_size) if isinstance(d, DataConfig) else d
@@ -371,7 +363,7 @@ def scratch_trial_config(cfg: RunConfig, profile: DataProfile, budget: float | N
     """The short small_cnn run: TRIAL_SHARE of the time left (TRIAL_MIN_MIN to TRIAL_MAX_MIN
     minutes), or TRIAL_EPOCHS epochs where no time budget is allowed (--deterministic)."""
     if cfg.train.deterministic:
-        return concrete_config(cfg, SCRATCH_MODEL, profile, epochs=min(cfg.train.epochs or TRIAL_EPOCHS, TRIAL_EPOCHS), trial=True)
+        return concrete_config(cfg, SCRATCH_MODEL, profile, epochs=min(cfg.train.epochs or TRIAL_EPOCHS, TRIAL_EPOCHS))
     left = (budget if budget is not None else DEFAULT_BUDGET_MIN) - spent_min
     box = min(TRIAL_MAX_MIN, max(TRIAL_MIN_MIN, TRIAL_SHARE * left))
-    return concrete_config(cfg, SCRATCH_MODEL, profile, time_budget=box, epochs=cfg.train.epochs or DEFAULT_EPOCHS, trial=True)
+    return concrete_config(cfg, SCRATCH_MODEL, profile, time_budget=box, epochs=cfg.train.epochs or DEFAULT_EPOCHS)
