@@ -27,6 +27,7 @@ from imgcls.training.muon import MuonSGD, orthogonalize
 from imgcls.training.optim import build_optimizer, param_groups
 from imgcls.training.recipes import resolve_recipe, train_size
 from imgcls.transforms import AugmentSpec, PreprocessSpec
+from interrupt import interrupt_epoch
 from synth import make_class_folders
 
 # ----------------------------------------------------------------------------- Muon
@@ -261,16 +262,7 @@ def test_options_are_recorded_and_the_model_loads_back(options_run):
 def test_resume_with_muon_and_progressive_resizing_matches_an_uninterrupted_run(options_run, tmp_path, monkeypatch):
     data, run_a, _ = options_run
     out_b = tmp_path / "b"
-    real = fit_mod.train_one_epoch
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # during the third epoch, the first at full size
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fit_mod, "train_one_epoch", interrupted)
+    interrupt_epoch(monkeypatch, 3)  # the third epoch, the first at full size
     with pytest.raises(KeyboardInterrupt):
         fit(options_cfg(data, out_b), progress=False, log=quiet)
     monkeypatch.undo()

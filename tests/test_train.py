@@ -28,6 +28,7 @@ from imgcls.training.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from imgcls.training.fit import fit
 from imgcls.training.schedule import lr_factor, steps_per_epoch
 from imgcls.transforms import AugmentSpec
+from interrupt import interrupt_epoch
 from synth import make_class_folders, make_split_folders, write_images
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -303,19 +304,11 @@ def test_different_seed_different_split(reference_run, tmp_path):
 def test_resume_after_interrupt_matches_an_uninterrupted_run(reference_run, tmp_path, monkeypatch):
     data, run_a = reference_run
     out_b = tmp_path / "b"
-    real = fit_mod.train_one_epoch
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # Ctrl-C during the third epoch
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fit_mod, "train_one_epoch", interrupted)
+    interrupt_epoch(monkeypatch, 3)  # Ctrl-C during the third epoch
     with pytest.raises(KeyboardInterrupt):
         fit(det_cfg(data, out_b), progress=False, log=quiet)
     monkeypatch.undo()
+    real = fit_mod.train_one_epoch
     _, partial = read_history(out_b)
     assert [r["epoch"] for r in partial] == ["1", "2"]
     with safe_open(str(out_b / CHECKPOINT_FILE), framework="pt") as f:
