@@ -502,3 +502,14 @@ def test_audit_reports_its_copy_check(reports):
     check = reports["pixels"]["settings"]["copy_check"]
     assert check["sampled"] > 0 and check["feature_rules"] == "used"  # distinct generated pictures: copies stand out
     assert reports["none"]["settings"]["copy_check"] is None
+
+
+def test_html_says_when_near_duplicates_are_found_by_hash_only(reports):
+    from imgcls.audit.html import render_html
+
+    used = render_html(reports["pixels"])
+    assert "perceptual hash and feature similarity" in used
+    left_out = {**reports["pixels"], "settings": {**reports["pixels"]["settings"]}}
+    left_out["settings"]["copy_check"] = {"sampled": 200, "found_share": 0.035, "feature_rules": "left out: ..."}
+    page = render_html(left_out)
+    assert "by perceptual hash only" in page and "4%" in page and "perceptual hash and feature similarity" not in page

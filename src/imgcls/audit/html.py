@@ -114,6 +114,17 @@ def _classes_table(report: dict[str, Any]) -> str:
     return f"<table><tr><th>class</th>{head}</tr>{rows}</table>"
 
 
+def _near_duplicate_note(check: dict[str, Any] | None, note: str) -> str:
+    """The section's note, saying so where the copy check left the features out (audit/calibrate.py)."""
+    if not check or check.get("feature_rules") == "used":
+        return note
+    return (
+        f"Resized or re-encoded copies, by perceptual hash only: resized copies of {check['sampled']} of these images stood out "
+        f"from every other image in feature space for {check['found_share']:.0%} of them, so the features do not tell copies "
+        "from look-alikes here."
+    )
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The page for an audit report (`run_audit`'s document); reads the images for the thumbnails."""
     root = Path(report["root"])
@@ -130,6 +141,8 @@ def render_html(report: dict[str, Any]) -> str:
     ]
     for kind, entries in report["findings"].items():
         title, note = TITLES.get(kind, (kind, ""))
+        if kind == "near_duplicates":
+            note = _near_duplicate_note(report.get("settings", {}).get("copy_check"), note)
         parts.append(f'<h2 id="{kind}">{html.escape(title)} ({len(entries)})</h2><p class="note">{html.escape(note)}</p>')
         parts += [_entry_html(root, e) for e in entries[:MAX_ENTRIES]]
         if len(entries) > MAX_ENTRIES:
