@@ -325,6 +325,15 @@ def test_a_data_set_with_nothing_decodable_is_still_audited(tmp_path):
     assert r["probe_accuracy"] is None and all(not r["findings"][k] for k in FINDING_KINDS if k != "unreadable")
 
 
+def test_a_multi_label_manifest_is_refused_with_the_reason(tmp_path):
+    folder = make_class_folders(tmp_path / "d", per_class=2, size=16)
+    rows = [f"{p.relative_to(folder)},{p.parent.name};other" for p in sorted(folder.rglob("*.png"))]
+    manifest = folder / "labels.csv"
+    manifest.write_text("path,labels\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match="multi-label manifest.*imgcls audit checks single-label data"):
+        run_audit(manifest, progress=False, log=lambda s: None)
+
+
 def test_near_duplicate_groups_do_not_chain():
     """a~b and b~c but a and c far apart: two images match the leader, the chain stops there.
 

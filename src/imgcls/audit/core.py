@@ -300,7 +300,12 @@ def run_audit(
     options = options or AuditOptions()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    index = index_dataset(data, allow_outside_root=options.allow_outside_root)
+    index = index_dataset(data, allow_outside_root=options.allow_outside_root, task="auto")
+    if index.multilabel:
+        raise ValueError(
+            f"{data}: a multi-label manifest (several labels per image); imgcls audit checks single-label data "
+            "(one class per image: folders, or a manifest with a 'label' column) and does not audit multi-label sets yet"
+        )
     samples = list_samples(index)
     root = Path(os.path.abspath(index.root.parent if index.root.is_file() else index.root))
     make = _Entries(samples, index.class_names, root)
