@@ -175,56 +175,6 @@ def test_short_budget_keeps_the_winning_candidate(tmp_path, monkeypatch):
     assert len(imgcls.load(str(run)).predict(str(next(data.rglob("*.png"))))["top_k"]) >= 1
 
 
-def test_the_run_after_a_winning_trial_starts_from_its_weights(tmp_path, monkeypatch):
-    """The small_cnn trial (really trained) won over the probe (stubbed): the run trained for the
-    time left starts from the trial's weights, not from scratch, so the trial's minutes count;
-    model.json says so and the weights file is gone from the run folder."""
-    import imgcls.training.fit as fit_module
-    from safetensors.torch import load_file
-
-    monkeypatch.setattr(auto, "FEW_IMAGES", 0)  # not clear from the data: both candidates
-    real_run = auto.run_candidate
-
-    def run(name, cfg, out, progress, log):
-        if cfg.model.name == "small_cnn":
-            return real_run(name, cfg, out, progress, log)
-        out.mkdir(parents=True)
-        return {"name": name, "model": cfg.model.name, "strategy": cfg.model.strategy, "val_acc": 0.0, "seconds": 1.0}
-
-    seen: dict[str, dict[str, torch.Tensor]] = {}
-
-    def spy(model, run_dir, record, log):
-        if record is None:  # the candidates' own runs
-            return auto.warm_start(model, run_dir, record, log)
-        seen["trial"] = load_file(str(run_dir / auto.WARM_START_FILE))
-        auto.warm_start(model, run_dir, record, log)
-        seen["run"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    monkeypatch.setattr(auto, "run_candidate", run)
-    monkeypatch.setattr(fit_module, "warm_start", spy)
-    data = make_class_folders(tmp_path / "d", per_class=8, size=48, seed=5)
-    lines: list[str] = []
-    run_dir = fit(auto_cfg(data, tmp_path / "run", epochs=1, batch_size=8), progress=False, log=lines.append)
-    assert seen["trial"].keys() == seen["run"].keys()
-    assert all(torch.equal(seen["trial"][k], seen["run"][k]) for k in seen["run"])
-    assert json.loads((run_dir / "model.json").read_text())["auto"]["warm_start"] == "small_cnn trial"
-    assert not (run_dir / auto.WARM_START_FILE).exists()
-    assert "auto: training starts from the small_cnn trial candidate's weights, not from scratch" in lines
-
-
-def test_a_trial_network_of_other_shapes_is_not_loaded(tmp_path):
-    """A run whose network differs from the trial's (a short budget narrowed it) starts from scratch and says so."""
-    from safetensors.torch import save_file
-
-    save_file({"weight": torch.ones(4, 2), "bias": torch.ones(4)}, str(tmp_path / auto.WARM_START_FILE))
-    model, record, lines = torch.nn.Linear(2, 3), {"warm_start": "small_cnn trial"}, []
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    auto.warm_start(model, tmp_path, record, lines.append)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert record["warm_start"] is None and "differs from this run's: trained from scratch" in lines[0]
-    assert not (tmp_path / auto.WARM_START_FILE).exists()
-
-
 def test_from_scratch_size_and_flips_follow_the_data():
     """28 px trains at 28 (not upscaled to 32); small grey scans (digits, letters) are not mirrored;
     colour thumbnails keep small_cnn's 32 px and their flips; the user's --img-size wins."""

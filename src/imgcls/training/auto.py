@@ -65,7 +65,6 @@ TRIAL_EPOCHS = 5  # the small_cnn trial under --deterministic (no time budget al
 HEADER_SAMPLE = 64  # image headers read to learn the native size and colour
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 CANDIDATES_DIR = ".auto-candidates"  # inside the run folder while candidates are tried, removed after
-WARM_START_FILE = ".auto-warm-start.safetensors"  # the winning small_cnn trial's weights, until the run loads them
 KEEP_PROBE_FACTOR, KEEP_TRIAL_FACTOR = 2.0, 1.25  # keep_candidate: the time left, in candidate-times, a better run needs
 
 
@@ -238,7 +237,6 @@ def choose_model(cfg: RunConfig, run_dir: Path, progress: bool, log: Log) -> tup
     if model is None and d.val_fraction == 0 and "val" not in index.splits:
         model, reason = PRETRAINED_MODEL, "no validation split to compare candidates on: ImageNet features, the safer start"
     candidates: list[dict[str, Any]] = []
-    (run_dir / WARM_START_FILE).unlink(missing_ok=True)  # left by a run that stopped before loading it
     try:
         if model is None:
             model, reason, candidates = try_candidates(cfg, profile, run_dir, budget, progress, log)
@@ -248,8 +246,6 @@ def choose_model(cfg: RunConfig, run_dir: Path, progress: bool, log: Log) -> tup
             log(f"auto: {profile.describe()} -> {describe_choice(model, best['strategy'], profile.num_images, True)} ({reason})")
             adopt_candidate(run_dir / CANDIDATES_DIR / best["dir"], run_dir, record, best, budget, log)
             return cfg, record
-        if best is not None:
-            keep_trial_weights(best, run_dir, record)
     finally:
         shutil.rmtree(run_dir / CANDIDATES_DIR, ignore_errors=True)
     left = None if budget is None else max(0.5, budget - (time.perf_counter() - t0) / 60)
@@ -320,39 +316,6 @@ def adopt_candidate(src: Path, run_dir: Path, record: dict[str, Any], kept: dict
         f"auto: kept the {kept['name']} candidate as the model ({kept['val_acc']:.4f} validation): the time left in the "
         f"{budget:g}-minute budget would not train a better one; --time-budget MINUTES buys more"
     )
-
-
-def keep_trial_weights(best: dict[str, Any], run_dir: Path, record: dict[str, Any]) -> None:
-    """The small_cnn trial won and trains again for the time left: keep its weights in RUN_DIR for
-    that run to start from (`warm_start`) rather than from scratch, so the trial's minutes count."""
-    from imgcls.artifact import WEIGHTS_FILE
-
-    src = run_dir / CANDIDATES_DIR / best["dir"] / WEIGHTS_FILE
-    if best["model"] == SCRATCH_MODEL and src.is_file():
-        src.replace(run_dir / WARM_START_FILE)
-        record["warm_start"] = best["name"]
-
-
-def warm_start(model: Any, run_dir: Path, record: dict[str, Any] | None, log: Log) -> None:
-    """Load the winning trial's weights (`keep_trial_weights`) into the run's freshly built `model`
-    where the two networks have the same layers and shapes (a short time budget may have narrowed
-    the run's network: then it starts from scratch, and the record says so); the file is deleted."""
-    path = run_dir / WARM_START_FILE
-    if record is None or not record.get("warm_start") or not path.is_file():
-        return
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    finally:
-        path.unlink(missing_ok=True)
-    own = model.state_dict()
-    if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
-        log(f"auto: the {record['warm_start']} candidate's network differs from this run's: trained from scratch")
-        record["warm_start"] = None
-        return
-    model.load_state_dict(state)
-    log(f"auto: training starts from the {record['warm_start']} candidate's weights, not from scratch")
 
 
 def try_candidates(

@@ -40,7 +40,7 @@ from imgcls.runtime import (
     set_threads,
 )
 from imgcls.training import distributed
-from imgcls.training.auto import choose_model, warm_start
+from imgcls.training.auto import choose_model
 from imgcls.training.budget_data import fit_to_budget
 from imgcls.training.build import Evaluation, Log, Setup, build_setup, dtype_name
 from imgcls.training.checkpoint import RunFolder, TrainState, read_checkpoint
@@ -133,8 +133,6 @@ def _fit(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, log: Log
     splits = final_splits(data, cfg.train, keep_test=bool(auto and auto["default_budget"]))
     ev = Evaluation(spec, device, amp_dtype, setup.recipe.tta, data.val, splits, progress, setup.recipe.tta_select)
     state, setup, final_eval_s = plan_run(cfg.train, setup, ev, data, saved, t_start, log)  # 3
-    if saved is None:
-        warm_start(setup.model, run_dir, auto, log)  # --model auto: from the small_cnn trial that won, where it tried one
     writer = RunFolder if ranks is None or ranks.is_main else distributed.QuietFolder  # distributed: rank 0 alone writes
     folder = writer(run_dir, artifact_meta(cfg, data, setup, spec, device), cfg.to_dict())
     if auto is not None:
