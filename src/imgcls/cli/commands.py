@@ -9,7 +9,10 @@ import json
 import math
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from imgcls.training.distributed import Ranks
 
 
 def _run_config(a: argparse.Namespace) -> Any:
@@ -95,12 +98,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_rank(ranks: object, code: int) -> None:
+def _exit_rank(ranks: Ranks | None, code: int) -> None:
     """End a torchrun worker here, without Python's shutdown: torch's gloo threads outlive
     destroy_process_group and may still be releasing the last collective's tensors, which takes
     the GIL; during interpreter shutdown that kills the process with SIGABRT ("terminate called
-    without an active exception", about 1 run in 20 on 2 cores; seen in a core dump), and torchrun
-    then fails the finished run. The run folder is complete by now (written atomically)."""
+    without an active exception"; 2 of 6 short runs in one loop here, caught in a core dump), and
+    torchrun then fails the finished run. The run folder is complete by now (written atomically).
+    Errors other than DistributedError (bad input) still go through `main`'s message and exit."""
     if ranks is None:
         return
     sys.stdout.flush()
