@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import quiet
-from imgcls.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from imgcls.config import AugmentSpec, DataConfig, ModelConfig, RunConfig, TrainConfig
 from imgcls.training import auto
 from imgcls.training.auto import DataProfile, choose_model, decide, profile_data
 from imgcls.training.fit import fit
@@ -149,6 +149,33 @@ def test_unclear_data_try_both_candidates_and_keep_the_better(tmp_path, monkeypa
     )
     assert not (run / auto.CANDIDATES_DIR).exists()  # the candidates' folders are gone
     assert any(s.startswith("auto: 48x48 colour, 24 images, 3 classes -> small_cnn from scratch") for s in lines)
+
+
+@pytest.mark.parametrize(("turned", "rotate"), [(0.88, True), (0.5, None)])
+def test_turn_test_verdict_adds_quarter_turns_from_scratch(tmp_path, monkeypatch, turned, rotate):
+    """The probe's turn test (training.orientation) decides whether the small_cnn trial and the run
+    after it train with quarter turns; model.json keeps the test with the probe's record."""
+    from imgcls.training.orientation import TurnTest
+
+    monkeypatch.setattr(auto, "FEW_IMAGES", 0)
+    tried: list[RunConfig] = []
+
+    def fake_run(name, cfg, out, progress, log):
+        tried.append(cfg)
+        out.mkdir(parents=True)
+        score = {"efficientnet_lite0": 0.5, "small_cnn": 0.9}[cfg.model.name]
+        return {"name": name, "model": cfg.model.name, "strategy": cfg.model.strategy, "val_acc": score, "seconds": 1.0}
+
+    monkeypatch.setattr(auto, "run_candidate", fake_run)
+    monkeypatch.setattr(auto, "probe_turn_test", lambda *a: TurnTest(12, 0.9, turned))
+    data = make_class_folders(tmp_path / "d", per_class=8, size=48, seed=5)
+    lines: list[str] = []
+    cfg, record = choose_model(auto_cfg(data, tmp_path / "run", epochs=1), tmp_path / "run", False, lines.append)
+    assert tried[1].train.augment.rotate is rotate and cfg.train.augment.rotate is rotate
+    assert record["candidates"][0]["turn_test"] == {"images": 12, "upright_acc": 0.9, "turned_acc": turned, "no_upright": bool(rotate)}
+    assert any("quarter turns" in s for s in lines) is bool(rotate)
+    told = dataclasses.replace(auto_cfg(data, tmp_path / "run", epochs=1), train=TrainConfig(out="x", augment=AugmentSpec(rotate=False)))
+    assert auto.concrete_config(told, "small_cnn", profile(64, 24_300), rotate=True).train.augment.rotate is False  # --no-rotate wins
 
 
 def test_short_budget_keeps_the_winning_candidate(tmp_path, monkeypatch):

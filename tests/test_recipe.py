@@ -203,15 +203,18 @@ def test_lookahead_averages_and_resets_the_weights():
 
 def test_tta_views_and_weights():
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
-    for mode, n in (("none", 1), ("flip", 2), ("translate", 3), ("flip-translate", 6)):
+    for mode, n in (("none", 1), ("flip", 2), ("translate", 3), ("flip-translate", 6), ("rotate", 4), ("dihedral", 8)):
         views, weights = tta_views(x, mode)
         assert len(views) == len(weights) == n and sum(weights) == pytest.approx(1.0)
         assert all(v.shape == x.shape for v in views)
     views, _ = tta_views(x.to(torch.uint8), "flip-translate")
     assert all(v.dtype == torch.uint8 for v in views)
     assert torch.equal(views[2], nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")[..., :5, :5].to(torch.uint8))
+    turned, _ = tta_views(x, "dihedral")  # the eight symmetries of the square, each once
+    assert torch.equal(turned[1], x.rot90(1, dims=(-2, -1))) and torch.equal(turned[4], x.flip(-1))
+    assert len({tuple(v[0, 0].flatten().tolist()) for v in turned}) == 8
     with pytest.raises(ValueError):
-        tta_views(x, "rotate")
+        tta_views(x, "sideways")
 
 
 def test_tta_logits_match_batched_logits_and_keep_shapes():
@@ -219,7 +222,7 @@ def test_tta_logits_match_batched_logits_and_keep_shapes():
     model = create_model("small_cnn", 5).eval()
     spec = PreprocessSpec(img_size=16)
     images = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
-    for mode in ("none", "flip", "translate", "flip-translate"):
+    for mode in ("none", "flip", "translate", "flip-translate", "dihedral"):
         a = batched_logits(model, images, spec, batch_size=4, tta=mode)
         b = tta_logits(lambda arr: batched_logits(model, arr, spec, batch_size=4), images, mode)
         assert a.shape == (7, 5) and torch.allclose(a, b, atol=1e-5)

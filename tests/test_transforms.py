@@ -247,6 +247,21 @@ def test_hflip_off_never_flips():
     assert torch.allclose(out, eval_transform(x, spec), atol=1e-6)
 
 
+def test_rotate_turns_each_image_by_a_random_quarter():
+    """--rotate: every image comes out as one of its four quarter turns, each turn drawn about as often."""
+    b = 400
+    x = random_batch(b=b, s=16)
+    spec = PreprocessSpec(img_size=16)
+    out = train_transform(x, spec, AugmentSpec(crop="none", hflip=False, rotate=True), torch.Generator().manual_seed(3))
+    turns = torch.stack([eval_transform(x.rot90(k, dims=(-2, -1)), spec) for k in range(4)])  # (4, B, 3, S, S)
+    match = torch.isclose(turns, out.unsqueeze(0), atol=1e-6).flatten(2).all(2)  # (4, B)
+    assert torch.equal(match.sum(0), torch.ones(b, dtype=torch.long))  # exactly one turn each (noise has no symmetry)
+    counts = match.sum(1)
+    assert counts.min() > 60 and counts.sum() == b
+    none = train_transform(x, spec, AugmentSpec(crop="none", hflip=False, rotate=None), torch.Generator().manual_seed(3))
+    assert torch.allclose(none, eval_transform(x, spec), atol=1e-6)  # None (auto's default) is off
+
+
 def test_translate_moves_by_at_most_the_pad():
     """A single bright pixel in the centre lands within +-pad pixels of where eval puts it."""
     size, pad = 16, 2

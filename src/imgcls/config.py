@@ -23,7 +23,7 @@ STRATEGIES = ("auto", "linear-probe", "fine-tune", "fine-tune-last", "full")  # 
 TASKS = ("auto", "single-label", "multi-label")
 POS_WEIGHT_MODES = ("auto", "none")  # multi-label BCE's positive weights (--pos-weight; imgcls.multilabel.pos_weights)
 PRECISIONS = ("auto", "bf16", "fp32")
-TTA_MODES = ("none", "flip", "translate", "flip-translate")
+TTA_MODES = ("none", "flip", "translate", "flip-translate", "rotate", "dihedral")
 TTA_CHOICES = ("auto", *TTA_MODES)  # auto: the mode the model was trained to expect (model.json "tta")
 COMPILE_MODES = ("auto", "on", "off")
 # inference runtimes: torch; onnxruntime on an `imgcls export`ed model.onnx (onnx) or its int8 copy
@@ -78,6 +78,9 @@ class AugmentSpec:
     img_size crop: the right choice for small images (airbench uses 2 px at 32 px).
     "rrc" is random-resized-crop (scale, ratio as in Inception/torchvision) for photos.
     "none" keeps the evaluation centre crop. "auto": rrc from 96 px up, translate below.
+    rotate: random quarter turns (with hflip, all eight symmetries of the square): for images
+    with no upright, such as satellite tiles, microscopy or top-down scans; None: --model auto
+    decides (`training.orientation`), off for any other model.
     """
 
     hflip: bool = True
@@ -86,6 +89,7 @@ class AugmentSpec:
     rrc_scale: tuple[float, float] = (0.35, 1.0)
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     color_jitter: float = 0.0
+    rotate: bool | None = None
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:

@@ -108,12 +108,18 @@ def tta_views(x: torch.Tensor, mode: str) -> tuple[list[torch.Tensor], list[floa
     airbench94's test-time augmentation: the mirror image ("flip"), and the image shifted by one
     pixel up-left and down-right with reflect padding ("translate"). flip-translate weighs the
     original and its mirror 1/4 each and the four shifted (and mirrored) views 1/8 each; translate
-    alone weighs the original 1/2 and each shift 1/4. Logits, not probabilities, are averaged.
+    alone weighs the original 1/2 and each shift 1/4. "rotate": the four quarter turns of a square
+    image, "dihedral" those and their mirror images (for models trained with --rotate), equal
+    weights. Logits, not probabilities, are averaged.
     """
     if mode not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {mode!r}")
     if mode == "none":
         return [x], [1.0]
+    if mode in ("rotate", "dihedral"):  # quarter turns (and their mirror images): equal weights
+        base = [x, x.flip(-1)] if mode == "dihedral" else [x]
+        views = [v.rot90(k, dims=(-2, -1)) for v in base for k in range(4)]
+        return views, [1.0 / len(views)] * len(views)
     flip = mode in ("flip", "flip-translate")
     base = [x, x.flip(-1)] if flip else [x]
     if mode == "flip":

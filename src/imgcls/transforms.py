@@ -199,6 +199,17 @@ def _color_jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch
     return x.clamp_(0, 255)
 
 
+def _random_quarter_turns(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    # Each square image of the batch (B, C, S, S) turned by 0, 90, 180 or 270 degrees at random.
+    k = torch.randint(0, 4, (x.shape[0],), generator=g).to(x.device)
+    out = x.clone()
+    for turns in (1, 2, 3):
+        idx = (k == turns).nonzero().flatten()
+        if len(idx):
+            out[idx] = x[idx].rot90(turns, dims=(-2, -1))
+    return out
+
+
 def train_transform(x: torch.Tensor, spec: PreprocessSpec, aug: AugmentSpec, g: torch.Generator) -> torch.Tensor:
     """Cached uint8 batch (B, 3, S, S) -> augmented, normalised float (B, 3, img_size, img_size).
 
@@ -217,6 +228,8 @@ def train_transform(x: torch.Tensor, spec: PreprocessSpec, aug: AugmentSpec, g: 
         if aug.hflip:
             out = torch.where(flip.view(b, 1, 1, 1).to(out.device), out.flip(-1), out)
         out = out.float()
+    if aug.rotate:
+        out = _random_quarter_turns(out, g)
     if aug.color_jitter > 0:
         out = _color_jitter(out, aug.color_jitter, g)
     return normalize(out.div_(255.0), spec)

@@ -68,7 +68,7 @@ def _run_config(a: argparse.Namespace) -> Any:
             label_precision=a.label_precision,
             progressive_resize=a.progressive_resize,
             tta_select=a.tta_select,
-            augment=AugmentSpec(hflip=not a.no_hflip, crop=a.crop, translate=a.translate, color_jitter=a.color_jitter),
+            augment=AugmentSpec(hflip=not a.no_hflip, crop=a.crop, translate=a.translate, color_jitter=a.color_jitter, rotate=a.rotate),
         ),
     )
 

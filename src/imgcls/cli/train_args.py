@@ -224,6 +224,14 @@ def _add_augmentation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--translate", type=float, default=0.0625, help="translate range as a fraction of the image size (default 0.0625 = 2 px at 32)"
     )
+    g.add_argument(
+        "--rotate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random quarter turns in training from scratch, and the turned views as test-time augmentation: for images "
+        "with no upright (satellite tiles, microscopy, top-down scans); default: --model auto decides from its probe "
+        "candidate, off for other models",
+    )
     g.add_argument("--color-jitter", type=float, default=0.0, help="brightness/contrast/saturation jitter strength, 0 to 1 (default 0)")
 
 

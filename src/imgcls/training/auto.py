@@ -15,7 +15,9 @@ What decides, in order (`decide`, numbers from bench/RESULTS.md and issue 11's t
 - in between (hand-sign digits at 100x100, ~1,650 images: from scratch 99.3%, probe 94.4%; EuroSAT's
   64 px colour tiles) it is not clear: both cheap candidates are tried on the validation split, the
   probe (seconds on cached features) and a short time-boxed small_cnn run, and the better one gets
-  the rest of the time.
+  the rest of the time. Between the two, the probe's accuracy on turned validation images tells
+  whether the images have an upright (`training.orientation`): where they have none (satellite
+  tiles), the small_cnn runs train with random quarter turns.
 
 Without --time-budget (and without --epochs or --deterministic) auto keeps a first run to
 DEFAULT_BUDGET_MIN minutes and says so. The decision, the candidates tried with their validation
@@ -38,6 +40,7 @@ import numpy as np
 from imgcls.config import DataConfig, ModelConfig, RunConfig
 from imgcls.data import DatasetIndex, index_dataset
 from imgcls.io import ImageDecodeError, read_header
+from imgcls.training.orientation import TurnTest, turn_test, validation_rows
 from imgcls.training.plan import DEFAULT_EPOCHS
 
 Log = Callable[[str], None]
@@ -161,9 +164,12 @@ def concrete_config(
     strategy: str | None = None,
     time_budget: float | None = None,
     epochs: int | None = None,
+    rotate: bool = False,
 ) -> RunConfig:
     """cfg with `model` in place of "auto": pretrained weights and a probe-friendly input size for
-    the pretrained network, 16 px for tiny images from scratch; the user's --img-size always wins."""
+    the pretrained network, 16 px for tiny images from scratch; the user's --img-size always wins.
+    rotate: the turn test found no upright, so training from scratch adds quarter turns (unless
+    the user said --no-rotate)."""
     d, t = cfg.data, cfg.train
     img_size = d.img_size
     if model == PRETRAINED_MODEL:
@@ -186,6 +192,8 @@ def concrete_config(
             img_size = profile.side  # 28 px MNIST at 28, not upscaled to 32: 0.77x the pixels, more epochs in a budget
         if no_flips(profile) and t.augment.hflip:
             t = dataclasses.replace(t, augment=dataclasses.replace(t.augment, hflip=False))
+        if rotate and t.augment.rotate is None:
+            t = dataclasses.replace(t, augment=dataclasses.replace(t.augment, rotate=True))
     data = dataclasses.replace(d, img_size=img_size) if isinstance(d, DataConfig) else d
     train = dataclasses.replace(t, time_budget=time_budget if time_budget is not None else t.time_budget, epochs=epochs or t.epochs)
     return dataclasses.replace(cfg, data=data, model=m, train=train)
@@ -237,9 +245,11 @@ def choose_model(cfg: RunConfig, run_dir: Path, progress: bool, log: Log) -> tup
     if model is None and d.val_fraction == 0 and "val" not in index.splits:
         model, reason = PRETRAINED_MODEL, "no validation split to compare candidates on: ImageNet features, the safer start"
     candidates: list[dict[str, Any]] = []
+    rotate = False
     try:
         if model is None:
-            model, reason, candidates = try_candidates(cfg, profile, run_dir, budget, progress, log)
+            model, reason, candidates = try_candidates(cfg, profile, index, run_dir, budget, progress, log)
+            rotate = bool(candidates[0].get("turn_test", {}).get("no_upright"))
         record = auto_record(profile, candidates, model, reason, budget, default_budget)
         best = next((c for c in candidates if c["model"] == model), None)
         if best is not None and budget is not None and keep_candidate(best, budget * 60 - (time.perf_counter() - t0)):
@@ -252,9 +262,10 @@ def choose_model(cfg: RunConfig, run_dir: Path, progress: bool, log: Log) -> tup
     # The default budget is a cap, not a target: a small data set from scratch still stops after
     # DEFAULT_EPOCHS (the pretrained strategies have their own: partial.DEFAULT_EPOCHS, early stopping).
     cap = DEFAULT_EPOCHS if default_budget and model == SCRATCH_MODEL else None
-    out = concrete_config(cfg, model, profile, time_budget=left, epochs=cap)
+    out = concrete_config(cfg, model, profile, time_budget=left, epochs=cap, rotate=rotate)
     fast = out.train.recipe in (AUTO, "fast")
     flips = ", no flips: small grey scans are mostly symbols (--no-hflip)" if model == SCRATCH_MODEL and no_flips(profile) else ""
+    flips += ", quarter turns: the images have no upright (--rotate)" if model == SCRATCH_MODEL and out.train.augment.rotate else ""
     log(f"auto: {profile.describe()} -> {describe_choice(model, out.model.strategy, profile.num_images, fast)} ({reason}{flips})")
     if default_budget:
         log(
@@ -319,17 +330,22 @@ def adopt_candidate(src: Path, run_dir: Path, record: dict[str, Any], kept: dict
 
 
 def try_candidates(
-    cfg: RunConfig, profile: DataProfile, run_dir: Path, budget: float | None, progress: bool, log: Log
+    cfg: RunConfig, profile: DataProfile, index: DatasetIndex, run_dir: Path, budget: float | None, progress: bool, log: Log
 ) -> tuple[str, str, list[dict[str, Any]]]:
     """Train the pretrained probe, then a short small_cnn run, on the same split, each into its own
     folder under RUN_DIR/.auto-candidates (`choose_model` removes it); the model that validates
-    better, why, and each candidate's record (name, model, strategy, img_size, val_acc, seconds, dir)."""
+    better, why, and each candidate's record (name, model, strategy, img_size, val_acc, seconds, dir;
+    the probe's also "turn_test", whose verdict the small_cnn runs follow: `training.orientation`)."""
     t0 = time.perf_counter()
     base = run_dir / CANDIDATES_DIR
     probe_cfg = concrete_config(cfg, PRETRAINED_MODEL, profile, "linear-probe")
     records = [{**run_candidate("linear-probe", probe_cfg, base / "probe", progress, log), "dir": "probe"}]
+    turn = probe_turn_test(base / "probe", index, profile, cfg.data.seed, log)
+    if turn is not None:
+        records[0]["turn_test"] = turn.to_dict()
     # time-boxed once the probe's seconds are known
-    trial_cfg = scratch_trial_config(cfg, profile, budget, (time.perf_counter() - t0) / 60)
+    rotate = turn is not None and turn.no_upright
+    trial_cfg = scratch_trial_config(cfg, profile, budget, (time.perf_counter() - t0) / 60, rotate)
     records.append({**run_candidate("small_cnn trial", trial_cfg, base / "small_cnn", progress, log), "dir": "small_cnn"})
     scored = [r for r in records if r["val_acc"] == r["val_acc"]]  # NaN: no validation split to judge on
     best = max(scored, key=lambda r: r["val_acc"]) if scored else records[0]
@@ -359,11 +375,25 @@ def run_candidate(name: str, cfg: RunConfig, out: Path, progress: bool, log: Log
     return record
 
 
-def scratch_trial_config(cfg: RunConfig, profile: DataProfile, budget: float | None, spent_min: float) -> RunConfig:
+def scratch_trial_config(cfg: RunConfig, profile: DataProfile, budget: float | None, spent_min: float, rotate: bool = False) -> RunConfig:
     """The short small_cnn run: TRIAL_SHARE of the time left (TRIAL_MIN_MIN to TRIAL_MAX_MIN
     minutes), or TRIAL_EPOCHS epochs where no time budget is allowed (--deterministic)."""
     if cfg.train.deterministic:
-        return concrete_config(cfg, SCRATCH_MODEL, profile, epochs=min(cfg.train.epochs or TRIAL_EPOCHS, TRIAL_EPOCHS))
+        return concrete_config(cfg, SCRATCH_MODEL, profile, epochs=min(cfg.train.epochs or TRIAL_EPOCHS, TRIAL_EPOCHS), rotate=rotate)
     left = (budget if budget is not None else DEFAULT_BUDGET_MIN) - spent_min
     box = min(TRIAL_MAX_MIN, max(TRIAL_MIN_MIN, TRIAL_SHARE * left))
-    return concrete_config(cfg, SCRATCH_MODEL, profile, time_budget=box, epochs=cfg.train.epochs or DEFAULT_EPOCHS)
+    return concrete_config(cfg, SCRATCH_MODEL, profile, time_budget=box, epochs=cfg.train.epochs or DEFAULT_EPOCHS, rotate=rotate)
+
+
+def probe_turn_test(probe_dir: Path, index: DatasetIndex, profile: DataProfile, seed: int, log: Log) -> TurnTest | None:
+    """The turn test on the probe candidate's validation split (`training.orientation`); None where
+    it does not apply (multi-label data, no validation images, no probe model)."""
+    if profile.multilabel or not (probe_dir / "split.json").is_file():
+        return None
+    rows = validation_rows(probe_dir, index)
+    if not rows:
+        return None
+    t1 = time.perf_counter()
+    turn = turn_test(probe_dir, rows, seed=seed)
+    log(f"auto: turn test: {turn.describe()} ({time.perf_counter() - t1:.0f}s)")
+    return turn

@@ -257,4 +257,6 @@ def build_setup(
         f"model {cfg.model.name} ({millions:.2f}M parameters), strategy {strategy}, recipe {recipe.name}, {spec.img_size} px, "
         f"{precision} on {device}, {recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch_size}{tta}"
     )
+    if t_cfg.augment.rotate and strategy in ("linear-probe", "fine-tune-last"):
+        log(f"--rotate: not applied by {strategy}, which trains on cached features of the images as they are")
     return Setup(bp, model, optimizer, loss_fn, train_data, options, model_kwargs, trial_step_s, balance, threads, pos_weight)

@@ -141,6 +141,8 @@ def resolve_recipe(
             whiten_bias_fraction=0.3,
             # airbench: mirror + 1-px translate TTA: +0.5-1 point for 6 forward passes of a tiny net.
             # Mirroring only where training mirrored (no flips for digits or text).
+            # Also with --rotate: on EuroSAT a model trained with quarter turns scored the same with
+            # these 6 views as with the 8 turned and mirrored ones ("dihedral": 98.32 against 98.30 %).
             tta="flip-translate" if aug.hflip else "translate",
         )
     elif name == "generic":
